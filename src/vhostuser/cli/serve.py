@@ -1,0 +1,99 @@
+"""``vhost-user serve``: run one of our back-ends on a socket until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from ..connection.backend import Dialect
+from ..devices.base import Device
+from ..devices.net import NullNetDevice
+from ..io.backend import BackendServer, BackendSession
+from ..io.reactor import Reactor
+
+DEVICES = {
+    "null-net": "virtio-net that completes the handshake, reports link up and drops TX",
+    "null": "a generic device with one queue that consumes every chain",
+}
+
+
+def make_device(kind: str, queue_pairs: int) -> Device:
+    """Build a fresh device of the named kind (one per session).
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind == "null-net":
+        return NullNetDevice(queue_pairs=queue_pairs)
+    if kind == "null":
+        return Device()
+    raise ValueError(f"unknown device {kind!r}; choose from {', '.join(DEVICES)}")
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``serve`` on the top-level subparsers."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="run a back-end device on a socket",
+        description=(
+            "Serve a vhost-user back-end on an AF_UNIX socket until SIGINT/SIGTERM. By "
+            "default it listens (point QEMU's '-chardev socket,path=PATH' or DPDK's "
+            "'net_virtio_user0,path=PATH' at it); with --connect it connects to a listening "
+            "front-end (QEMU 'server=on', DPDK 'server=1') and reconnects when it goes away."
+        ),
+        epilog="devices:\n" + "\n".join(f"  {k:10} {v}" for k, v in DEVICES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="socket path")
+    p.add_argument("--connect", action="store_true",
+                   help="connect to a listening front-end instead of listening")
+    p.add_argument("--device", choices=list(DEVICES), default="null-net")
+    p.add_argument("--queue-pairs", type=int, default=1, metavar="N",
+                   help="net queue pairs (default 1)")
+    p.add_argument("--draft", action="store_true",
+                   help="speak the 2014 draft dialect of the seed thread (ECHO = 1)")
+    p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600,
+                   help="socket file mode in octal (default 600)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log sessions (-v) and every message (-vv)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``vhost-user serve``."""
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        make_device(args.device, args.queue_pairs)
+    except ValueError as e:
+        print(f"vhost-user serve: {e}", file=sys.stderr)
+        return 2
+    reactor = Reactor()
+
+    def on_session(s: BackendSession) -> None:
+        print(f"front-end connected ({s.name})", flush=True)
+
+    server = BackendServer(
+        reactor, args.socket, lambda: make_device(args.device, args.queue_pairs),
+        connect=args.connect, mode=args.mode, on_session=on_session,
+        dialect=Dialect.DRAFT_2014 if args.draft else Dialect.CURRENT,
+    )
+
+    def stop(signum: int, _frame: object) -> None:
+        reactor.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    where = "connecting to" if args.connect else "listening on"
+    print(f"vhost-user serve: {args.device} {where} {args.socket}", flush=True)
+    try:
+        reactor.run()
+    finally:
+        server.close()
+        reactor.close()
+        print(f"vhost-user serve: stopped after {server.closed_sessions} session(s)"
+              + (f"; last: {server.last_close_reason}" if server.last_close_reason else ""))
+    return 0

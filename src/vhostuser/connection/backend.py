@@ -1,0 +1,818 @@
+"""The back-end's connection state machine (what QEMU or DPDK virtio-user talk to). No I/O.
+
+:class:`BackendConnection` takes framed bytes and fds in, checks every request against the
+rule table (:mod:`vhostuser.protocol.table`), updates per-session state and queues replies
+as bytes out. It never touches a socket or mmap itself: mapping a memory region and
+releasing an fd are delegated to a :class:`BackendHost` the I/O shell provides, so the core
+runs unchanged over fakes in tests.
+
+On a peer violation it queues a NACK if a reply was requested, releases every fd and
+mapping the session held, enters a sticky ERROR state and raises
+:class:`~vhostuser.errors.RemoteProtocolError`; the shell then closes the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import Any, Generic, Protocol, TypeVar
+
+from ..devices.base import Device
+from ..errors import GuestMemoryError, LocalProtocolError, RemoteProtocolError, RingError
+from ..memory import Region, RegionTable
+from ..protocol import payloads as P
+from ..protocol.enums import DraftRequest, FrontendRequest, ProtocolFeature, VirtioFeature
+from ..protocol.framing import Direction, FrameDecoder, Message, encode_message
+from ..protocol.table import FRONTEND_RULES, Fds, Reply, Rule
+from . import events as ev
+from .vring import RingEvent, VringControl
+
+log = logging.getLogger(__name__)
+
+FdT = TypeVar("FdT")
+
+PF = ProtocolFeature
+VF = VirtioFeature
+
+#: Virtio bits every back-end offers on top of the device's own: the ring layouts the
+#: engine in ``vhostuser.virtq`` implements, VERSION_1 and VHOST_USER_F_PROTOCOL_FEATURES.
+BASE_VIRTIO_FEATURES = (
+    VF.VERSION_1
+    | VF.RING_INDIRECT_DESC
+    | VF.RING_EVENT_IDX
+    | VF.RING_PACKED
+    | VF.PROTOCOL_FEATURES
+    | VF.NOTIFY_ON_EMPTY
+)
+
+#: Protocol features every back-end offers; devices add theirs (MQ, RARP, MTU, INFLIGHT...).
+BASE_PROTOCOL_FEATURES = (
+    PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.RESET_DEVICE
+)
+
+MAX_QUEUES = 256
+"""Ring indices travel in 8 bits in KICK/CALL/ERR payloads."""
+
+MAX_SPLIT_RING = 32768
+"""virtio 1.2 §2.7: queue size is at most 32768 (and a power of two for split rings)."""
+
+
+class Dialect(Enum):
+    """Which message numbering the peer speaks."""
+
+    CURRENT = "current"
+    DRAFT_2014 = "draft-2014"
+    """The seed thread's draft: ECHO = 1, ids shifted by one, 24-byte regions."""
+
+
+_DRAFT_TO_CURRENT: dict[int, FrontendRequest] = {
+    DraftRequest.GET_FEATURES: FrontendRequest.GET_FEATURES,
+    DraftRequest.SET_FEATURES: FrontendRequest.SET_FEATURES,
+    DraftRequest.SET_OWNER: FrontendRequest.SET_OWNER,
+    DraftRequest.RESET_OWNER: FrontendRequest.RESET_OWNER,
+    DraftRequest.SET_MEM_TABLE: FrontendRequest.SET_MEM_TABLE,
+    DraftRequest.SET_LOG_BASE: FrontendRequest.SET_LOG_BASE,
+    DraftRequest.SET_LOG_FD: FrontendRequest.SET_LOG_FD,
+    DraftRequest.SET_VRING_NUM: FrontendRequest.SET_VRING_NUM,
+    DraftRequest.SET_VRING_ADDR: FrontendRequest.SET_VRING_ADDR,
+    DraftRequest.SET_VRING_BASE: FrontendRequest.SET_VRING_BASE,
+    DraftRequest.GET_VRING_BASE: FrontendRequest.GET_VRING_BASE,
+    DraftRequest.SET_VRING_KICK: FrontendRequest.SET_VRING_KICK,
+    DraftRequest.SET_VRING_CALL: FrontendRequest.SET_VRING_CALL,
+    DraftRequest.SET_VRING_ERR: FrontendRequest.SET_VRING_ERR,
+}
+_CURRENT_TO_DRAFT = {v: k for k, v in _DRAFT_TO_CURRENT.items()}
+
+
+class MappedBuffer(Protocol):
+    """A mapping the shell made for one region: its bytes and how to unmap it."""
+
+    @property
+    def buf(self) -> memoryview: ...
+
+    def close(self) -> None: ...
+
+
+class BackendHost(Protocol[FdT]):  # type: ignore[misc]
+    """What the core needs from the I/O shell. Implemented by ``vhostuser.io.backend``."""
+
+    def map_region(self, fd: FdT, *, mmap_offset: int, size: int) -> MappedBuffer:
+        """Map ``fd`` from offset 0 for ``mmap_offset + size`` bytes; consumes ``fd``.
+
+        Raises:
+            GuestMemoryError: the fd cannot be mapped or is smaller than asked.
+        """
+        ...
+
+    def release_fd(self, fd: FdT) -> None:
+        """Close an fd the core owns."""
+        ...
+
+
+RingFactory = Callable[[RegionTable, VringControl[Any], int], Any]
+"""Builds the data-path engine of a ring: ``(memory, vring, acked_features) -> engine``."""
+
+
+def default_ring_factory(mem: RegionTable, vring: VringControl[Any], features: int) -> Any:
+    """Build a split or packed device ring from the vring's negotiated state.
+
+    Raises:
+        RingError: the ring's addresses are invalid for the current memory table.
+    """
+    from ..virtq import PackedDeviceRing, SplitDeviceRing
+
+    addr = vring.addr
+    if addr is None:
+        raise RingError(f"ring {vring.index}: no addresses set")
+    try:
+        desc = mem.va_to_gpa(addr.desc, 16 * vring.num)
+        avail = mem.va_to_gpa(addr.avail, 4)
+        used = mem.va_to_gpa(addr.used, 4)
+    except GuestMemoryError as e:
+        raise RingError(f"ring {vring.index}: {e}") from None
+    event_idx = bool(features & VF.RING_EVENT_IDX)
+    indirect = bool(features & VF.RING_INDIRECT_DESC)
+    if features & VF.RING_PACKED:
+        return PackedDeviceRing(
+            mem, vring.num, desc, avail, used,
+            event_idx=event_idx, indirect=indirect, base=vring.base,
+        )
+    return SplitDeviceRing(
+        mem, vring.num, desc, avail, used,
+        event_idx=event_idx, indirect=indirect, next_avail=vring.base & 0xFFFF,
+    )
+
+
+class BackendConnection(Generic[FdT]):
+    """One front-end session, back-end role. Feed it with :meth:`receive_data`.
+
+    Raises (from :meth:`receive_data`):
+        RemoteProtocolError: the front-end broke the protocol; the connection is now in
+            ERROR, every resource is released, and queued bytes (a NACK) should still be
+            sent before closing.
+    """
+
+    def __init__(
+        self,
+        device: Device,
+        host: BackendHost[FdT],
+        *,
+        max_mem_slots: int = 32,
+        dialect: Dialect = Dialect.CURRENT,
+        ring_factory: RingFactory = default_ring_factory,
+        name: str = "vhost-user",
+    ) -> None:
+        if not 1 <= device.num_queues <= MAX_QUEUES:
+            raise LocalProtocolError(f"device num_queues {device.num_queues} not in 1..256")
+        self.device = device
+        self.host = host
+        self.name = name
+        self.dialect = dialect
+        self.ring_factory = ring_factory
+        self.max_mem_slots = max_mem_slots
+        self.offered_features = BASE_VIRTIO_FEATURES | device.virtio_features
+        pf = BASE_PROTOCOL_FEATURES | device.protocol_features
+        if device.num_queues > 1:
+            pf |= PF.MQ
+        if device.config_space():
+            pf |= PF.CONFIG
+        self.offered_protocol_features = int(pf)
+        self._decoder: FrameDecoder[FdT] = FrameDecoder(
+            Direction.REQUESTS,
+            request_names=DraftRequest if dialect is Dialect.DRAFT_2014 else FrontendRequest,
+        )
+        self._out: list[tuple[bytes, list[FdT]]] = []
+        self.error: str | None = None
+        self.closed = False
+        self._reset_session()
+
+    # -- session state -------------------------------------------------------------------
+    def _reset_session(self) -> None:
+        """Per-session state, rebuilt from nothing on connect, RESET_OWNER or RESET_DEVICE."""
+        self.owner = False
+        self.features: int | None = None
+        self.protocol_features = 0
+        self.protocol_features_set = False
+        self.status = 0
+        self.mem = RegionTable(self.max_mem_slots)
+        self._mappings: dict[int, MappedBuffer] = {}  # id(Region) -> mapping
+        self.vrings: list[VringControl[FdT]] = [
+            VringControl(i) for i in range(self.device.num_queues)
+        ]
+        self.backend_channel: FdT | None = None
+        self.log_fd: FdT | None = None
+        self.extra_fds: list[FdT] = []
+
+    def _release_session(self) -> None:
+        for v in self.vrings:
+            v.engine = None
+            for fd in v.take_fds():
+                self.host.release_fd(fd)
+        for fd in (self.backend_channel, self.log_fd, *self.extra_fds):
+            if fd is not None:
+                self.host.release_fd(fd)
+        self.backend_channel = self.log_fd = None
+        self.extra_fds = []
+        self._unmap(self.mem.clear())
+
+    def _unmap(self, regions: Sequence[Region]) -> None:
+        for r in regions:
+            m = self._mappings.pop(id(r), None)
+            r.buf.release()
+            if m is not None:
+                m.close()
+
+    def close(self) -> None:
+        """Release every fd and mapping (the peer went away or we close). Idempotent.
+
+        Replies already queued stay queued (without their fds) so that a NACK can still be
+        flushed before the socket closes.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._release_session()
+        for fd in self._decoder.take_fds():
+            self.host.release_fd(fd)
+        kept: list[tuple[bytes, list[FdT]]] = []
+        for data, fds in self._out:
+            for fd in fds:
+                self.host.release_fd(fd)
+            if not fds:
+                kept.append((data, []))
+        self._out = kept
+
+    # -- negotiated facts ------------------------------------------------------------------
+    def has(self, feature: ProtocolFeature) -> bool:
+        """True if ``feature`` was negotiated with SET_PROTOCOL_FEATURES."""
+        return bool(self.protocol_features & feature)
+
+    @property
+    def acked_features(self) -> int:
+        """Virtio features acked by SET_FEATURES (0 before it)."""
+        return self.features or 0
+
+    @property
+    def packed(self) -> bool:
+        """True if the rings use the packed layout."""
+        return bool(self.acked_features & VF.RING_PACKED)
+
+    # -- I/O seam ----------------------------------------------------------------------------
+    def data_to_send(self) -> list[tuple[bytes, list[FdT]]]:
+        """Take the replies queued so far (bytes and fds to send with them)."""
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def in_message(self) -> bool:
+        """True while a message is partly received (the shell runs a deadline then)."""
+        return self._decoder.in_message
+
+    def receive_data(self, data: bytes, fds: Sequence[FdT] = ()) -> list[ev.Event]:
+        """Feed received bytes and fds; handle every complete message.
+
+        An empty ``data`` means the peer closed the socket.
+
+        Raises:
+            RemoteProtocolError: see the class docstring.
+        """
+        if self.error is not None:
+            for fd in fds:
+                self.host.release_fd(fd)
+            raise RemoteProtocolError(self.error)
+        events: list[ev.Event] = []
+        try:
+            if not data:
+                self._decoder.eof_check()
+                self.close()
+                return events
+            for msg in self._decoder.feed(data, fds):
+                events.extend(self._handle(msg))
+        except RemoteProtocolError as e:
+            self._enter_error(str(e))
+            raise
+        return events
+
+    def _enter_error(self, why: str) -> None:
+        self.error = why
+        log.warning("%s: protocol violation: %s", self.name, why)
+        self.close()
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _reply(self, request: int, payload: bytes, fds: Sequence[FdT] = ()) -> None:
+        if self.dialect is Dialect.DRAFT_2014:
+            request = _CURRENT_TO_DRAFT.get(FrontendRequest(request), request)
+        self._out.append((encode_message(request, payload, reply=True), list(fds)))
+
+    def _ack(self, request: int, ok: bool) -> None:
+        # vhost-user.rst, REPLY_ACK: "a zero payload indicates success, non-zero failure".
+        self._reply(request, P.U64.pack(0 if ok else 1))
+
+    def _translate_request(self, msg: Message[FdT]) -> FrontendRequest | None:
+        if self.dialect is Dialect.DRAFT_2014:
+            if msg.request == DraftRequest.ECHO:
+                return None
+            req = _DRAFT_TO_CURRENT.get(msg.request)
+            if req is None:
+                raise RemoteProtocolError(f"draft request code {msg.request} is unknown")
+            return req
+        try:
+            return FrontendRequest(msg.request)
+        except ValueError:
+            raise RemoteProtocolError(f"request code {msg.request} is unknown") from None
+
+    def _handle(self, msg: Message[FdT]) -> list[ev.Event]:
+        fds = list(msg.fds)
+        log.debug(
+            "%s: <- %s flags=%#x size=%d fds=%d",
+            self.name, msg.request, msg.flags, len(msg.payload), len(fds),
+        )
+        try:
+            req = self._translate_request(msg)
+            if req is None:  # draft ECHO: answer with the same message, REPLY set
+                self._release_all(fds)
+                self._out.append((encode_message(msg.request, msg.payload, reply=True), []))
+                return []
+            rule = FRONTEND_RULES[req]
+            payload = self._check(req, rule, msg, fds)
+            events = self._dispatch(req, rule, payload, msg, fds)
+        except (RemoteProtocolError, GuestMemoryError, RingError, ValueError) as e:
+            self._release_all(fds)
+            name = (
+                FrontendRequest(msg.request).name
+                if msg.request in FrontendRequest._value2member_map_
+                else f"request {msg.request}"
+            )
+            text = str(e) if str(e).startswith(name) else f"{name}: {e}"
+            if msg.need_reply:
+                self._nack(msg.request)
+            raise RemoteProtocolError(text) from None
+        if msg.need_reply and rule.reply is Reply.NONE:
+            # REPLY_ACK: ack requests that have no reply of their own. Like libvhost-user
+            # we ack whenever NEED_REPLY is set, so a front-end never waits forever.
+            self._ack(msg.request, True)
+        for e in events:
+            self.device.on_event(e)
+        return events
+
+    def _nack(self, request: int) -> None:
+        if request in FrontendRequest._value2member_map_:
+            rule = FRONTEND_RULES[FrontendRequest(request)]
+            if rule.reply is Reply.ALWAYS and rule.reply_payload is P.ConfigPayload:
+                # vhost-user.rst GET_CONFIG: a reply with size 0 means an error.
+                self._reply(request, b"")
+                return
+            if rule.reply is Reply.ALWAYS:
+                return
+        self._ack(request, False)
+
+    def _release_all(self, fds: list[FdT]) -> None:
+        while fds:
+            self.host.release_fd(fds.pop())
+
+    def _check(self, req: FrontendRequest, rule: Rule, msg: Message[FdT], fds: list[FdT]) -> Any:
+        """Apply the rule table: payload syntax, fd count, feature gate, legal state."""
+        if self.dialect is Dialect.DRAFT_2014 and req is FrontendRequest.SET_MEM_TABLE:
+            payload: Any = P.DraftMemoryTable.decode(msg.payload)
+        else:
+            payload = rule.payload.decode(msg.payload)
+        # fd count
+        n = len(fds)
+        if rule.fds is Fds.NONE and n:
+            raise RemoteProtocolError(f"{n} fds attached to a message that takes none")
+        if rule.fds is Fds.ONE and n != 1:
+            raise RemoteProtocolError(f"{n} fds attached, expected exactly 1")
+        if rule.fds is Fds.OPTIONAL and n > 1:
+            raise RemoteProtocolError(f"{n} fds attached, expected at most 1")
+        if rule.fds is Fds.NOFD_BIT:
+            if payload.nofd and n:
+                raise RemoteProtocolError(f"NOFD bit set but {n} fds attached")
+            if not payload.nofd and n != 1:
+                raise RemoteProtocolError(f"NOFD bit clear but {n} fds attached, expected 1")
+        if rule.fds is Fds.PER_REGION and n != len(payload.regions):
+            raise RemoteProtocolError(
+                f"{len(payload.regions)} regions but {n} fds attached"
+            )
+        # feature gate
+        gate = rule.gate
+        if isinstance(gate, ProtocolFeature):
+            if not self.has(gate):
+                raise RemoteProtocolError(f"protocol feature {gate.name} was not negotiated")
+        elif gate is VF.PROTOCOL_FEATURES:
+            self._check_protocol_features_allowed(req)
+        elif gate is not None and not self.acked_features & gate:
+            raise RemoteProtocolError(f"virtio feature {gate.name} was not negotiated")
+        # state
+        if rule.needs_owner and not self.owner:
+            raise RemoteProtocolError("received before SET_OWNER")
+        if rule.needs_features and self.features is None:
+            raise RemoteProtocolError("received before SET_FEATURES")
+        if rule.ring_index:
+            index = payload.index
+            if index >= len(self.vrings):
+                raise RemoteProtocolError(
+                    f"ring index {index} is out of range (device has {len(self.vrings)} queues)"
+                )
+        return payload
+
+    def _check_protocol_features_allowed(self, req: FrontendRequest) -> None:
+        if not self.offered_features & VF.PROTOCOL_FEATURES:
+            raise RemoteProtocolError("VHOST_USER_F_PROTOCOL_FEATURES was never offered")
+        if self.features is not None and not self.features & VF.PROTOCOL_FEATURES:
+            raise RemoteProtocolError(
+                "VHOST_USER_F_PROTOCOL_FEATURES was not acked in SET_FEATURES"
+            )
+        if req is FrontendRequest.SET_VRING_ENABLE and not self.protocol_features_set:
+            # QEMU sends SET_VRING_ENABLE before SET_FEATURES, but always after
+            # SET_PROTOCOL_FEATURES; without it the ring cannot be disabled.
+            raise RemoteProtocolError("received before SET_PROTOCOL_FEATURES")
+
+    def _dispatch(
+        self, req: FrontendRequest, rule: Rule, payload: Any, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        handler = _HANDLERS.get(req)
+        if handler is None:
+            raise RemoteProtocolError(
+                f"{req.name} is not supported by this back-end (feature never offered)"
+            )
+        return handler(self, payload, msg, fds)
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _get_features(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        self._reply(msg.request, P.U64.pack(self.offered_features))
+        return []
+
+    def _set_features(self, p: P.U64Payload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        extra = p.value & ~self.offered_features
+        if extra:
+            raise RemoteProtocolError(f"features {p.value:#x} include bits never offered "
+                                      f"({extra:#x})")
+        if self.features is not None and self.any_ring_started() and (
+            (p.value ^ self.features) & ~int(VF.LOG_ALL)
+        ):
+            raise RemoteProtocolError(
+                f"features changed from {self.features:#x} to {p.value:#x} while rings run"
+            )
+        self.features = p.value
+        self.device.on_features(p.value)
+        out: list[ev.Event] = [ev.FeaturesAcked(p.value)]
+        if not p.value & VF.PROTOCOL_FEATURES:
+            # vhost-user.rst: "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated,
+            # the ring starts directly in the enabled state."
+            for v in self.vrings:
+                if not v.enabled:
+                    v.apply(RingEvent.ENABLE)
+                    out.append(ev.VringEnabled(v.index, True))
+        return out
+
+    def any_ring_started(self) -> bool:
+        """True if any ring is started."""
+        return any(v.started for v in self.vrings)
+
+    def _set_owner(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        self.owner = True
+        return [ev.OwnerSet()]
+
+    def _reset(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        # RESET_OWNER is deprecated; like RESET_DEVICE we drop per-session state but keep
+        # the owner and negotiated protocol features (the connection itself stays).
+        owner, pf, pfs = self.owner, self.protocol_features, self.protocol_features_set
+        self._release_session()
+        self._reset_session()
+        self.owner, self.protocol_features, self.protocol_features_set = owner, pf, pfs
+        return [ev.DeviceReset()]
+
+    def _get_protocol_features(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        self._reply(msg.request, P.U64.pack(self.offered_protocol_features))
+        return []
+
+    def _set_protocol_features(
+        self, p: P.U64Payload, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        extra = p.value & ~self.offered_protocol_features
+        if extra:
+            raise RemoteProtocolError(
+                f"protocol features {p.value:#x} include bits never offered ({extra:#x})"
+            )
+        if p.value & PF.INBAND_NOTIFICATIONS and (
+            p.value & (PF.BACKEND_REQ | PF.REPLY_ACK) != PF.BACKEND_REQ | PF.REPLY_ACK
+        ):
+            raise RemoteProtocolError(
+                "INBAND_NOTIFICATIONS requires BACKEND_REQ and REPLY_ACK"
+            )
+        self.protocol_features = p.value
+        self.protocol_features_set = True
+        return [ev.ProtocolFeaturesAcked(p.value)]
+
+    def _get_queue_num(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        self._reply(msg.request, P.U64.pack(len(self.vrings)))
+        return []
+
+    def _get_max_mem_slots(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        self._reply(msg.request, P.U64.pack(self.max_mem_slots))
+        return []
+
+    def _map(self, r: P.MemoryRegion, fd: FdT) -> Region:
+        """Map one region (consumes ``fd``)."""
+        from ..memory import check_region_geometry
+
+        try:
+            check_region_geometry(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                  r.mmap_offset)
+        except GuestMemoryError:
+            self.host.release_fd(fd)
+            raise
+        mapping = self.host.map_region(fd, mmap_offset=r.mmap_offset, size=r.memory_size)
+        region = Region(
+            guest_phys_addr=r.guest_phys_addr,
+            size=r.memory_size,
+            userspace_addr=r.userspace_addr,
+            mmap_offset=r.mmap_offset,
+            buf=mapping.buf,
+        )
+        self._mappings[id(region)] = mapping
+        return region
+
+    def _set_mem_table(
+        self, p: P.MemoryTable, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        new: list[Region] = []
+        try:
+            for r in p.regions:
+                new.append(self._map(r, fds.pop(0)))
+            old = self.mem.replace(new)
+        except Exception:
+            self._unmap(new)
+            raise
+        self._memory_changed()
+        self._unmap(old)
+        return [ev.MemTableSet(len(self.mem))]
+
+    def _add_mem_reg(self, p: P.SingleRegion, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        if len(self.mem) >= self.max_mem_slots:
+            raise RemoteProtocolError(
+                f"all {self.max_mem_slots} memory slots (GET_MAX_MEM_SLOTS) are in use"
+            )
+        region = self._map(p.region, fds.pop())
+        try:
+            self.mem.add(region)
+        except GuestMemoryError:
+            self._unmap([region])
+            raise
+        self._memory_changed()
+        return [ev.MemTableSet(len(self.mem))]
+
+    def _rem_mem_reg(self, p: P.SingleRegion, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        r = p.region
+        found = self.mem.find_exact(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        if found is None:
+            raise RemoteProtocolError(
+                f"no region gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} "
+                f"uva {r.userspace_addr:#x} to remove"
+            )
+        self.mem.remove(found)
+        self._memory_changed()
+        self._unmap([found])
+        return [ev.MemTableSet(len(self.mem))]
+
+    def _memory_changed(self) -> None:
+        """Re-point running rings at the new table (vhost-user.rst: the table may change
+        while rings run; the reactor is single-threaded, so no ring runs meanwhile)."""
+        self.device.on_memory(self.mem)
+        for v in self.vrings:
+            if v.engine is not None:
+                state = v.engine
+                v.engine = None
+                v.base = state.base() if hasattr(state, "base") else v.base
+                self._build_engine(v)
+
+    def _build_engine(self, v: VringControl[FdT]) -> None:
+        try:
+            v.engine = self.ring_factory(self.mem, v, self.acked_features)
+        except (RingError, GuestMemoryError) as e:
+            v.broken = str(e)
+            v.engine = None
+            log.warning("%s: ring %d broken: %s", self.name, v.index, e)
+
+    def _set_log_base(self, p: P.LogBase, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        raise RemoteProtocolError("dirty logging (LOG_SHMFD) is not offered by this back-end")
+
+    def _set_log_fd(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        if self.log_fd is not None:
+            self.host.release_fd(self.log_fd)
+        self.log_fd = fds.pop()
+        return []
+
+    def _set_vring_num(self, p: P.VringState, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        v = self.vrings[p.index]
+        num = p.num
+        if num == 0 or num > MAX_SPLIT_RING:
+            raise RemoteProtocolError(
+                f"num {num} is outside 1..{MAX_SPLIT_RING} (ring {p.index})"
+            )
+        if not self.packed and num & (num - 1):
+            raise RemoteProtocolError(f"num {num} is not a power of two (ring {p.index})")
+        if v.started:
+            raise RemoteProtocolError(f"ring {p.index} is started; size cannot change")
+        v.num = num
+        return [ev.VringConfigured(p.index)]
+
+    def _set_vring_addr(self, p: P.VringAddr, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        v = self.vrings[p.index]
+        if p.flags & P.VRING_F_LOG:
+            raise RemoteProtocolError(f"ring {p.index}: VHOST_VRING_F_LOG without LOG_ALL")
+        # virtio 1.2 §2.7: descriptor table 16-aligned, driver area 2, device area 4
+        # (split); packed areas are 16 and 4.
+        for what, addr, align in (("desc", p.desc, 16), ("avail", p.avail, 2 if not self.packed
+                                  else 4), ("used", p.used, 4)):
+            if addr % align:
+                raise RemoteProtocolError(
+                    f"ring {p.index}: {what} address {addr:#x} is not {align}-byte aligned"
+                )
+        if len(self.mem) == 0:
+            raise RemoteProtocolError(f"ring {p.index}: addresses set before any memory table")
+        n = v.num or 1
+        for what, addr, length in (("desc", p.desc, 16 * n), ("avail", p.avail, 4),
+                                   ("used", p.used, 4)):
+            try:
+                self.mem.va_to_gpa(addr, length)
+            except GuestMemoryError:
+                raise RemoteProtocolError(
+                    f"ring {p.index}: {what} address {addr:#x}+{length:#x} is not mapped"
+                ) from None
+        v.addr = p
+        if v.engine is not None:  # address change on a running ring: rebuild
+            v.base = v.engine.base()
+            v.engine = None
+            self._build_engine(v)
+        return [ev.VringConfigured(p.index)]
+
+    def _set_vring_base(self, p: P.VringState, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        v = self.vrings[p.index]
+        if v.started:
+            raise RemoteProtocolError(f"ring {p.index} is started; base cannot change")
+        if not self.packed and p.num > 0xFFFF:
+            raise RemoteProtocolError(
+                f"base {p.num:#x} does not fit 16 bits (split ring {p.index})"
+            )
+        v.base = p.num
+        return [ev.VringConfigured(p.index)]
+
+    def _get_vring_base(self, p: P.VringState, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        v = self.vrings[p.index]
+        if not v.configured:
+            raise RemoteProtocolError(f"ring {p.index} was never configured (or already stopped)")
+        base = v.engine.base() if v.engine is not None else v.base
+        v.apply(RingEvent.GET_BASE)
+        v.engine = None
+        v.base = base
+        # Like libvhost-user and rust-vmm: a stopped ring forgets its addresses and kick
+        # fd; the front-end sends them again before the next start.
+        v.addr = None
+        if v.kick is not None:
+            self.host.release_fd(v.kick)
+            v.kick = None
+        v.broken = None
+        self._reply(msg.request, P.VringState(index=p.index, num=base).encode())
+        return [ev.VringStopped(p.index, base)]
+
+    def _set_vring_fd(self, kind: str, p: P.VringFile, fds: list[FdT]) -> list[ev.Event]:
+        v = self.vrings[p.index]
+        old = getattr(v, kind)
+        if old is not None:
+            self.host.release_fd(old)
+        fd = None if p.nofd else fds.pop()
+        setattr(v, kind, fd)
+        if kind == "kick":
+            v.kick_polled = p.nofd
+        elif kind == "call":
+            v.call_polled = p.nofd
+        out: list[ev.Event] = [ev.VringFdSet(p.index, kind, fd)]
+        if kind == "kick" and p.nofd:
+            # vhost-user.rst: with NOFD the ring is polled, so it starts now.
+            out.extend(self.kick(p.index))
+        return out
+
+    def _set_vring_kick(self, p: P.VringFile, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        return self._set_vring_fd("kick", p, fds)
+
+    def _set_vring_call(self, p: P.VringFile, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        return self._set_vring_fd("call", p, fds)
+
+    def _set_vring_err(self, p: P.VringFile, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        return self._set_vring_fd("err", p, fds)
+
+    def _set_vring_enable(
+        self, p: P.VringState, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        if p.num > 1:
+            raise RemoteProtocolError(f"enable value {p.num} is not 0 or 1 (ring {p.index})")
+        v = self.vrings[p.index]
+        v.apply(RingEvent.ENABLE if p.num else RingEvent.DISABLE)
+        return [ev.VringEnabled(p.index, bool(p.num))]
+
+    def _vring_kick_inband(
+        self, p: P.VringState, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        return self.kick(p.index)
+
+    def _get_config(self, p: P.ConfigPayload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        data = self.device.get_config(p.offset, p.size)
+        self._reply(msg.request, P.ConfigPayload(offset=p.offset, size=len(data), flags=p.flags,
+                                                  data=data).encode())
+        return []
+
+    def _set_config(self, p: P.ConfigPayload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        self.device.set_config(p.offset, p.data, p.flags)
+        return [ev.ConfigWritten(p.offset, p.data, p.flags)]
+
+    def _set_backend_req_fd(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        if self.backend_channel is not None:
+            self.host.release_fd(self.backend_channel)
+        self.backend_channel = fds.pop()
+        return [ev.BackendChannelSet(self.backend_channel)]
+
+    def _set_status(self, p: P.U64Payload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        if p.value > 0xFF:
+            raise RemoteProtocolError(f"status {p.value:#x} does not fit 8 bits")
+        self.status = p.value
+        return [ev.StatusSet(p.value)]
+
+    def _get_status(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        self._reply(msg.request, P.U64.pack(self.status))
+        return []
+
+    def _send_rarp(self, p: P.U64Payload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        return [ev.RarpRequested(P.U64.pack(p.value)[:6])]
+
+    def _net_set_mtu(self, p: P.U64Payload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        # virtio 1.2 §5.1.4.1: mtu is a u16 and at least 68.
+        if not 68 <= p.value <= 65535:
+            raise RemoteProtocolError(f"mtu {p.value} is outside 68..65535")
+        return [ev.MtuSet(p.value)]
+
+    # -- data-path entry points (called by the shell) --------------------------------------
+    def kick(self, index: int) -> list[ev.Event]:
+        """A kick arrived for ring ``index`` (kick fd readable, or in-band VRING_KICK).
+
+        Starts the ring on its first kick (vhost-user.rst: "the back-end must start a ring
+        upon receiving a kick"). Returns the events this caused.
+        """
+        v = self.vrings[index]
+        out: list[ev.Event] = []
+        if not v.started:
+            if not v.configured or len(self.mem) == 0:
+                return out  # a kick before the ring exists (QEMU's courtesy kick): ignore
+            v.apply(RingEvent.KICK)
+            self._build_engine(v)
+            out.append(ev.VringStarted(index))
+            if v.broken is not None:
+                out.append(ev.VringBroken(index, v.broken))
+            for e in out:
+                self.device.on_event(e)
+        return out
+
+    def ring_broken(self, index: int, reason: str) -> ev.VringBroken:
+        """Mark ring ``index`` broken (the guest broke it); returns the event."""
+        v = self.vrings[index]
+        v.broken = reason
+        e = ev.VringBroken(index, reason)
+        self.device.on_event(e)
+        return e
+
+
+_Handler = Callable[[BackendConnection[Any], Any, Message[Any], list[Any]], list[ev.Event]]
+
+_HANDLERS: dict[FrontendRequest, _Handler] = {
+    FrontendRequest.GET_FEATURES: BackendConnection._get_features,
+    FrontendRequest.SET_FEATURES: BackendConnection._set_features,
+    FrontendRequest.SET_OWNER: BackendConnection._set_owner,
+    FrontendRequest.RESET_OWNER: BackendConnection._reset,
+    FrontendRequest.RESET_DEVICE: BackendConnection._reset,
+    FrontendRequest.SET_MEM_TABLE: BackendConnection._set_mem_table,
+    FrontendRequest.SET_LOG_BASE: BackendConnection._set_log_base,
+    FrontendRequest.SET_LOG_FD: BackendConnection._set_log_fd,
+    FrontendRequest.SET_VRING_NUM: BackendConnection._set_vring_num,
+    FrontendRequest.SET_VRING_ADDR: BackendConnection._set_vring_addr,
+    FrontendRequest.SET_VRING_BASE: BackendConnection._set_vring_base,
+    FrontendRequest.GET_VRING_BASE: BackendConnection._get_vring_base,
+    FrontendRequest.SET_VRING_KICK: BackendConnection._set_vring_kick,
+    FrontendRequest.SET_VRING_CALL: BackendConnection._set_vring_call,
+    FrontendRequest.SET_VRING_ERR: BackendConnection._set_vring_err,
+    FrontendRequest.GET_PROTOCOL_FEATURES: BackendConnection._get_protocol_features,
+    FrontendRequest.SET_PROTOCOL_FEATURES: BackendConnection._set_protocol_features,
+    FrontendRequest.GET_QUEUE_NUM: BackendConnection._get_queue_num,
+    FrontendRequest.SET_VRING_ENABLE: BackendConnection._set_vring_enable,
+    FrontendRequest.SEND_RARP: BackendConnection._send_rarp,
+    FrontendRequest.NET_SET_MTU: BackendConnection._net_set_mtu,
+    FrontendRequest.SET_BACKEND_REQ_FD: BackendConnection._set_backend_req_fd,
+    FrontendRequest.GET_CONFIG: BackendConnection._get_config,
+    FrontendRequest.SET_CONFIG: BackendConnection._set_config,
+    FrontendRequest.VRING_KICK: BackendConnection._vring_kick_inband,
+    FrontendRequest.GET_MAX_MEM_SLOTS: BackendConnection._get_max_mem_slots,
+    FrontendRequest.ADD_MEM_REG: BackendConnection._add_mem_reg,
+    FrontendRequest.REM_MEM_REG: BackendConnection._rem_mem_reg,
+    FrontendRequest.SET_STATUS: BackendConnection._set_status,
+    FrontendRequest.GET_STATUS: BackendConnection._get_status,
+}

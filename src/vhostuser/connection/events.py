@@ -1,0 +1,179 @@
+"""Events the connection cores report to the I/O shell and to devices. No I/O.
+
+Events are past-tense nouns. Fd-carrying events hold opaque tokens that the core still
+owns; the shell may register them (e.g. with its reactor) but never closes them itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+FdT = TypeVar("FdT")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every event."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerSet(Event):
+    """SET_OWNER arrived: a session starts."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeaturesAcked(Event):
+    """SET_FEATURES: the virtio features the front-end acked."""
+
+    features: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolFeaturesAcked(Event):
+    """SET_PROTOCOL_FEATURES: the protocol features now in force."""
+
+    features: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemTableSet(Event):
+    """The region table changed (SET_MEM_TABLE, ADD_MEM_REG or REM_MEM_REG)."""
+
+    nregions: int
+
+
+@dataclass(frozen=True, slots=True)
+class VringConfigured(Event):
+    """A ring's size, base or addresses changed."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class VringFdSet(Event, Generic[FdT]):
+    """A kick, call or err fd was set (``fd`` is None with NOFD: poll instead)."""
+
+    index: int
+    kind: str
+    fd: FdT | None
+
+
+@dataclass(frozen=True, slots=True)
+class VringStarted(Event):
+    """The ring started (first kick, vhost-user.rst "Starting and stopping rings")."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class VringStopped(Event):
+    """GET_VRING_BASE stopped the ring; ``base`` is what was returned."""
+
+    index: int
+    base: int
+
+
+@dataclass(frozen=True, slots=True)
+class VringEnabled(Event):
+    """SET_VRING_ENABLE (or SET_FEATURES without PROTOCOL_FEATURES) changed ring enablement."""
+
+    index: int
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VringBroken(Event):
+    """The guest broke a ring; it is stopped until the front-end resets it."""
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendChannelSet(Event, Generic[FdT]):
+    """SET_BACKEND_REQ_FD gave us the back-end → front-end socket."""
+
+    fd: FdT
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWritten(Event):
+    """SET_CONFIG wrote device config space."""
+
+    offset: int
+    data: bytes
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSet(Event):
+    """SET_STATUS: the virtio device status byte."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class RarpRequested(Event):
+    """SEND_RARP: announce this MAC (after migration)."""
+
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MtuSet(Event):
+    """NET_SET_MTU."""
+
+    mtu: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReset(Event):
+    """RESET_OWNER or RESET_DEVICE: per-session state was torn down."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation(Event):
+    """The peer broke the protocol; the connection is in ERROR and must be closed."""
+
+    reason: str
+
+
+# Front-end side: what arrives from the back-end.
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyReceived(Event):
+    """A reply to the oldest outstanding request."""
+
+    request: int
+    payload: bytes
+    fds: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanged(Event):
+    """BACKEND_CONFIG_CHANGE_MSG: re-read the device config."""
+
+
+@dataclass(frozen=True, slots=True)
+class VringCalled(Event):
+    """BACKEND_VRING_CALL: in-band used-buffer notification."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class VringErrored(Event):
+    """BACKEND_VRING_ERR: in-band error notification."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRequestReceived(Event):
+    """Any other back-end request, decoded but left to the application (which owns fds)."""
+
+    request: int
+    payload: bytes
+    fds: tuple[object, ...] = ()

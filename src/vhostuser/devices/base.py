@@ -1,0 +1,87 @@
+"""The plug point a back-end device implements in one file. No I/O.
+
+A device says what it offers (virtio feature bits, extra protocol features, queue count,
+config space) and handles bursts of descriptor chains. Every method has a default, so the
+smallest device is a subclass that sets ``device_type`` and overrides :meth:`handle_burst`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..protocol.enums import DeviceType
+
+if TYPE_CHECKING:
+    from ..connection.events import Event
+    from ..memory import GuestMemory
+
+
+class Device:
+    """Base class of back-end devices; override what you need.
+
+    Attributes:
+        device_type: virtio device id, used to name feature bits and decode config.
+        virtio_features: device-specific feature bits offered (ring and version bits are
+            added by the connection).
+        protocol_features: protocol features beyond the ones every back-end offers
+            (e.g. ``ProtocolFeature.RARP | ProtocolFeature.MTU`` for net).
+        num_queues: how many virtqueues the device has (GET_QUEUE_NUM).
+    """
+
+    device_type: DeviceType | None = None
+    virtio_features: int = 0
+    protocol_features: int = 0
+    num_queues: int = 1
+
+    def config_space(self) -> bytes:
+        """Return the whole device config space (empty: the device has none)."""
+        return b""
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Return ``size`` bytes of config space at ``offset`` (zero-padded past its end).
+
+        Raises:
+            ValueError: the range is not inside the config space.
+        """
+        space = self.config_space()
+        if offset > len(space) or offset + size > 256:
+            raise ValueError(f"config range {offset}+{size} outside {len(space)}-byte space")
+        chunk = space[offset : offset + size]
+        return chunk + bytes(size - len(chunk))
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        """Write config space (SET_CONFIG). Default: refuse.
+
+        Raises:
+            ValueError: the device has no writable config.
+        """
+        raise ValueError(f"config space is read-only (write of {len(data)} bytes at {offset})")
+
+    def consumes(self, index: int) -> bool:
+        """True if the device takes chains from queue ``index`` as soon as they are kicked.
+
+        A net device's RX queues return False: their buffers are filled only when a frame
+        arrives, so the kick handler leaves them on the ring.
+        """
+        return True
+
+    def on_features(self, features: int) -> None:
+        """The front-end acked ``features`` (SET_FEATURES)."""
+
+    def on_memory(self, mem: GuestMemory) -> None:
+        """The memory table changed; ``mem`` translates guest addresses."""
+
+    def on_event(self, event: Event) -> None:
+        """Any connection event (started/stopped/enabled rings, status, RARP, MTU...)."""
+
+    def handle_burst(
+        self, index: int, chains: Sequence[Any], enabled: bool
+    ) -> list[tuple[int, int]]:
+        """Handle chains popped from queue ``index``; return ``(head, bytes_written)``.
+
+        ``enabled`` is False for a started but disabled ring: process without side
+        effects (vhost-user.rst: "process the ring without side effects"). The default
+        consumes every chain and writes nothing (a null device).
+        """
+        return [(c.head, 0) for c in chains]

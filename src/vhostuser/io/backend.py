@@ -1,0 +1,356 @@
+"""The back-end's I/O shell: sockets, kick/call eventfds and mappings around the core.
+
+:class:`BackendSession` drives one :class:`~vhostuser.connection.BackendConnection` over a
+connected AF_UNIX socket on a :class:`~vhostuser.io.reactor.Reactor`: it reads with
+``recvmsg`` (fds wrapped at once), feeds the core, sends its replies, registers kick fds,
+runs ring bursts and signals call fds. :class:`BackendServer` accepts front-ends on a
+listening socket (like QEMU's ``-chardev socket,server=on``) or connects to a listening
+front-end and reconnects when it goes away (like ``reconnect=``).
+
+A violation by one front-end closes that session only; every fd and mapping it held is
+released, and the reactor and other sessions go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from ..connection import events as ev
+from ..connection.backend import BackendConnection, Dialect
+from ..devices.base import Device
+from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
+from .fdpass import OwnedFd, connect_unix, listen_unix, recv_some, send_msg
+from .mapping import Mapping, map_region_fd, reap_deferred
+from .reactor import Reactor, Timer
+
+log = logging.getLogger(__name__)
+
+_ONE = (1).to_bytes(8, "little")
+
+DEFAULT_BUDGET = 256
+"""Chains per ring per pass: a flood on one queue cannot starve the others."""
+
+MESSAGE_DEADLINE = 5.0
+"""Seconds a started message may take to arrive whole (SECURITY.md rule 6)."""
+
+
+class ShellHost:
+    """The :class:`~vhostuser.connection.BackendHost` of the real shell."""
+
+    def map_region(self, fd: OwnedFd, *, mmap_offset: int, size: int) -> Mapping:
+        """Map a region fd (consumes it). See :func:`map_region_fd`."""
+        return map_region_fd(fd, mmap_offset=mmap_offset, size=size)
+
+    def release_fd(self, fd: OwnedFd) -> None:
+        """Close an fd the core owned."""
+        fd.close()
+
+
+def signal_fd(fd: OwnedFd | None) -> None:
+    """Write one notification to an eventfd (call/err); a full counter is fine."""
+    if fd is None or fd.closed:
+        return
+    with contextlib.suppress(BlockingIOError, BrokenPipeError):
+        os.write(fd.fd, _ONE)
+
+
+def drain_fd(fd: OwnedFd) -> None:
+    """Read (and discard) a pending notification from an eventfd or pipe."""
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        os.read(fd.fd, 8)
+
+
+class BackendSession:
+    """One connected front-end, served on a reactor."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: socket.socket,
+        device: Device,
+        *,
+        on_close: Callable[[BackendSession], None] | None = None,
+        dialect: Dialect = Dialect.CURRENT,
+        budget: int = DEFAULT_BUDGET,
+        name: str = "vhost-user",
+    ) -> None:
+        sock.setblocking(False)
+        self.reactor = reactor
+        self.sock = sock
+        self.device = device
+        self.name = name
+        self.budget = budget
+        self.on_close = on_close
+        self.conn: BackendConnection[OwnedFd] = BackendConnection(
+            device, ShellHost(), dialect=dialect, name=name
+        )
+        self.closed = False
+        self.close_reason: str | None = None
+        self._kick_fds: dict[int, int] = {}  # ring index -> registered fd number
+        self._deadline: Timer | None = None
+        self._polled: set[int] = set()
+        self._poller_added = False
+        self.events: list[ev.Event] = []
+        """Recent events, for tests and tools (bounded)."""
+        reactor.add_reader(sock.fileno(), self._on_readable)
+
+    # -- control socket ---------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        if self.closed:
+            return
+        try:
+            data, fds = recv_some(self.sock)
+        except BlockingIOError:
+            return
+        except (PeerClosedError, RemoteProtocolError, OSError) as e:
+            self.close(f"receive failed: {e}")
+            return
+        try:
+            events = self.conn.receive_data(data, fds)
+        except RemoteProtocolError as e:
+            self._flush()
+            self.close(f"protocol violation: {e}")
+            return
+        self._flush()
+        if not data:
+            self.close("front-end closed the connection")
+            return
+        self._arm_deadline()
+        for e in events:
+            self._on_event(e)
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self.conn.in_message:
+            self._deadline = self.reactor.call_later(MESSAGE_DEADLINE, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self.conn.in_message and not self.closed:
+            self.close(
+                f"a message did not arrive whole within {MESSAGE_DEADLINE} s "
+                f"({self.conn._decoder.bytes_pending} bytes pending)"
+            )
+
+    def _flush(self) -> None:
+        for data, fds in self.conn.data_to_send():
+            try:
+                send_msg(self.sock, data, [f.fd for f in fds])
+            except (PeerClosedError, MessageTimeoutError, OSError) as e:
+                log.warning("%s: send failed: %s", self.name, e)
+            finally:
+                for f in fds:
+                    f.close()
+
+    # -- events -----------------------------------------------------------------------------
+    def _on_event(self, e: ev.Event) -> None:
+        self.events.append(e)
+        if len(self.events) > 1000:
+            del self.events[:500]
+        if isinstance(e, ev.VringFdSet) and e.kind == "kick":
+            self._set_kick(e.index, e.fd)
+        elif isinstance(e, ev.VringStarted | ev.VringEnabled):
+            self._schedule(e.index)
+        elif isinstance(e, ev.VringStopped):
+            self._unregister_kick(e.index)
+        elif isinstance(e, ev.VringBroken):
+            signal_fd(self.conn.vrings[e.index].err)
+        elif isinstance(e, ev.DeviceReset):
+            for i in list(self._kick_fds):
+                self._unregister_kick(i)
+
+    def _set_kick(self, index: int, fd: Any) -> None:
+        self._unregister_kick(index)
+        if fd is None:
+            self._polled.add(index)
+            if not self._poller_added:
+                self.reactor.add_poller(self._poll)
+                self._poller_added = True
+            return
+        self._polled.discard(index)
+        self._kick_fds[index] = fd.fd
+        self.reactor.add_reader(fd.fd, lambda i=index: self._on_kick(i))
+
+    def _unregister_kick(self, index: int) -> None:
+        fdnum = self._kick_fds.pop(index, None)
+        if fdnum is not None:
+            self.reactor.remove_reader(fdnum)
+        self._polled.discard(index)
+
+    def _on_kick(self, index: int) -> None:
+        v = self.conn.vrings[index]
+        if v.kick is not None:
+            drain_fd(v.kick)
+        for e in self.conn.kick(index):
+            self._on_event(e)
+        self._process(index)
+
+    def _poll(self) -> bool:
+        worked = False
+        for i in list(self._polled):
+            if not self.conn.vrings[i].started:
+                for e in self.conn.kick(i):
+                    self._on_event(e)
+            worked |= self._process(i)
+        return worked
+
+    def _schedule(self, index: int) -> None:
+        self.reactor.call_soon(lambda: self._process(index))
+
+    # -- data path --------------------------------------------------------------------------
+    def _process(self, index: int) -> bool:
+        """Run one burst on ring ``index``; reschedule if the budget was used up."""
+        if self.closed:
+            return False
+        from ..virtq import run_burst
+
+        v = self.conn.vrings[index]
+        if not v.started or v.engine is None or v.broken is not None:
+            return False
+        if not self.device.consumes(index):
+            return False
+        result = run_burst(
+            v.engine,
+            lambda chains: self.device.handle_burst(index, chains, v.enabled),
+            self.budget,
+        )
+        if v.engine.broken is not None and v.broken is None:
+            self._on_event(self.conn.ring_broken(index, v.engine.broken))
+            return False
+        if result.notify:
+            signal_fd(v.call)
+        if result.count >= self.budget:
+            self._schedule(index)
+        return result.count > 0
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self, reason: str = "closed") -> None:
+        """Close the session: unregister fds, release every fd and mapping. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        log.info("%s: session closed: %s", self.name, reason)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        for i in list(self._kick_fds):
+            self._unregister_kick(i)
+        if self._poller_added:
+            self.reactor.remove_poller(self._poll)
+        self.reactor.remove_reader(self.sock.fileno())
+        self.conn.close()
+        self.sock.close()
+        reap_deferred()
+        if self.on_close is not None:
+            self.on_close(self)
+
+
+class BackendServer:
+    """Serve a device on a socket path, as listener (default) or as connecting client.
+
+    ``device_factory`` builds a fresh device for each session, so per-connection state is
+    rebuilt from nothing when a front-end reconnects.
+    """
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        path: str,
+        device_factory: Callable[[], Device],
+        *,
+        connect: bool = False,
+        reconnect_interval: float = 1.0,
+        max_sessions: int = 16,
+        mode: int = 0o600,
+        dialect: Dialect = Dialect.CURRENT,
+        on_session: Callable[[BackendSession], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.device_factory = device_factory
+        self.connect_mode = connect
+        self.reconnect_interval = reconnect_interval
+        self.max_sessions = max_sessions
+        self.dialect = dialect
+        self.on_session = on_session
+        self.sessions: list[BackendSession] = []
+        self.closed_sessions = 0
+        self.last_close_reason: str | None = None
+        self._listener: socket.socket | None = None
+        self._timer: Timer | None = None
+        self._closing = False
+        if connect:
+            self._try_connect()
+        else:
+            self._listener = listen_unix(path, mode=mode)
+            reactor.add_reader(self._listener.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                log.error("accept failed: %s", e)
+                return
+            raise
+        if len(self.sessions) >= self.max_sessions:
+            log.warning("%s: refusing connection: %d sessions already", self.path,
+                        len(self.sessions))
+            sock.close()
+            return
+        self._start(sock)
+
+    def _start(self, sock: socket.socket) -> BackendSession:
+        s = BackendSession(
+            self.reactor, sock, self.device_factory(), on_close=self._session_closed,
+            dialect=self.dialect, name=f"{os.path.basename(self.path)}#{self.closed_sessions + len(self.sessions)}",
+        )
+        self.sessions.append(s)
+        if self.on_session is not None:
+            self.on_session(s)
+        return s
+
+    def _session_closed(self, s: BackendSession) -> None:
+        if s in self.sessions:
+            self.sessions.remove(s)
+        self.closed_sessions += 1
+        self.last_close_reason = s.close_reason
+        if self.connect_mode and not self._closing:
+            self._timer = self.reactor.call_later(self.reconnect_interval, self._try_connect)
+
+    def _try_connect(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        try:
+            sock = connect_unix(self.path, timeout=0.0)
+        except (VhostUserError, OSError) as e:
+            log.debug("connect to %s failed (%s); retrying", self.path, e)
+            self._timer = self.reactor.call_later(self.reconnect_interval, self._try_connect)
+            return
+        self._start(sock)
+
+    def close(self) -> None:
+        """Stop serving: close every session and the listener; remove the socket file."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for s in list(self.sessions):
+            s.close("server shutting down")
+        if self._listener is not None:
+            self.reactor.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)

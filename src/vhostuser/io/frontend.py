@@ -1,0 +1,372 @@
+"""The front-end's I/O shell: a blocking client that drives any vhost-user back-end.
+
+:class:`FrontendClient` wraps a :class:`~vhostuser.connection.frontend.FrontendConnection`
+around a socket (connecting to a listening back-end, or listening for one that connects,
+like DPDK's ``client=1``), with guest RAM in a memfd (:class:`~vhostuser.io.guestram.GuestRam`)
+and eventfds for kicks and calls. Each method sends one request and, where one is due,
+waits for its reply with a deadline. It is what ``vhost-user probe`` and the device
+front-ends are built on, and what a test in another project can script directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from ..connection import events as ev
+from ..connection.frontend import BackendChannel, FrontendConnection
+from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError
+from ..protocol import payloads as P
+from ..protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature
+from ..protocol.payloads import MAX_MEM_TABLE_REGIONS
+from .eventfd import EventFd
+from .fdpass import OwnedFd, close_all, connect_unix, listen_unix, recv_some, send_msg
+from .guestram import GuestRam
+
+log = logging.getLogger(__name__)
+
+R = FrontendRequest
+PF = ProtocolFeature
+VF = VirtioFeature
+
+#: Protocol features this front-end knows how to use.
+SUPPORTED_PROTOCOL_FEATURES = (
+    PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
+    | PF.MTU | PF.RARP | PF.RESET_DEVICE
+)
+
+
+@dataclass(slots=True)
+class VringSetup:
+    """What the front-end set up for one ring."""
+
+    index: int
+    size: int
+    desc: int
+    avail: int
+    used: int
+    kick: EventFd
+    call: EventFd
+    err: EventFd | None = None
+
+
+@dataclass(slots=True)
+class Negotiated:
+    """The outcome of :meth:`FrontendClient.negotiate`."""
+
+    backend_features: int
+    features: int
+    backend_protocol_features: int = 0
+    protocol_features: int = 0
+    queue_num: int | None = None
+    max_mem_slots: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FrontendClient:
+    """A synchronous vhost-user front-end over one socket.
+
+    Raises (from most methods):
+        RemoteProtocolError: the back-end answered wrongly; the client is then unusable.
+        MessageTimeoutError: no reply before ``timeout``.
+        PeerClosedError: the back-end closed the connection.
+    """
+
+    def __init__(self, sock: socket.socket, *, timeout: float = 5.0, name: str = "frontend"):
+        sock.setblocking(False)
+        self.sock = sock
+        self.timeout = timeout
+        self.name = name
+        self.conn: FrontendConnection[OwnedFd] = FrontendConnection(name=name)
+        self.ram: GuestRam | None = None
+        self.vrings: dict[int, VringSetup] = {}
+        self.backend_channel: BackendChannel[OwnedFd] | None = None
+        self._channel_sock: socket.socket | None = None
+        self.channel_events: list[ev.Event] = []
+        self.negotiated: Negotiated | None = None
+        self.mem_regions: list[P.MemoryRegion] = []
+        self._closed = False
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def connect(cls, path: str, *, timeout: float = 5.0, connect_timeout: float = 5.0
+                ) -> FrontendClient:
+        """Connect to a back-end listening at ``path`` (retrying until ``connect_timeout``)."""
+        return cls(connect_unix(path, timeout=connect_timeout), timeout=timeout, name=path)
+
+    @classmethod
+    def accept(cls, path: str, *, timeout: float = 5.0, accept_timeout: float = 10.0
+               ) -> FrontendClient:
+        """Listen at ``path`` and wait for one back-end to connect (its ``client`` mode).
+
+        Raises:
+            MessageTimeoutError: nobody connected within ``accept_timeout``.
+        """
+        lsock = listen_unix(path)
+        try:
+            r, _, _ = select.select([lsock], [], [], accept_timeout)
+            if not r:
+                raise MessageTimeoutError(
+                    f"no back-end connected to {path} within {accept_timeout} s"
+                )
+            sock, _ = lsock.accept()
+        finally:
+            lsock.close()
+            with contextlib.suppress(FileNotFoundError):
+                import os
+
+                os.unlink(path)
+        return cls(sock, timeout=timeout, name=path)
+
+    def __enter__(self) -> FrontendClient:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- transport ----------------------------------------------------------------------------
+    def send(self, req: FrontendRequest, payload: P.Payload | None = None,
+             fds: list[int] | None = None, *, need_reply: bool | None = None
+             ) -> ev.ReplyReceived | None:
+        """Send one request; wait for and return its reply (or ack) if one is due.
+
+        Raises:
+            LocalProtocolError: the request breaks the protocol (not sent).
+            RemoteProtocolError: a wrong reply, or a NACK (non-zero ack).
+            MessageTimeoutError, PeerClosedError: transport failures.
+        """
+        fds = fds or []
+        before = self.conn.waiting
+        data = self.conn.request(req, payload, nfds=len(fds), need_reply=need_reply)
+        log.debug("%s: -> %s size=%d fds=%d", self.name, req.name, len(data) - 12, len(fds))
+        send_msg(self.sock, data, fds, timeout=self.timeout)
+        if self.conn.waiting == before:
+            return None
+        reply = self._wait_reply()
+        rule_has_reply = reply.request == req and self._is_ack(req, need_reply)
+        if rule_has_reply:
+            (value,) = P.U64.unpack(reply.payload)
+            if value != 0:
+                raise RemoteProtocolError(f"{req.name}: back-end NACKed with {value:#x}")
+        return reply
+
+    def _is_ack(self, req: FrontendRequest, need_reply: bool | None) -> bool:
+        from ..protocol.table import FRONTEND_RULES, Reply
+
+        return FRONTEND_RULES[req].reply is not Reply.ALWAYS
+
+    def _wait_reply(self) -> ev.ReplyReceived:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MessageTimeoutError(
+                    f"{self.name}: no reply within {self.timeout} s"
+                )
+            r, _, _ = select.select([self.sock], [], [], left)
+            if not r:
+                continue
+            try:
+                data, fds = recv_some(self.sock)
+            except BlockingIOError:
+                continue
+            try:
+                events = self.conn.receive_data(data, fds)
+            except RemoteProtocolError:
+                close_all(self.conn.take_fds())
+                raise
+            if not data:
+                raise PeerClosedError(f"{self.name}: back-end closed the connection")
+            for e in events:
+                if isinstance(e, ev.ReplyReceived):
+                    if len(events) > 1:
+                        raise RemoteProtocolError("back-end sent more replies than requested")
+                    return e
+
+    # -- negotiation -------------------------------------------------------------------------
+    def get_u64(self, req: FrontendRequest) -> int:
+        """Send a request whose reply is a u64 and return the value."""
+        reply = self.send(req)
+        if reply is None:
+            raise RemoteProtocolError(f"{req.name}: no reply")
+        return int(P.U64.unpack(reply.payload)[0])
+
+    def negotiate(
+        self,
+        *,
+        features: int | None = None,
+        protocol_features: int = SUPPORTED_PROTOCOL_FEATURES,
+        set_features: bool = True,
+        backend_channel: bool = True,
+    ) -> Negotiated:
+        """Run the handshake QEMU runs before memory and rings.
+
+        GET_FEATURES, GET/SET_PROTOCOL_FEATURES (when offered), GET_QUEUE_NUM (MQ),
+        GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_BACKEND_REQ_FD (BACKEND_REQ),
+        SET_OWNER and, if ``set_features``, SET_FEATURES with ``features`` (default: every
+        offered bit we can honour) masked by what the back-end offered.
+        """
+        offered = self.get_u64(R.GET_FEATURES)
+        n = Negotiated(backend_features=offered, features=0)
+        if offered & VF.PROTOCOL_FEATURES:
+            n.backend_protocol_features = self.get_u64(R.GET_PROTOCOL_FEATURES)
+            n.protocol_features = n.backend_protocol_features & int(protocol_features)
+            self.send(R.SET_PROTOCOL_FEATURES, P.U64Payload(value=n.protocol_features))
+            if self.conn.has(PF.MQ):
+                n.queue_num = self.get_u64(R.GET_QUEUE_NUM)
+            if self.conn.has(PF.CONFIGURE_MEM_SLOTS):
+                n.max_mem_slots = self.get_u64(R.GET_MAX_MEM_SLOTS)
+            if backend_channel and self.conn.has(PF.BACKEND_REQ):
+                self._open_backend_channel()
+        self.send(R.SET_OWNER)
+        if set_features:
+            want = offered if features is None else features & offered
+            # We cannot honour dirty logging or an IOMMU yet.
+            want &= ~int(VF.LOG_ALL | VF.ACCESS_PLATFORM)
+            self.send(R.SET_FEATURES, P.U64Payload(value=want))
+            n.features = want
+        self.negotiated = n
+        return n
+
+    def _open_backend_channel(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.send(R.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._channel_sock = ours
+        self.backend_channel = BackendChannel("frontend", reply_ack=self.conn.has(PF.REPLY_ACK))
+
+    def poll_backend_channel(self) -> list[ev.Event]:
+        """Read and answer any back-end requests waiting on the channel (non-blocking)."""
+        if self._channel_sock is None or self.backend_channel is None:
+            return []
+        out: list[ev.Event] = []
+        while True:
+            try:
+                data, fds = recv_some(self._channel_sock)
+            except BlockingIOError:
+                break
+            events = self.backend_channel.receive_data(data, fds)
+            for e in events:
+                if isinstance(e, ev.BackendRequestReceived):
+                    close_all(f for f in e.fds if isinstance(f, OwnedFd))
+            out.extend(events)
+            for b in self.backend_channel.data_to_send():
+                send_msg(self._channel_sock, b)
+            if not data:
+                self._channel_sock.close()
+                self._channel_sock = None
+                break
+        self.channel_events.extend(out)
+        return out
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG: read ``size`` bytes of device config space at ``offset``."""
+        reply = self.send(R.GET_CONFIG, P.ConfigPayload(offset=offset, size=size, flags=0,
+                                                        data=bytes(size)))
+        if reply is None:
+            raise RemoteProtocolError("GET_CONFIG: no reply")
+        cfg = P.ConfigPayload.decode(reply.payload)
+        if cfg.size != size or cfg.offset != offset:
+            raise RemoteProtocolError(
+                f"GET_CONFIG reply covers {cfg.offset}+{cfg.size}, asked {offset}+{size}"
+            )
+        return cfg.data
+
+    # -- memory ------------------------------------------------------------------------------
+    def set_memory(self, ram: GuestRam, *, gpa: int = 0) -> None:
+        """Share guest RAM with the back-end: ADD_MEM_REG when CONFIGURE_MEM_SLOTS was
+        negotiated (as QEMU does), SET_MEM_TABLE otherwise."""
+        self.ram = ram
+        region = P.MemoryRegion(guest_phys_addr=gpa, memory_size=ram.size,
+                                userspace_addr=ram.uva, mmap_offset=0)
+        self.mem_regions = [region]
+        if self.conn.has(PF.CONFIGURE_MEM_SLOTS):
+            self.send(R.ADD_MEM_REG, P.SingleRegion(region=region), [ram.fd])
+        else:
+            assert len(self.mem_regions) <= MAX_MEM_TABLE_REGIONS
+            self.send(R.SET_MEM_TABLE, P.MemoryTable(regions=(region,)), [ram.fd])
+
+    def gpa_to_uva(self, gpa: int) -> int:
+        """Translate a guest-physical address of our RAM into our virtual address."""
+        for r in self.mem_regions:
+            if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.memory_size:
+                return r.userspace_addr + gpa - r.guest_phys_addr
+        raise ValueError(f"gpa {gpa:#x} is not in guest RAM")
+
+    # -- rings -------------------------------------------------------------------------------
+    def setup_vring(self, index: int, size: int, *, desc: int, avail: int, used: int,
+                    base: int = 0, enable: bool = True) -> VringSetup:
+        """Configure ring ``index`` at the given guest-physical addresses and start it.
+
+        Sends SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (front-end virtual addresses),
+        SET_VRING_CALL, SET_VRING_KICK and, with PROTOCOL_FEATURES, SET_VRING_ENABLE.
+        """
+        kick, call = EventFd(), EventFd()
+        try:
+            self.send(R.SET_VRING_NUM, P.VringState(index=index, num=size))
+            self.send(R.SET_VRING_BASE, P.VringState(index=index, num=base))
+            self.send(R.SET_VRING_ADDR, P.VringAddr(
+                index=index, flags=0, desc=self.gpa_to_uva(desc), used=self.gpa_to_uva(used),
+                avail=self.gpa_to_uva(avail), log=0))
+            self.send(R.SET_VRING_CALL, P.VringFile(index=index), [call.fd])
+            self.send(R.SET_VRING_KICK, P.VringFile(index=index), [kick.fd])
+            if enable and (self.conn.features or 0) & VF.PROTOCOL_FEATURES:
+                self.send(R.SET_VRING_ENABLE, P.VringState(index=index, num=1))
+        except BaseException:
+            kick.close()
+            call.close()
+            raise
+        old = self.vrings.pop(index, None)
+        if old is not None:
+            old.kick.close()
+            old.call.close()
+        v = VringSetup(index, size, desc, avail, used, kick, call)
+        self.vrings[index] = v
+        return v
+
+    def kick(self, index: int) -> None:
+        """Notify the back-end that ring ``index`` has new buffers."""
+        self.vrings[index].kick.notify()
+
+    def stop_vring(self, index: int) -> int:
+        """SET_VRING_ENABLE 0 (if negotiated) and GET_VRING_BASE; return the base."""
+        if (self.conn.features or 0) & VF.PROTOCOL_FEATURES:
+            self.send(R.SET_VRING_ENABLE, P.VringState(index=index, num=0))
+        reply = self.send(R.GET_VRING_BASE, P.VringState(index=index, num=0))
+        if reply is None:
+            raise RemoteProtocolError("GET_VRING_BASE: no reply")
+        st = P.VringState.decode(reply.payload)
+        if st.index != index:
+            raise RemoteProtocolError(f"GET_VRING_BASE reply for ring {st.index}, asked {index}")
+        return st.num
+
+    # -- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the socket, the channel and every eventfd. Guest RAM is the caller's."""
+        if self._closed:
+            return
+        self._closed = True
+        for v in self.vrings.values():
+            v.kick.close()
+            v.call.close()
+            if v.err is not None:
+                v.err.close()
+        self.vrings.clear()
+        if self._channel_sock is not None:
+            self._channel_sock.close()
+            self._channel_sock = None
+        close_all(self.conn.take_fds())
+        self.sock.close()

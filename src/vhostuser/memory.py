@@ -1,0 +1,287 @@
+"""Guest memory: region table and address translation. No I/O.
+
+The back-end sees guest RAM as up to N regions, each a file descriptor mapped by the I/O
+shell (``io/mapping.py``) from offset 0 for ``mmap_offset + size`` bytes. This module only
+sees the resulting buffers (any object supporting the buffer protocol: an ``mmap`` in
+production, a ``bytearray`` in tests) and translates:
+
+* guest-physical addresses (``GPA``: descriptor buffers) and
+* front-end virtual addresses (``FrontendVA``: ring addresses from SET_VRING_ADDR)
+
+into ``memoryview`` slices, bounds-checked against the region (SECURITY.md rule 5: "every
+guest address is translated through one function that clamps to the region and splits
+across regions").
+
+Dirty logging: every write the back-end makes to guest memory is reported through
+:meth:`GuestMemory.mark_dirty` by the ring engine when it publishes a used element, so live
+migration can be added in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NewType, Protocol
+
+from .errors import GuestMemoryError
+
+GPA = NewType("GPA", int)
+FrontendVA = NewType("FrontendVA", int)
+
+U64_MAX = (1 << 64) - 1
+
+
+class GuestMemory(Protocol):
+    """What rings and devices need from guest memory."""
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """Return a writable view of ``length`` bytes at ``gpa``, inside one region.
+
+        Raises:
+            GuestMemoryError: the range is unmapped, overflows, or crosses a region boundary.
+        """
+        ...
+
+    def segments(self, gpa: int, length: int) -> list[memoryview]:
+        """Return views covering ``length`` bytes at ``gpa``, split across adjacent regions.
+
+        Raises:
+            GuestMemoryError: any byte of the range is unmapped, or the range overflows.
+        """
+        ...
+
+    def va_to_gpa(self, va: int, length: int) -> int:
+        """Translate a front-end virtual address range (ring addresses) to a GPA.
+
+        Raises:
+            GuestMemoryError: the range is not inside one region's front-end mapping.
+        """
+        ...
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Record that the back-end wrote ``length`` bytes at ``gpa`` (dirty logging)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Region:
+    """One guest memory region as the shell mapped it.
+
+    ``buf`` covers the region's fd from file offset 0 and holds at least
+    ``mmap_offset + size`` bytes; guest byte ``gpa`` lives at
+    ``buf[mmap_offset + gpa - guest_phys_addr]``.
+    """
+
+    guest_phys_addr: int
+    size: int
+    userspace_addr: int
+    mmap_offset: int
+    buf: memoryview = field(repr=False, compare=False)
+
+    @property
+    def gpa_end(self) -> int:
+        """One past the last guest-physical address of the region."""
+        return self.guest_phys_addr + self.size
+
+    @property
+    def va_end(self) -> int:
+        """One past the last front-end virtual address of the region."""
+        return self.userspace_addr + self.size
+
+
+def check_region_geometry(
+    guest_phys_addr: int, size: int, userspace_addr: int, mmap_offset: int
+) -> None:
+    """Validate a region's numbers before anything is mapped.
+
+    Raises:
+        GuestMemoryError: size 0, or any of address+size / offset+size wrapping 64 bits.
+    """
+    if size == 0:
+        raise GuestMemoryError(f"memory region at gpa {guest_phys_addr:#x} has size 0")
+    for name, base in (
+        ("guest_phys_addr", guest_phys_addr),
+        ("userspace_addr", userspace_addr),
+        ("mmap_offset", mmap_offset),
+    ):
+        if base + size - 1 > U64_MAX:
+            raise GuestMemoryError(
+                f"memory region {name} {base:#x} + size {size:#x} wraps past 2**64"
+            )
+
+
+class RegionTable:
+    """The back-end's table of mapped regions, implementing :class:`GuestMemory`.
+
+    The table never maps or unmaps: the shell hands it regions whose buffers are already
+    mapped, and takes them back on removal to unmap them.
+    """
+
+    __slots__ = ("_dirty_hook", "_last", "_regions", "max_regions")
+
+    def __init__(self, max_regions: int = 8) -> None:
+        self._regions: list[Region] = []
+        self._last: Region | None = None
+        self._dirty_hook: Callable[[int, int], None] | None = None
+        self.max_regions = max_regions
+
+    # -- table maintenance -------------------------------------------------------------
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        """The current regions, sorted by guest-physical address."""
+        return tuple(self._regions)
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def add(self, region: Region) -> None:
+        """Add one region (ADD_MEM_REG or one entry of SET_MEM_TABLE).
+
+        Raises:
+            GuestMemoryError: the table is full, the geometry is invalid, the buffer is too
+                small, or the region overlaps an existing one in GPA space.
+        """
+        if len(self._regions) >= self.max_regions:
+            raise GuestMemoryError(
+                f"memory region at gpa {region.guest_phys_addr:#x}: all {self.max_regions} "
+                "slots are in use"
+            )
+        check_region_geometry(
+            region.guest_phys_addr, region.size, region.userspace_addr, region.mmap_offset
+        )
+        if len(region.buf) < region.mmap_offset + region.size:
+            raise GuestMemoryError(
+                f"memory region at gpa {region.guest_phys_addr:#x}: mapping of {len(region.buf)}"
+                f" bytes is smaller than mmap_offset {region.mmap_offset:#x} + size "
+                f"{region.size:#x}"
+            )
+        for r in self._regions:
+            if region.guest_phys_addr < r.gpa_end and r.guest_phys_addr < region.gpa_end:
+                raise GuestMemoryError(
+                    f"memory region gpa {region.guest_phys_addr:#x}+{region.size:#x} overlaps "
+                    f"region gpa {r.guest_phys_addr:#x}+{r.size:#x}"
+                )
+        self._regions.append(region)
+        self._regions.sort(key=lambda r: r.guest_phys_addr)
+        self._last = None
+
+    def find_exact(self, guest_phys_addr: int, size: int, userspace_addr: int) -> Region | None:
+        """Return the region with exactly these numbers (REM_MEM_REG matching), if any."""
+        for r in self._regions:
+            if (
+                r.guest_phys_addr == guest_phys_addr
+                and r.size == size
+                and r.userspace_addr == userspace_addr
+            ):
+                return r
+        return None
+
+    def remove(self, region: Region) -> None:
+        """Remove a region previously added; the caller unmaps its buffer afterwards.
+
+        Raises:
+            GuestMemoryError: the region is not in the table.
+        """
+        for i, r in enumerate(self._regions):
+            if r is region:
+                del self._regions[i]
+                self._last = None
+                return
+        raise GuestMemoryError(f"no memory region at gpa {region.guest_phys_addr:#x}")
+
+    def clear(self) -> list[Region]:
+        """Empty the table and return what it held (for the shell to unmap)."""
+        old, self._regions, self._last = self._regions, [], None
+        return old
+
+    def replace(self, regions: Iterable[Region]) -> list[Region]:
+        """Swap in a whole new table (SET_MEM_TABLE); return the old regions.
+
+        The new table is validated completely before anything changes.
+
+        Raises:
+            GuestMemoryError: any new region is invalid; the old table is then kept.
+        """
+        fresh = RegionTable(self.max_regions)
+        for r in regions:
+            fresh.add(r)
+        old = self._regions
+        self._regions = fresh._regions
+        self._last = None
+        return old
+
+    def set_dirty_hook(self, hook: Callable[[int, int], None] | None) -> None:
+        """Install (or remove) the function told about every back-end write (dirty log)."""
+        self._dirty_hook = hook
+
+    # -- translation -------------------------------------------------------------------
+    def _find_gpa(self, gpa: int) -> Region:
+        last = self._last
+        if last is not None and last.guest_phys_addr <= gpa < last.gpa_end:
+            return last
+        for r in self._regions:
+            if r.guest_phys_addr <= gpa < r.gpa_end:
+                self._last = r
+                return r
+        raise GuestMemoryError(f"guest address {gpa:#x} is not in any memory region")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """See :meth:`GuestMemory.view`."""
+        if length < 0 or gpa < 0 or gpa + length - 1 > U64_MAX:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is invalid")
+        r = self._find_gpa(gpa)
+        if gpa + length > r.gpa_end:
+            raise GuestMemoryError(
+                f"guest range {gpa:#x}+{length:#x} runs past the end of its region "
+                f"({r.gpa_end:#x})"
+            )
+        off = r.mmap_offset + gpa - r.guest_phys_addr
+        return r.buf[off : off + length]
+
+    def segments(self, gpa: int, length: int) -> list[memoryview]:
+        """See :meth:`GuestMemory.segments`."""
+        if length < 0 or gpa < 0 or gpa + length - 1 > U64_MAX:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is invalid")
+        out: list[memoryview] = []
+        while length > 0:
+            r = self._find_gpa(gpa)
+            n = min(length, r.gpa_end - gpa)
+            off = r.mmap_offset + gpa - r.guest_phys_addr
+            out.append(r.buf[off : off + n])
+            gpa += n
+            length -= n
+        return out
+
+    def va_to_gpa(self, va: int, length: int) -> int:
+        """See :meth:`GuestMemory.va_to_gpa`."""
+        for r in self._regions:
+            if r.userspace_addr <= va and va + length <= r.va_end:
+                return r.guest_phys_addr + (va - r.userspace_addr)
+        raise GuestMemoryError(
+            f"front-end address range {va:#x}+{length:#x} is not inside any memory region"
+        )
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """See :meth:`GuestMemory.mark_dirty`."""
+        hook = self._dirty_hook
+        if hook is not None:
+            hook(gpa, length)
+
+
+class FlatMemory(RegionTable):
+    """A single-region :class:`GuestMemory` over one buffer; GPA 0 at offset 0.
+
+    Used by tests (over a ``bytearray``) and by the front-end, which owns guest RAM and
+    gives the ring driver the same view the back-end gets. Front-end virtual addresses are
+    ``va_base + gpa``.
+    """
+
+    __slots__ = ("va_base",)
+
+    def __init__(self, buf: bytearray | memoryview, *, va_base: int = 0x7F00_0000_0000) -> None:
+        super().__init__(max_regions=1)
+        mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+        self.va_base = va_base
+        self.add(
+            Region(guest_phys_addr=0, size=len(mv), userspace_addr=va_base, mmap_offset=0, buf=mv)
+        )
