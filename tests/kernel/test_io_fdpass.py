@@ -365,7 +365,7 @@ def test_listen_rejects_too_long_path() -> None:
 def test_connect_times_out_naming_the_path(tmp_path: Path) -> None:
     path = str(tmp_path / "nobody.sock")
     t0 = time.monotonic()
-    with pytest.raises(MessageTimeoutError, match="nobody.sock") as info:
+    with pytest.raises(MessageTimeoutError, match=r"nobody\.sock") as info:
         connect_unix(path, timeout=0.3, retry_interval=0.05)
     assert time.monotonic() - t0 >= 0.3
     assert isinstance(info.value.__cause__, FileNotFoundError)

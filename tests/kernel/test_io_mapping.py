@@ -134,14 +134,18 @@ def test_refuses_a_read_only_file_for_a_writable_mapping(tmp_path: Path) -> None
     )
     assert not fdcount.snapshot().diff(before)
     # Asked for read-only, the same file maps fine.
-    with map_region_fd(OwnedFd(os.open(path, os.O_RDONLY)), mmap_offset=0, size=PAGE, readonly=True):
+    with map_region_fd(
+        OwnedFd(os.open(path, os.O_RDONLY)), mmap_offset=0, size=PAGE, readonly=True
+    ):
         pass
 
 
 def test_refuses_a_write_sealed_memfd() -> None:
     fd = _memfd(PAGE)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
-    err = _assert_refused(OwnedFd(fd), "mmap of 0x1000 bytes .read-write. failed", mmap_offset=0, size=PAGE)
+    err = _assert_refused(
+        OwnedFd(fd), "mmap of 0x1000 bytes .read-write. failed", mmap_offset=0, size=PAGE
+    )
     assert isinstance(err.__cause__, PermissionError)
 
 

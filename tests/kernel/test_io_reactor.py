@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -44,7 +45,12 @@ def test_add_reader_replaces_the_callback(reactor: Reactor) -> None:
     with EventFd() as ev:
         seen: list[str] = []
         reactor.add_reader(ev.fd, lambda: seen.append("old"))
-        reactor.add_reader(ev.fd, lambda: (seen.append("new"), ev.drain()) and None)
+
+        def new() -> None:
+            seen.append("new")
+            ev.drain()
+
+        reactor.add_reader(ev.fd, new)
         ev.notify()
         reactor.run_once(1.0)
         assert seen == ["new"]
@@ -105,7 +111,7 @@ def test_timers_run_in_order_and_cancel(reactor: Reactor) -> None:
 
 def test_many_cancelled_timers_do_not_fire(reactor: Reactor) -> None:
     fired: list[int] = []
-    timers = [reactor.call_later(0.001, lambda i=i: fired.append(i)) for i in range(1000)]
+    timers = [reactor.call_later(0.001, functools.partial(fired.append, i)) for i in range(1000)]
     for t in timers[:-1]:
         t.cancel()
     reactor.run(timeout=0.05)
@@ -150,7 +156,12 @@ def test_pollers_spin_without_sleeping(reactor: Reactor) -> None:
 def test_poller_sees_work_alongside_fds(reactor: Reactor) -> None:
     with EventFd() as ev:
         polled: list[int] = []
-        reactor.add_poller(lambda: bool(polled.append(ev.drain())))
+
+        def poll() -> bool:
+            polled.append(ev.drain())
+            return True
+
+        reactor.add_poller(poll)
         ev.notify()
         reactor.run_once(None)
         assert polled == [1]
@@ -170,7 +181,12 @@ def test_errors_are_logged_recorded_and_contained(
         raise KeyError("poller")
 
     with EventFd() as ev:
-        reactor.add_reader(ev.fd, lambda: (ev.drain(), ran.append("reader")) and None)
+
+        def reader() -> None:
+            ev.drain()
+            ran.append("reader")
+
+        reactor.add_reader(ev.fd, reader)
         reactor.call_soon(bad)
         reactor.call_later(0, bad)
         reactor.call_soon(lambda: ran.append("soon"))
@@ -193,15 +209,19 @@ def test_error_hook_that_raises_is_contained(reactor: Reactor) -> None:
         raise ValueError("hook broke")
 
     reactor.on_error = hook
-    reactor.call_soon(lambda: 1 / 0 and None)
+    reactor.call_soon(lambda: 1 / 0)
     reactor.run_once(0)
     assert isinstance(reactor.errors[0], ZeroDivisionError)
 
 
 def test_errors_list_is_bounded() -> None:
     with Reactor(max_errors=5) as r:
+
+        def fail(i: int) -> None:
+            raise ValueError(i)
+
         for i in range(20):
-            r.call_soon(lambda i=i: (_ for _ in ()).throw(ValueError(i)))
+            r.call_soon(functools.partial(fail, i))
         r.run_once(0)
         assert [e.args[0] for e in r.errors] == [15, 16, 17, 18, 19]
 
@@ -217,6 +237,7 @@ def test_keyboard_interrupt_propagates(reactor: Reactor) -> None:
 
 def test_run_stop_timeout_and_empty(reactor: Reactor) -> None:
     assert reactor.run() is True  # nothing registered: returns instead of blocking forever
+    assert reactor.run(until=lambda: False) is False  # ...or spinning on until() forever
     assert reactor.run_once(None) is False
     t0 = time.monotonic()
     assert reactor.run(timeout=0.05) is False

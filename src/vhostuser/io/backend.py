@@ -23,6 +23,9 @@ from typing import Any
 
 from ..connection import events as ev
 from ..connection.backend import BackendConnection, Dialect
+from ..connection.frontend import BackendChannel
+from ..protocol import payloads as P
+from ..protocol.enums import BackendRequest, ProtocolFeature
 from ..devices.base import Device
 from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
 from .fdpass import OwnedFd, connect_unix, listen_unix, recv_some, send_msg
@@ -98,6 +101,8 @@ class BackendSession:
         self._poller_added = False
         self.events: list[ev.Event] = []
         """Recent events, for tests and tools (bounded)."""
+        self._channel: BackendChannel[OwnedFd] | None = None
+        self._channel_sock: socket.socket | None = None
         reactor.add_reader(sock.fileno(), self._on_readable)
 
     # -- control socket ---------------------------------------------------------------------
@@ -166,6 +171,73 @@ class BackendSession:
         elif isinstance(e, ev.DeviceReset):
             for i in list(self._kick_fds):
                 self._unregister_kick(i)
+            self._close_channel()
+        elif isinstance(e, ev.BackendChannelSet):
+            self._open_channel(e.fd)
+
+    # -- back-end -> front-end channel ------------------------------------------------------
+    def _open_channel(self, fd: OwnedFd) -> None:
+        self._close_channel()
+        # The core owns ``fd``; the shell talks through its own duplicate.
+        sock = socket.socket(fileno=os.dup(fd.fd))
+        sock.setblocking(False)
+        self._channel_sock = sock
+        self._channel = BackendChannel(
+            "backend", reply_ack=self.conn.has(ProtocolFeature.REPLY_ACK), name=self.name
+        )
+        self.reactor.add_reader(sock.fileno(), self._on_channel_readable)
+
+    def _close_channel(self) -> None:
+        if self._channel_sock is not None:
+            self.reactor.remove_reader(self._channel_sock.fileno())
+            self._channel_sock.close()
+        self._channel_sock = None
+        self._channel = None
+
+    def _on_channel_readable(self) -> None:
+        if self._channel_sock is None or self._channel is None:
+            return
+        try:
+            data, fds = recv_some(self._channel_sock)
+        except BlockingIOError:
+            return
+        except (PeerClosedError, RemoteProtocolError, OSError) as e:
+            log.warning("%s: back-end channel: %s", self.name, e)
+            self._close_channel()
+            return
+        try:
+            for e in self._channel.receive_data(data, fds):
+                if isinstance(e, ev.ReplyReceived) and P.U64.unpack(e.payload)[0] != 0:
+                    log.warning("%s: front-end NACKed back-end request %d", self.name, e.request)
+        except RemoteProtocolError as e:
+            for f in self._channel.take_fds():
+                f.close()
+            log.warning("%s: back-end channel: %s", self.name, e)
+            self._close_channel()
+            return
+        if not data:
+            self._close_channel()
+
+    def send_backend_request(self, req: BackendRequest, payload: P.Payload | None = None) -> bool:
+        """Send a request on the back-end channel; False if there is no channel.
+
+        Acks (with REPLY_ACK) are read asynchronously by the reactor, so the front-end can
+        keep sending us requests meanwhile.
+        """
+        if self._channel is None or self._channel_sock is None:
+            return False
+        data = self._channel.request(req, payload)
+        try:
+            send_msg(self._channel_sock, data)
+        except (PeerClosedError, MessageTimeoutError, OSError) as e:
+            log.warning("%s: back-end channel send failed: %s", self.name, e)
+            self._close_channel()
+            return False
+        return True
+
+    def notify_config_change(self) -> bool:
+        """BACKEND_CONFIG_CHANGE_MSG: tell the front-end to re-read config space."""
+        return self.send_backend_request(BackendRequest.CONFIG_CHANGE_MSG)
 
     def _set_kick(self, index: int, fd: Any) -> None:
         self._unregister_kick(index)
@@ -245,6 +317,7 @@ class BackendSession:
             self._unregister_kick(i)
         if self._poller_added:
             self.reactor.remove_poller(self._poll)
+        self._close_channel()
         self.reactor.remove_reader(self.sock.fileno())
         self.conn.close()
         self.sock.close()

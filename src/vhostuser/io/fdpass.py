@@ -20,6 +20,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
+from typing import Self
 
 from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError
 
@@ -115,7 +116,7 @@ class OwnedFd:
             self._fd = -1
             os.close(fd)
 
-    def __enter__(self) -> OwnedFd:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

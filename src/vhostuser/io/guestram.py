@@ -24,6 +24,7 @@ import mmap
 import os
 import tempfile
 from types import TracebackType
+from typing import Self
 
 from .fdpass import OwnedFd
 
@@ -375,7 +376,7 @@ class GuestRam:
         self._mm = None
         self._fd.close()
 
-    def __enter__(self) -> GuestRam:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -21,7 +21,7 @@ import os
 import stat
 import sys
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from ..errors import GuestMemoryError
 from .fdpass import OwnedFd
@@ -177,7 +177,7 @@ class Mapping:
         reap_deferred()
         return done
 
-    def __enter__(self) -> Mapping:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

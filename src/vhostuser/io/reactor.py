@@ -15,12 +15,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
+from typing import Self
 
 __all__ = ["ErrorHook", "Reactor", "Timer"]
 
 logger = logging.getLogger(__name__)
 
-Callback = Callable[[], None]
+#: Callbacks take no arguments; whatever they return is ignored.
+Callback = Callable[[], object]
 #: Called as ``on_error(exc, callback)`` after a callback raised ``exc``.
 ErrorHook = Callable[[Exception, Callable[[], object]], None]
 
@@ -186,9 +188,10 @@ class Reactor:
         """Run iterations until ``until()`` is true, :meth:`stop` is called or ``timeout``
         seconds pass.
 
-        Returns False only when ``timeout`` expired first. With neither ``until`` nor
-        ``timeout`` it also returns (True) when nothing is registered any more, since no
-        event could ever arrive.
+        Returns True when ``until()`` became true or :meth:`stop` was called, False when
+        ``timeout`` expired first. Without a ``timeout``, once nothing is registered any
+        more (no fd, timer, callback or poller) no event could ever arrive, so it returns
+        at once: True without ``until``, False with one (``until()`` is still false).
 
         Raises:
             ValueError: the reactor is closed.
@@ -205,8 +208,10 @@ class Reactor:
                 if self._stopping:
                     return True
                 if deadline is None:
-                    if until is None and not self._has_work_sources():
-                        return True
+                    if not self._has_work_sources():
+                        # Nothing registered could ever make progress: blocking (or
+                        # spinning on until()) would last forever.
+                        return until is None
                     wait = None
                 else:
                     wait = deadline - time.monotonic()
@@ -336,7 +341,7 @@ class Reactor:
         self._pollers.clear()
         self._selector.close()
 
-    def __enter__(self) -> Reactor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

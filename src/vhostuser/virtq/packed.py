@@ -1,0 +1,999 @@
+"""Packed virtqueues (virtio 1.2 section 2.8, VIRTIO_F_RING_PACKED): device and driver. No I/O.
+
+One descriptor ring is shared both ways: the driver marks a descriptor available by setting
+``VIRTQ_DESC_F_AVAIL`` to its wrap counter and ``VIRTQ_DESC_F_USED`` to the inverse; the
+device marks it used by setting both to its own wrap counter. Each side polls one slot.
+
+Shared-memory discipline (DESIGN.md "Memory ordering", SECURITY.md "Rings"):
+
+* a descriptor's ``flags`` is read first, as one aligned 16-bit load, and only if it says
+  "available" are the address, length and id read (one ``struct`` call) - virtio 1.2 2.8
+  "Supplying Buffers": the driver writes flags last; x86-64 keeps load->load order;
+* the device writes a used descriptor's id and length before its flags, and the flags of
+  the first used descriptor of a burst after all the others (store->store order), so the
+  driver sees a burst at once;
+* event suppression structures are read and written as one aligned 32-bit access, so
+  ``off_wrap`` and ``flags`` are always a consistent pair;
+* the full barrier is :func:`vhostuser.virtq.barrier.full_barrier`.
+
+GET/SET_VRING_BASE for packed rings (vhost-user spec): bits 0-14 next avail index, bit 15
+avail wrap counter, bits 16-30 used index, bit 31 used wrap counter
+(:func:`encode_base` / :func:`decode_base`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final, Generic, NamedTuple, NoReturn, TypeVar
+
+from ..errors import GuestMemoryError, RingError
+from ..memory import GuestMemory
+from .barrier import full_barrier
+from .chain import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    MAX_CHAIN_BYTES,
+    Chain,
+    check_queue_size,
+    map_area,
+    vring_need_event,
+)
+
+__all__ = [
+    "INITIAL_BASE",
+    "PACKED_DESC_F_AVAIL",
+    "PACKED_DESC_F_USED",
+    "RING_EVENT_FLAGS_DESC",
+    "RING_EVENT_FLAGS_DISABLE",
+    "RING_EVENT_FLAGS_ENABLE",
+    "PackedBase",
+    "PackedDeviceRing",
+    "PackedDriverRing",
+    "decode_base",
+    "encode_base",
+    "packed_layout",
+]
+
+#: virtio 1.2 2.8.1: the avail/used bits of a packed descriptor's flags.
+PACKED_DESC_F_AVAIL: Final = 1 << 7
+PACKED_DESC_F_USED: Final = 1 << 15
+_AU: Final = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED
+
+#: virtio 1.2 2.8.10: Descriptor Ring Change Event Flags.
+RING_EVENT_FLAGS_ENABLE: Final = 0
+RING_EVENT_FLAGS_DISABLE: Final = 1
+RING_EVENT_FLAGS_DESC: Final = 2
+
+# struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; }  (virtio 1.2 2.8.13)
+_PDESC: Final = struct.Struct("<QIHH")
+_PDESC_UNPACK: Final = _PDESC.unpack_from
+_PDESC_PACK: Final = _PDESC.pack_into
+# The same descriptor without its flags: read after the flags, written before them.
+_PREST: Final = struct.Struct("<QIH")
+_PREST_UNPACK: Final = _PREST.unpack_from
+_PREST_PACK: Final = _PREST.pack_into
+
+T = TypeVar("T")
+
+
+def _avail_pattern(wrap: int) -> int:
+    """AVAIL/USED bits of a descriptor the driver made available in a lap with ``wrap``."""
+    return PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED
+
+
+class PackedBase(NamedTuple):
+    """A decoded packed-ring GET/SET_VRING_BASE ``num``."""
+
+    avail_idx: int
+    avail_wrap: bool
+    used_idx: int
+    used_wrap: bool
+
+
+def encode_base(avail_idx: int, avail_wrap: bool, used_idx: int, used_wrap: bool) -> int:
+    """Pack ring state into a VRING_BASE ``num`` (bits 0-14, 15, 16-30, 31).
+
+    Raises:
+        ValueError: an index is not in 0..32767.
+    """
+    if not 0 <= avail_idx <= 0x7FFF or not 0 <= used_idx <= 0x7FFF:
+        raise ValueError(f"packed ring indices {avail_idx}/{used_idx} are not in 0..32767")
+    return avail_idx | (int(avail_wrap) << 15) | (used_idx << 16) | (int(used_wrap) << 31)
+
+
+def decode_base(num: int) -> PackedBase:
+    """Split a VRING_BASE ``num`` into indices and wrap counters.
+
+    Raises:
+        ValueError: ``num`` does not fit 32 bits.
+    """
+    if not 0 <= num <= 0xFFFF_FFFF:
+        raise ValueError(f"vring base {num:#x} does not fit 32 bits")
+    return PackedBase(
+        num & 0x7FFF, bool(num >> 15 & 1), (num >> 16) & 0x7FFF, bool(num >> 31 & 1)
+    )
+
+
+#: The state of a fresh ring: both indices 0, both wrap counters 1 (virtio 1.2 2.8.1).
+INITIAL_BASE: Final = encode_base(0, True, 0, True)
+
+
+def packed_layout(size: int, base_gpa: int = 0) -> tuple[int, int, int, int]:
+    """Lay out a packed ring from ``base_gpa`` (virtio 1.2 2.8.10.1 alignment table).
+
+    Returns ``(desc_gpa, driver_event_gpa, device_event_gpa, total_bytes)``.
+
+    Raises:
+        ValueError: ``size`` not in 1..32768 or ``base_gpa`` not 16-byte aligned.
+    """
+    if not 1 <= size <= 32768:
+        raise ValueError(f"packed ring size {size} is not in 1..32768")
+    if base_gpa % 16:
+        raise ValueError(f"packed ring base {base_gpa:#x} is not 16-byte aligned")
+    desc = base_gpa
+    driver = desc + 16 * size
+    device = driver + 4
+    return desc, driver, device, device + 4 - base_gpa
+
+
+class PackedDeviceRing:
+    """The back-end side of one packed virtqueue over a :class:`GuestMemory`.
+
+    Args:
+        mem: guest memory.
+        size: queue size (SET_VRING_NUM), 1..32768 (need not be a power of two).
+        desc_gpa: the descriptor ring (SET_VRING_ADDR ``desc_user_addr``, translated).
+        driver_gpa: the driver event suppression area (``avail_user_addr``).
+        device_gpa: the device event suppression area (``used_user_addr``).
+        event_idx: VIRTIO_F_EVENT_IDX negotiated.
+        indirect: VIRTIO_F_INDIRECT_DESC negotiated.
+        base: SET_VRING_BASE ``num`` (see :func:`decode_base`); default: a fresh ring.
+        name: used in error messages.
+
+    Raises:
+        RingError: bad size, misaligned or unmapped area, or a base whose index is not below
+            the queue size. The message names the values.
+    """
+
+    __slots__ = (
+        "_avail_pat",
+        "_avail_wrap",
+        "_broken",
+        "_desc",
+        "_desc_gpa",
+        "_desc_h",
+        "_desc_w",
+        "_dev_w",
+        "_device_gpa",
+        "_drv_w",
+        "_event_idx",
+        "_ids",
+        "_in_flight",
+        "_indirect",
+        "_inflight_descs",
+        "_mem",
+        "_name",
+        "_next_avail",
+        "_pushed",
+        "_signalled_valid",
+        "_since_signal",
+        "_size",
+        "_used_idx",
+        "_used_wrap",
+    )
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_gpa: int,
+        driver_gpa: int,
+        device_gpa: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        base: int = INITIAL_BASE,
+        name: str = "vring",
+    ) -> None:
+        check_queue_size(size, name, power_of_two=False)
+        try:
+            b = decode_base(base)
+        except ValueError as e:
+            raise RingError(f"{name}: {e}") from e
+        if b.avail_idx >= size or b.used_idx >= size:
+            raise RingError(
+                f"{name}: vring base {base:#x}: avail index {b.avail_idx} or used index "
+                f"{b.used_idx} is not below the queue size {size}"
+            )
+        # virtio 1.2 2.8.10.1: descriptor ring 16-aligned, event structures 4-aligned.
+        desc = map_area(mem, desc_gpa, 16 * size, 16, "descriptor ring", name)
+        drv = map_area(mem, driver_gpa, 4, 4, "driver event suppression area", name)
+        dev = map_area(mem, device_gpa, 4, 4, "device event suppression area", name)
+        self._mem = mem
+        self._size = size
+        self._name = name
+        self._event_idx = event_idx
+        self._indirect = indirect
+        self._desc = desc
+        self._desc_h = desc.cast("H")
+        self._desc_w = desc.cast("I")
+        self._drv_w = drv.cast("I")
+        self._dev_w = dev.cast("I")
+        self._desc_gpa = desc_gpa
+        self._device_gpa = device_gpa
+        self._next_avail = b.avail_idx
+        self._avail_wrap = int(b.avail_wrap)
+        self._avail_pat = _avail_pattern(self._avail_wrap)
+        self._used_idx = b.used_idx
+        self._used_wrap = int(b.used_wrap)
+        self._ids: list[Chain | None] = [None] * size
+        self._in_flight = 0
+        self._inflight_descs = 0
+        self._broken: str | None = None
+        self._pushed = False
+        self._since_signal = 0
+        self._signalled_valid = False
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """The queue size."""
+        return self._size
+
+    @property
+    def broken(self) -> str | None:
+        """Why the guest broke this queue, or None. Once set, nothing more is processed."""
+        return self._broken
+
+    @property
+    def in_flight(self) -> int:
+        """Buffers popped and not yet pushed."""
+        return self._in_flight
+
+    @property
+    def next_avail(self) -> int:
+        """The next ring slot to look at for an available descriptor."""
+        return self._next_avail
+
+    @property
+    def avail_wrap(self) -> bool:
+        """The device's copy of the driver ring wrap counter."""
+        return bool(self._avail_wrap)
+
+    @property
+    def used_idx(self) -> int:
+        """The ring slot the next used descriptor is written to."""
+        return self._used_idx
+
+    @property
+    def used_wrap(self) -> bool:
+        """The device ring wrap counter."""
+        return bool(self._used_wrap)
+
+    def base(self) -> int:
+        """GET_VRING_BASE ``num``: next avail index and wrap, used index and wrap."""
+        return encode_base(
+            self._next_avail, bool(self._avail_wrap), self._used_idx, bool(self._used_wrap)
+        )
+
+    def mark_broken(self, reason: str) -> None:
+        """Stop the queue (a guest fault found by a device handler). The first reason wins."""
+        if self._broken is None:
+            self._broken = reason
+
+    def _fail(self, msg: str) -> NoReturn:
+        reason = f"{self._name}: {msg}"
+        self.mark_broken(reason)
+        raise RingError(reason)
+
+    def close(self) -> None:
+        """Drop every view into guest memory (before the shell unmaps it). Idempotent."""
+        self._ids = [None] * self._size
+        for mv in (self._desc_h, self._desc_w, self._drv_w, self._dev_w, self._desc):
+            mv.release()
+        self.mark_broken(f"{self._name}: ring closed")
+
+    # -- consuming available buffers -----------------------------------------------------
+    def pending(self) -> int:
+        """1 if the descriptor at ``next_avail`` is available, else 0 (also when broken).
+
+        A packed ring cannot be counted without walking it; this is the "is there work"
+        test for pollers.
+        """
+        if self._broken is not None:
+            return 0
+        f: int = self._desc_h[(self._next_avail << 3) + 7]
+        return 1 if f & _AU == self._avail_pat else 0
+
+    def pop(self, budget: int) -> list[Chain]:
+        """Take up to ``budget`` available buffers, in ring order.
+
+        A descriptor whose AVAIL/USED bits do not match the wrap counter is simply not
+        available (virtio 1.2 2.8.1); popping stops there.
+
+        Raises:
+            RingError: the guest broke the ring; the ring is now broken and every later
+                ``pop`` returns ``[]``. Buffers popped earlier in the same call are dropped.
+        """
+        if self._broken is not None or budget <= 0:
+            return []
+        desc_h = self._desc_h
+        walk = self._walk
+        out: list[Chain] = []
+        while len(out) < budget:
+            slot = self._next_avail
+            # Flags first, one aligned 16-bit load; the rest of the descriptor is read
+            # only after it says "available" (load->load order, barrier.py).
+            f: int = desc_h[(slot << 3) + 7]
+            if f & _AU != self._avail_pat:
+                break
+            out.append(walk(slot, f))
+        return out
+
+    def _walk(self, slot: int, f: int) -> Chain:
+        """Walk, validate and translate the buffer starting at ``slot`` with flags ``f``."""
+        size = self._size
+        desc = self._desc
+        desc_h = self._desc_h
+        segments = self._mem.segments
+        wrap = self._avail_wrap
+        head_slot = slot
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        wgpas: list[tuple[int, int]] = []
+        rlen = 0
+        wlen = 0
+        in_write = False
+        n = 0
+        while True:
+            addr, ln, bid = _PREST_UNPACK(desc, slot << 4)  # read once, after the flags
+            n += 1
+            if f & DESC_F_INDIRECT:
+                where = f"buffer at slot {head_slot}: descriptor at slot {slot}"
+                if n != 1:
+                    # virtio 1.2 2.8.19: no INDIRECT descriptor in a NEXT-linked list.
+                    self._fail(f"{where} is indirect inside a NEXT chain")
+                if f & DESC_F_NEXT:
+                    self._fail(f"{where} sets both INDIRECT and NEXT (flags {f:#x})")
+                if not self._indirect:
+                    self._fail(f"{where} is indirect but VIRTIO_F_INDIRECT_DESC is off")
+                if ln == 0 or ln & 15:
+                    self._fail(f"{where}: indirect table length {ln} is not a nonzero multiple of 16")
+                entries = ln >> 4
+                if entries > size:
+                    self._fail(
+                        f"{where}: indirect table has {entries} entries, more than the queue "
+                        f"size {size}"
+                    )
+                try:
+                    table = self._mem.view(addr, ln)
+                except GuestMemoryError as e:
+                    self._fail(
+                        f"{where}: indirect table at gpa {addr:#x} length {ln} is not inside one "
+                        f"memory region ({e})"
+                    )
+                if table.format != "B":
+                    table = table.cast("B")
+                # virtio 1.2 2.8.7: entries follow each other; only WRITE is meaningful, the
+                # other flags and the id are reserved and ignored - except INDIRECT, which
+                # the driver MUST NOT set (2.8.19) and which we reject as nested.
+                for e in range(entries):
+                    a, el, _eid, ef = _PDESC_UNPACK(table, e << 4)
+                    if ef & DESC_F_INDIRECT:
+                        self._fail(f"{where}: indirect table entry {e} is itself indirect (nested)")
+                    if ef & DESC_F_WRITE:
+                        in_write = True
+                        if el:
+                            try:
+                                writable += segments(a, el)
+                            except GuestMemoryError as err:
+                                self._fail(f"{where}: entry {e} buffer {a:#x}+{el:#x}: {err}")
+                            wlen += el
+                        wgpas.append((a, el))
+                    else:
+                        if in_write:
+                            self._fail(
+                                f"{where}: indirect entry {e} is device-readable after a "
+                                "device-writable one"
+                            )
+                        if el:
+                            try:
+                                readable += segments(a, el)
+                            except GuestMemoryError as err:
+                                self._fail(f"{where}: entry {e} buffer {a:#x}+{el:#x}: {err}")
+                            rlen += el
+                    if rlen + wlen > MAX_CHAIN_BYTES:
+                        self._fail(
+                            f"{where}: descriptor lengths sum to {rlen + wlen}, past 2^32 - 1"
+                        )
+                break
+            if f & DESC_F_WRITE:
+                in_write = True
+                if ln:
+                    try:
+                        writable += segments(addr, ln)
+                    except GuestMemoryError as e:
+                        self._fail(f"buffer at slot {head_slot}: {addr:#x}+{ln:#x}: {e}")
+                    wlen += ln
+                wgpas.append((addr, ln))
+            else:
+                if in_write:
+                    # virtio 1.2 2.8.17: writable elements after all readable ones.
+                    self._fail(
+                        f"buffer at slot {head_slot}: descriptor at slot {slot} is "
+                        "device-readable after a device-writable one"
+                    )
+                if ln:
+                    try:
+                        readable += segments(addr, ln)
+                    except GuestMemoryError as e:
+                        self._fail(f"buffer at slot {head_slot}: {addr:#x}+{ln:#x}: {e}")
+                    rlen += ln
+            if rlen + wlen > MAX_CHAIN_BYTES:
+                self._fail(
+                    f"buffer at slot {head_slot}: descriptor lengths sum to {rlen + wlen}, "
+                    "past 2^32 - 1"
+                )
+            if not f & DESC_F_NEXT:
+                break
+            if n == size:
+                # virtio 1.2 2.8.17: "MUST NOT create a descriptor list longer than the
+                # Queue Size" - this one never ends.
+                self._fail(
+                    f"buffer at slot {head_slot}: chain of {size} descriptors (the queue size) "
+                    "still has NEXT set"
+                )
+            slot += 1
+            if slot == size:
+                slot = 0
+                wrap ^= 1
+            f = desc_h[(slot << 3) + 7]  # flags first, one aligned 16-bit load
+            if f & _AU != _avail_pattern(wrap):
+                # virtio 1.2 2.8.6: every descriptor of the list is made available (flags
+                # set correctly in all of them) before the first one.
+                self._fail(
+                    f"buffer at slot {head_slot}: descriptor {n} of its chain, at slot {slot}, "
+                    f"is not available (flags {f:#x}, wrap counter {wrap})"
+                )
+        # virtio 1.2 2.8.6: the buffer id is in the last descriptor of the list.
+        if bid >= size:
+            self._fail(f"buffer at slot {head_slot} has id {bid} >= queue size {size}")
+        ids = self._ids
+        if ids[bid] is not None:
+            self._fail(f"buffer at slot {head_slot} has id {bid}, which is already in flight")
+        if self._inflight_descs + n > size:
+            self._fail(
+                f"buffer at slot {head_slot}: {n} descriptors with {self._inflight_descs} in "
+                f"flight exceed the queue size {size}"
+            )
+        chain = Chain(bid, readable, writable, rlen, wlen, wgpas, n)
+        ids[bid] = chain
+        slot += 1
+        if slot == size:
+            slot = 0
+            wrap ^= 1
+        self._next_avail = slot
+        if wrap != self._avail_wrap:
+            self._avail_wrap = wrap
+            self._avail_pat = _avail_pattern(wrap)
+        self._in_flight += 1
+        self._inflight_descs += n
+        return chain
+
+    # -- returning used buffers ---------------------------------------------------------
+    def push(self, elems: Sequence[tuple[int, int]]) -> None:
+        """Write ``(buffer_id, written_len)`` pairs as used descriptors, in order.
+
+        Each used descriptor takes the next used slot; the slot then skips ahead by the
+        number of ring descriptors the buffer occupied (virtio 1.2 2.8.6). The flags of the
+        first one are stored last, so the driver sees the burst at once. ``mem.mark_dirty``
+        is called for each used descriptor and the first ``written_len`` bytes of each
+        buffer's writable part. Does nothing on a broken ring.
+
+        Raises:
+            ValueError: an id not in flight, or a length outside ``0..writable_len`` (a
+                device-handler bug). The elements before the bad one are still published.
+        """
+        if self._broken is not None or not elems:
+            return
+        ids = self._ids
+        size = self._size
+        desc_h = self._desc_h
+        desc_w = self._desc_w
+        mark = self._mem.mark_dirty
+        desc_gpa = self._desc_gpa
+        idx = self._used_idx
+        wrap = self._used_wrap
+        used_bits = _AU if wrap else 0
+        first_off = -1
+        first_flags = 0
+        count = 0
+        slots = 0
+        error: str | None = None
+        for bid, written in elems:
+            chain = ids[bid] if 0 <= bid < size else None
+            if chain is None:
+                error = f"{self._name}: push: buffer id {bid} is not in flight"
+                break
+            if not 0 <= written <= chain.writable_len:
+                error = (
+                    f"{self._name}: push: buffer id {bid} written length {written} is outside "
+                    f"0..{chain.writable_len}"
+                )
+                break
+            ids[bid] = None
+            h = idx << 3
+            # virtio 1.2 2.8.3/2.8.4: a used descriptor carries id and written length, and
+            # WRITE when data was written. id and len are stored before the flags.
+            desc_w[(idx << 2) + 2] = written
+            desc_h[h + 6] = bid
+            flags = used_bits | (DESC_F_WRITE if written else 0)
+            if first_off < 0:
+                first_off = h + 7
+                first_flags = flags
+            else:
+                desc_h[h + 7] = flags
+            mark(desc_gpa + (idx << 4) + 8, 8)
+            if written:
+                rest = written
+                for gpa, ln in chain.writable_gpas:
+                    if ln >= rest:
+                        mark(gpa, rest)
+                        break
+                    if ln:
+                        mark(gpa, ln)
+                        rest -= ln
+            nd = chain.ring_descs
+            idx += nd
+            if idx >= size:
+                idx -= size
+                wrap ^= 1
+                used_bits = _AU if wrap else 0
+            count += 1
+            slots += nd
+        if count:
+            # The first used descriptor's flags go last: every other store of the burst
+            # (ids, lengths, later flags, buffer contents) precedes it - program order plus
+            # x86-64 store->store order (barrier.py).
+            desc_h[first_off] = first_flags
+            self._used_idx = idx
+            self._used_wrap = wrap
+            self._in_flight -= count
+            self._inflight_descs -= slots
+            self._since_signal += slots
+            self._pushed = True
+        if error is not None:
+            raise ValueError(error)
+
+    def should_notify(self) -> bool:
+        """After :meth:`push`: must the driver be notified, per the driver event suppression?
+
+        ENABLE: yes; DISABLE: no; DESC (only with EVENT_IDX): if a used descriptor was written
+        at the slot and wrap counter it names. False when nothing was pushed since the last
+        call, or the ring is broken. Never raises.
+        """
+        if not self._pushed or self._broken is not None:
+            return False
+        self._pushed = False
+        since = self._since_signal
+        self._since_signal = 0
+        # Full barrier: orders the used flags stores in push() before the load of the driver
+        # event suppression structure (store->load; barrier.py).
+        full_barrier()
+        v: int = self._drv_w[0]  # one 32-bit load: off_wrap (low half), flags (high half)
+        flags = (v >> 16) & 3
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self._event_idx:
+            return True  # ENABLE (or reserved value 3, or DESC without EVENT_IDX)
+        if not self._signalled_valid:
+            self._signalled_valid = True
+            return True
+        size = self._size
+        if since >= size:
+            return True
+        new = self._used_idx
+        old = new - since
+        off = v & 0x7FFF
+        if (v >> 15) & 1 != self._used_wrap:
+            off -= size
+        return vring_need_event(off, new, old)
+
+    # -- available-buffer notification suppression (device event suppression) -----------
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick while we poll (flags = RING_EVENT_FLAGS_DISABLE)."""
+        if self._broken is not None:
+            return
+        self._dev_w[0] = RING_EVENT_FLAGS_DISABLE << 16
+        self._mem.mark_dirty(self._device_gpa, 4)
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to kick again; return True if more work arrived meanwhile.
+
+        With EVENT_IDX: DESC at ``next_avail``/``avail_wrap``; otherwise ENABLE. Then a full
+        barrier, then the flags at ``next_avail`` are re-read. False on a broken ring.
+        """
+        if self._broken is not None:
+            return False
+        if self._event_idx:
+            self._dev_w[0] = (
+                (RING_EVENT_FLAGS_DESC << 16) | self._next_avail | (self._avail_wrap << 15)
+            )
+        else:
+            self._dev_w[0] = RING_EVENT_FLAGS_ENABLE << 16
+        self._mem.mark_dirty(self._device_gpa, 4)
+        # Full barrier: orders the event suppression store above before the flags load
+        # below, or a buffer made available in between would get no kick (store->load).
+        full_barrier()
+        f: int = self._desc_h[(self._next_avail << 3) + 7]
+        return f & _AU == self._avail_pat
+
+
+class PackedDriverRing(Generic[T]):
+    """The front-end (driver) side of one packed virtqueue, over memory it owns.
+
+    The constructor initialises the ring (descriptors look used-in-the-previous-lap, event
+    structures ENABLE). ``start_idx``/``start_wrap`` other than ``0``/``True`` exist to test
+    wrap-around; the device must then be built with the matching base,
+    ``encode_base(start_idx, start_wrap, start_idx, start_wrap)``.
+
+    Args:
+        mem: memory holding the ring, the buffers and the indirect area.
+        size: queue size, 1..32768.
+        desc_gpa, driver_gpa, device_gpa: ring areas (see :func:`packed_layout`).
+        event_idx: VIRTIO_F_EVENT_IDX negotiated.
+        indirect_area: ``(gpa, length)`` for indirect tables, or None. Each buffer id gets a
+            fixed slot of ``length // size`` bytes (whole descriptors, at most ``size``).
+
+    Raises:
+        ValueError: bad size, alignment, area or start position.
+    """
+
+    __slots__ = (
+        "_added",
+        "_avail_wrap",
+        "_broken",
+        "_desc",
+        "_desc_h",
+        "_desc_w",
+        "_dev_w",
+        "_drv_w",
+        "_event_idx",
+        "_free_ids",
+        "_free_slots",
+        "_in_flight",
+        "_ind_gpa",
+        "_ind_stride",
+        "_ind_view",
+        "_max_indirect",
+        "_name",
+        "_next_avail",
+        "_next_used",
+        "_pending",
+        "_pub_avail",
+        "_pub_wrap",
+        "_since_kick",
+        "_size",
+        "_state",
+        "_used_wrap",
+    )
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_gpa: int,
+        driver_gpa: int,
+        device_gpa: int,
+        *,
+        event_idx: bool,
+        indirect_area: tuple[int, int] | None = None,
+        start_idx: int = 0,
+        start_wrap: bool = True,
+        name: str = "vring",
+    ) -> None:
+        if not 0 <= start_idx < size:
+            raise ValueError(f"{name}: start index {start_idx} is not below queue size {size}")
+        try:
+            check_queue_size(size, name, power_of_two=False)
+            desc = map_area(mem, desc_gpa, 16 * size, 16, "descriptor ring", name)
+            drv = map_area(mem, driver_gpa, 4, 4, "driver event suppression area", name)
+            dev = map_area(mem, device_gpa, 4, 4, "device event suppression area", name)
+            ind_view: memoryview | None = None
+            ind_gpa = stride = max_ind = 0
+            if indirect_area is not None:
+                ind_gpa, ind_len = indirect_area
+                max_ind = min(size, ind_len // (16 * size))
+                if max_ind < 1:
+                    raise ValueError(
+                        f"{name}: indirect area of {ind_len} bytes holds less than one "
+                        f"descriptor per buffer id (queue size {size})"
+                    )
+                stride = 16 * max_ind
+                ind_view = map_area(mem, ind_gpa, stride * size, 16, "indirect area", name)
+        except RingError as e:
+            raise ValueError(str(e)) from e
+        desc[:] = bytes(len(desc))
+        self._desc = desc
+        self._desc_h = desc.cast("H")
+        self._desc_w = desc.cast("I")
+        if not start_wrap:
+            # Look "used in a lap with wrap 1" so neither side mistakes a slot for its own.
+            for s in range(size):
+                self._desc_h[(s << 3) + 7] = _AU
+        self._drv_w = drv.cast("I")
+        self._dev_w = dev.cast("I")
+        self._drv_w[0] = RING_EVENT_FLAGS_ENABLE << 16
+        self._dev_w[0] = RING_EVENT_FLAGS_ENABLE << 16
+        self._name = name
+        self._size = size
+        self._event_idx = event_idx
+        self._ind_view = ind_view
+        self._ind_gpa = ind_gpa
+        self._ind_stride = stride
+        self._max_indirect = max_ind
+        self._next_avail = start_idx
+        self._avail_wrap = int(start_wrap)
+        self._pub_avail = start_idx
+        self._pub_wrap = int(start_wrap)
+        self._next_used = start_idx
+        self._used_wrap = int(start_wrap)
+        self._free_slots = size
+        self._free_ids = list(range(size - 1, -1, -1))
+        self._state: list[tuple[T, int, int] | None] = [None] * size
+        self._pending: list[tuple[int, int]] = []
+        self._added = 0
+        self._since_kick = 0
+        self._in_flight = 0
+        self._broken: str | None = None
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptor slots in the ring."""
+        return self._free_slots
+
+    @property
+    def in_flight(self) -> int:
+        """Buffers added and not yet reaped."""
+        return self._in_flight
+
+    @property
+    def max_indirect(self) -> int:
+        """Largest chain that fits one indirect table (0 without an indirect area)."""
+        return self._max_indirect
+
+    @property
+    def broken(self) -> str | None:
+        """Why the device broke this ring (bad used descriptor), or None."""
+        return self._broken
+
+    def close(self) -> None:
+        """Drop every view into memory. Idempotent."""
+        views = [self._desc_h, self._desc_w, self._drv_w, self._dev_w, self._desc]
+        if self._ind_view is not None:
+            views.append(self._ind_view)
+        for mv in views:
+            mv.release()
+        if self._broken is None:
+            self._broken = f"{self._name}: ring closed"
+
+    def add(
+        self,
+        bufs: Sequence[tuple[int, int, bool]],
+        token: T,
+        *,
+        indirect: bool | None = None,
+    ) -> bool:
+        """Queue one buffer of ``(gpa, length, device_writable)`` elements; not yet visible.
+
+        ``indirect=None`` uses an indirect table when possible and the buffer has more than
+        one element. Returns False (changing nothing) when slots or ids run out.
+
+        Raises:
+            ValueError: empty buffer, readable after writable, lengths past 2^32 - 1, or
+                ``indirect=True`` without room for the table.
+        """
+        n = len(bufs)
+        if n == 0:
+            raise ValueError(f"{self._name}: add: empty buffer")
+        wlen = 0
+        total = 0
+        seen_w = False
+        for _gpa, ln, w in bufs:
+            total += ln
+            if w:
+                seen_w = True
+                wlen += ln
+            elif seen_w:
+                raise ValueError(f"{self._name}: add: readable element after a writable one")
+        if total > MAX_CHAIN_BYTES:
+            raise ValueError(f"{self._name}: add: buffer of {total} bytes is past 2^32 - 1")
+        if indirect is None:
+            use_ind = 1 < n <= self._max_indirect
+        elif indirect:
+            if n > self._max_indirect:
+                raise ValueError(
+                    f"{self._name}: add: {n} elements do not fit an indirect table of "
+                    f"{self._max_indirect} entries"
+                )
+            use_ind = True
+        else:
+            use_ind = False
+        need = 1 if use_ind else n
+        if need > self._free_slots or not self._free_ids:
+            return False
+        bid = self._free_ids.pop()
+        size = self._size
+        desc = self._desc
+        desc_h = self._desc_h
+        slot = self._next_avail
+        wrap = self._avail_wrap
+        head = (slot << 3) + 7
+        if use_ind:
+            table = self._ind_view
+            if table is None:  # unreachable: max_indirect > 0 implies an area
+                raise ValueError(f"{self._name}: add: no indirect area")
+            off = bid * self._ind_stride
+            for k, (gpa, ln, w) in enumerate(bufs):
+                _PDESC_PACK(table, off + 16 * k, gpa, ln, 0, DESC_F_WRITE if w else 0)
+            _PREST_PACK(desc, slot << 4, self._ind_gpa + off, 16 * n, bid)
+            head_flags = DESC_F_INDIRECT | _avail_pattern(wrap)
+            slot += 1
+            if slot == size:
+                slot = 0
+                wrap ^= 1
+        else:
+            last = n - 1
+            head_flags = 0
+            for k, (gpa, ln, w) in enumerate(bufs):
+                _PREST_PACK(desc, slot << 4, gpa, ln, bid)
+                flags = (
+                    (DESC_F_WRITE if w else 0)
+                    | (DESC_F_NEXT if k < last else 0)
+                    | _avail_pattern(wrap)
+                )
+                if k == 0:
+                    head_flags = flags  # stored by publish(), after everything else
+                else:
+                    desc_h[(slot << 3) + 7] = flags  # after this descriptor's other fields
+                slot += 1
+                if slot == size:
+                    slot = 0
+                    wrap ^= 1
+        self._pending.append((head, head_flags))
+        self._next_avail = slot
+        self._avail_wrap = wrap
+        self._state[bid] = (token, need, wlen)
+        self._free_slots -= need
+        self._added += need
+        self._in_flight += 1
+        return True
+
+    def publish(self) -> None:
+        """Make every buffer added so far visible by storing the head flags.
+
+        The first pending head goes last, so the device (which polls that slot) sees the
+        whole batch at once; every descriptor field was stored before (virtio 1.2 2.8.21.1:
+        flags last; program order + x86-64 store->store order). Call :meth:`should_kick`
+        after each publish.
+        """
+        pend = self._pending
+        if not pend:
+            return
+        desc_h = self._desc_h
+        for i in range(len(pend) - 1, 0, -1):
+            off, f = pend[i]
+            desc_h[off] = f
+        off, f = pend[0]
+        desc_h[off] = f
+        pend.clear()
+        self._since_kick += self._added
+        self._added = 0
+        self._pub_avail = self._next_avail
+        self._pub_wrap = self._avail_wrap
+
+    def should_kick(self) -> bool:
+        """Must the device be notified of what was published since the last call?
+
+        Per the device event suppression structure: ENABLE yes, DISABLE no, DESC (with
+        EVENT_IDX) if the named slot/wrap was made available since the last check.
+        """
+        since = self._since_kick
+        if not since:
+            return False
+        self._since_kick = 0
+        # Full barrier: orders the head-flags stores of publish() before the load of the
+        # device event suppression structure (store->load; barrier.py).
+        full_barrier()
+        v: int = self._dev_w[0]
+        flags = (v >> 16) & 3
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self._event_idx:
+            return True
+        size = self._size
+        if since >= size:
+            return True
+        new = self._pub_avail
+        old = new - since
+        off = v & 0x7FFF
+        if (v >> 15) & 1 != self._pub_wrap:
+            off -= size
+        return vring_need_event(off, new, old)
+
+    def _fail(self, msg: str) -> NoReturn:
+        reason = f"{self._name}: {msg}"
+        if self._broken is None:
+            self._broken = reason
+        raise RingError(reason)
+
+    def reap(self) -> list[tuple[T, int]]:
+        """Collect used buffers: ``(token, written_len)`` in the order the device used them.
+
+        Raises:
+            RingError: a used descriptor names an id not in flight or a length larger than
+                the buffer's writable bytes; the ring is then broken.
+        """
+        if self._broken is not None or not self._in_flight:
+            return []
+        desc_h = self._desc_h
+        desc_w = self._desc_w
+        state = self._state
+        size = self._size
+        slot = self._next_used
+        wrap = self._used_wrap
+        pat = _AU if wrap else 0
+        out: list[tuple[T, int]] = []
+        while self._in_flight:
+            f: int = desc_h[(slot << 3) + 7]  # flags first, one aligned 16-bit load
+            if f & _AU != pat:
+                break
+            bid: int = desc_h[(slot << 3) + 6]
+            ln: int = desc_w[(slot << 2) + 2] if f & DESC_F_WRITE else 0
+            st = state[bid] if bid < size else None
+            if st is None:
+                self._fail(f"used descriptor at slot {slot} has id {bid}, which is not in flight")
+            token, nd, wlen = st
+            if ln > wlen:
+                self._fail(
+                    f"used descriptor at slot {slot}: id {bid} length {ln} > writable length "
+                    f"{wlen}"
+                )
+            state[bid] = None
+            self._free_ids.append(bid)
+            self._free_slots += nd
+            self._in_flight -= 1
+            out.append((token, ln))
+            slot += nd
+            if slot >= size:
+                slot -= size
+                wrap ^= 1
+                pat = _AU if wrap else 0
+            self._next_used = slot
+            self._used_wrap = wrap
+        return out
+
+    def disable_interrupts(self) -> None:
+        """Ask the device not to notify us (driver event suppression flags = DISABLE)."""
+        self._drv_w[0] = RING_EVENT_FLAGS_DISABLE << 16
+
+    def enable_interrupts(self) -> bool:
+        """Ask for a notification at the next used buffer; True if one is already there.
+
+        With EVENT_IDX: DESC at the next used slot/wrap; otherwise ENABLE. Then a full
+        barrier and a re-read of that slot's flags.
+        """
+        if self._event_idx:
+            self._drv_w[0] = (
+                (RING_EVENT_FLAGS_DESC << 16) | self._next_used | (self._used_wrap << 15)
+            )
+        else:
+            self._drv_w[0] = RING_EVENT_FLAGS_ENABLE << 16
+        # Full barrier: orders the event suppression store before the flags load below.
+        full_barrier()
+        if not self._in_flight:
+            return False
+        f: int = self._desc_h[(self._next_used << 3) + 7]
+        return f & _AU == (_AU if self._used_wrap else 0)
