@@ -91,7 +91,7 @@ class MappedBuffer(Protocol):
     @property
     def buf(self) -> memoryview: ...
 
-    def close(self) -> None: ...
+    def close(self) -> object: ...
 
 
 class BackendHost(Protocol[FdT]):  # type: ignore[misc]
@@ -209,10 +209,11 @@ class BackendConnection(Generic[FdT]):
             v.engine = None
             for fd in v.take_fds():
                 self.host.release_fd(fd)
-        for fd in (self.backend_channel, self.log_fd, *self.extra_fds):
-            if fd is not None:
-                self.host.release_fd(fd)
-        self.backend_channel = self.log_fd = None
+        for maybe in (self.backend_channel, self.log_fd, *self.extra_fds):
+            if maybe is not None:
+                self.host.release_fd(maybe)
+        self.backend_channel = None
+        self.log_fd = None
         self.extra_fds = []
         self._unmap(self.mem.clear())
 
@@ -263,6 +264,10 @@ class BackendConnection(Generic[FdT]):
         """Take the replies queued so far (bytes and fds to send with them)."""
         out, self._out = self._out, []
         return out
+
+    def wanted(self) -> int:
+        """How many bytes to read next so one read never spans two messages."""
+        return self._decoder.wanted()
 
     @property
     def in_message(self) -> bool:
@@ -352,8 +357,8 @@ class BackendConnection(Generic[FdT]):
             # REPLY_ACK: ack requests that have no reply of their own. Like libvhost-user
             # we ack whenever NEED_REPLY is set, so a front-end never waits forever.
             self._ack(msg.request, True)
-        for e in events:
-            self.device.on_event(e)
+        for event in events:
+            self.device.on_event(event)
         return events
 
     def _nack(self, request: int) -> None:
@@ -683,6 +688,13 @@ class BackendConnection(Generic[FdT]):
         if old is not None:
             self.host.release_fd(old)
         fd = None if p.nofd else fds.pop()
+        check = getattr(self.host, "check_notify_fd", None)
+        if fd is not None and check is not None:
+            try:
+                check(fd, f"ring {p.index} {kind} fd")
+            except RemoteProtocolError:
+                self.host.release_fd(fd)
+                raise
         setattr(v, kind, fd)
         if kind == "kick":
             v.kick_polled = p.nofd

@@ -135,9 +135,7 @@ class FrontendConnection(Generic[FdT]):
         data = encode_message(req, payload.encode(), need_reply=need_reply)
         if rule.reply is Reply.ALWAYS:
             self._pending.append(_Pending(req, rule, ack=False))
-        elif rule.reply is Reply.IF_LOG_SHMFD and self.has(PF.LOG_SHMFD):
-            self._pending.append(_Pending(req, rule, ack=True))
-        elif need_reply:
+        elif (rule.reply is Reply.IF_LOG_SHMFD and self.has(PF.LOG_SHMFD)) or need_reply:
             self._pending.append(_Pending(req, rule, ack=True))
         if req is FrontendRequest.SET_FEATURES and isinstance(payload, P.U64Payload):
             self.features = payload.value
@@ -228,6 +226,10 @@ class FrontendConnection(Generic[FdT]):
             self.error = str(e)
             raise
         return out
+
+    def wanted(self) -> int:
+        """How many bytes to read next so one read never spans two messages."""
+        return self._decoder.wanted()
 
     def take_fds(self) -> list[FdT]:
         """Every fd the decoder still holds (after an error), for the caller to close."""

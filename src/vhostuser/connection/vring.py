@@ -30,7 +30,7 @@ class RingEvent(Enum):
 State = tuple[bool, bool]  # (started, enabled)
 
 TRANSITIONS: dict[tuple[State, RingEvent], State] = {}
-"""(started, enabled) × event → next state. Every pair is defined (a test enumerates them)."""
+"""(started, enabled) x event → next state. Every pair is defined (a test enumerates them)."""
 for _started in (False, True):
     for _enabled in (False, True):
         _s = (_started, _enabled)

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
 from ..connection import events as ev
 from ..connection.backend import BackendConnection, Dialect
 from ..connection.frontend import BackendChannel
-from ..protocol import payloads as P
-from ..protocol.enums import BackendRequest, ProtocolFeature
 from ..devices.base import Device
 from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
+from ..protocol import payloads as P
+from ..protocol.enums import BackendRequest, ProtocolFeature
 from .fdpass import OwnedFd, connect_unix, listen_unix, recv_some, send_msg
 from .mapping import Mapping, map_region_fd, reap_deferred
 from .reactor import Reactor, Timer
@@ -53,6 +55,25 @@ class ShellHost:
     def release_fd(self, fd: OwnedFd) -> None:
         """Close an fd the core owned."""
         fd.close()
+
+    def check_notify_fd(self, fd: OwnedFd, what: str) -> None:
+        """Refuse kick/call/err fds that are not an eventfd or a pipe.
+
+        A socket or regular file would be readable forever and spin the reactor.
+
+        Raises:
+            RemoteProtocolError: the fd is of another kind (named in the message).
+        """
+        st = os.fstat(fd.fd)
+        if stat.S_ISFIFO(st.st_mode):
+            return
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd.fd}")
+        except OSError:
+            target = "?"
+        if target == "anon_inode:[eventfd]":
+            return
+        raise RemoteProtocolError(f"{what} is {target}, not an eventfd or a pipe")
 
 
 def signal_fd(fd: OwnedFd | None) -> None:
@@ -110,17 +131,17 @@ class BackendSession:
         if self.closed:
             return
         try:
-            data, fds = recv_some(self.sock)
+            data, fds = recv_some(self.sock, self.conn.wanted())
         except BlockingIOError:
             return
-        except (PeerClosedError, RemoteProtocolError, OSError) as e:
-            self.close(f"receive failed: {e}")
+        except (PeerClosedError, RemoteProtocolError, OSError) as exc:
+            self.close(f"receive failed: {exc}")
             return
         try:
             events = self.conn.receive_data(data, fds)
-        except RemoteProtocolError as e:
+        except RemoteProtocolError as err:
             self._flush()
-            self.close(f"protocol violation: {e}")
+            self.close(f"protocol violation: {err}")
             return
         self._flush()
         if not data:
@@ -206,13 +227,14 @@ class BackendSession:
             self._close_channel()
             return
         try:
-            for e in self._channel.receive_data(data, fds):
-                if isinstance(e, ev.ReplyReceived) and P.U64.unpack(e.payload)[0] != 0:
-                    log.warning("%s: front-end NACKed back-end request %d", self.name, e.request)
-        except RemoteProtocolError as e:
+            for got in self._channel.receive_data(data, fds):
+                if isinstance(got, ev.ReplyReceived) and P.U64.unpack(got.payload)[0] != 0:
+                    log.warning("%s: front-end NACKed back-end request %d", self.name,
+                                got.request)
+        except RemoteProtocolError as err:
             for f in self._channel.take_fds():
                 f.close()
-            log.warning("%s: back-end channel: %s", self.name, e)
+            log.warning("%s: back-end channel: %s", self.name, err)
             self._close_channel()
             return
         if not data:
@@ -249,7 +271,7 @@ class BackendSession:
             return
         self._polled.discard(index)
         self._kick_fds[index] = fd.fd
-        self.reactor.add_reader(fd.fd, lambda i=index: self._on_kick(i))
+        self.reactor.add_reader(fd.fd, functools.partial(self._on_kick, index))
 
     def _unregister_kick(self, index: int) -> None:
         fdnum = self._kick_fds.pop(index, None)
@@ -275,7 +297,7 @@ class BackendSession:
         return worked
 
     def _schedule(self, index: int) -> None:
-        self.reactor.call_soon(lambda: self._process(index))
+        self.reactor.call_soon(functools.partial(self._process, index))
 
     # -- data path --------------------------------------------------------------------------
     def _process(self, index: int) -> bool:
@@ -289,19 +311,21 @@ class BackendSession:
             return False
         if not self.device.consumes(index):
             return False
-        result = run_burst(
-            v.engine,
-            lambda chains: self.device.handle_burst(index, chains, v.enabled),
-            self.budget,
-        )
-        if v.engine.broken is not None and v.broken is None:
-            self._on_event(self.conn.ring_broken(index, v.engine.broken))
+        device = self.device
+        enabled = v.enabled
+
+        def handler(chains: list[Any]) -> list[tuple[int, int]]:
+            return device.handle_burst(index, chains, enabled)
+
+        result = run_burst(v.engine, handler, self.budget)
+        if result.broken is not None and v.broken is None:
+            self._on_event(self.conn.ring_broken(index, result.broken))
             return False
         if result.notify:
             signal_fd(v.call)
-        if result.count >= self.budget:
+        if result.popped >= self.budget:
             self._schedule(index)
-        return result.count > 0
+        return result.popped > 0
 
     # -- teardown ---------------------------------------------------------------------------
     def close(self, reason: str = "closed") -> None:
@@ -387,7 +411,8 @@ class BackendServer:
     def _start(self, sock: socket.socket) -> BackendSession:
         s = BackendSession(
             self.reactor, sock, self.device_factory(), on_close=self._session_closed,
-            dialect=self.dialect, name=f"{os.path.basename(self.path)}#{self.closed_sessions + len(self.sessions)}",
+            dialect=self.dialect,
+            name=f"{os.path.basename(self.path)}#{self.closed_sessions + len(self.sessions)}",
         )
         self.sessions.append(s)
         if self.on_session is not None:

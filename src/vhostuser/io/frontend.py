@@ -174,7 +174,7 @@ class FrontendClient:
             if not r:
                 continue
             try:
-                data, fds = recv_some(self.sock)
+                data, fds = recv_some(self.sock, self.conn.wanted())
             except BlockingIOError:
                 continue
             try:

@@ -10,7 +10,7 @@ from enum import IntEnum, IntFlag
 
 
 class FrontendRequest(IntEnum):
-    """Requests sent by the front-end on the main socket (vhost-user.rst, "Front-end message types")."""
+    """Requests the front-end sends on the main socket (vhost-user.rst, front-end messages)."""
 
     GET_FEATURES = 1
     SET_FEATURES = 2

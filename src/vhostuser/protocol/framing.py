@@ -86,11 +86,11 @@ class Direction(Enum):
 class FrameDecoder(Generic[FdT]):
     """Incremental decoder of vhost-user messages from a byte stream with fds.
 
-    Fds received with a chunk belong to the first message that *starts* in that chunk (the
-    kernel delivers SCM_RIGHTS with the first byte of the ``sendmsg`` that carried them); if
-    no message starts in the chunk they join the message in progress, or the next message
-    when the chunk ended exactly at a message boundary. A real kernel never produces the
-    latter cases; they only matter for accounting (every fd is owned by some message).
+    Fds received with a chunk belong to the last message that *starts* in that chunk (the
+    kernel delivers SCM_RIGHTS with the first byte of the ``sendmsg`` that carried them and
+    ends the read after that message's data); if no message starts in the chunk they join
+    the message in progress. Shells read at most :meth:`wanted` bytes, so in practice a
+    chunk never holds more than one message.
     """
 
     def __init__(
@@ -151,6 +151,31 @@ class FrameDecoder(Generic[FdT]):
         if size > self.max_payload:
             raise self._fail(f"{name}: payload size {size} exceeds {self.max_payload}")
 
+    def wanted(self) -> int:
+        """Bytes that complete the header or message in progress (12 when idle).
+
+        A shell that reads at most this much never receives two messages in one
+        ``recvmsg``, as QEMU and libvhost-user read, so fds are never ambiguous.
+        """
+        n = len(self._buf)
+        if n < HEADER_SIZE:
+            return HEADER_SIZE - n
+        _r, _f, size = HEADER.unpack_from(self._buf)
+        return max(1, HEADER_SIZE + min(size, self.max_payload) - n)
+
+    def _starts(self, upto: int) -> list[int]:
+        """Offsets of message starts within the buffered bytes (headers checked)."""
+        starts: list[int] = []
+        pos = 0
+        while pos < upto:
+            starts.append(pos)
+            if pos + HEADER_SIZE > upto:
+                break
+            request, flags, size = HEADER.unpack_from(self._buf, pos)
+            self._check_header(request, flags, size)
+            pos += HEADER_SIZE + size
+        return starts
+
     def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[FdT] = ()) -> list[
         Message[FdT]
     ]:
@@ -164,14 +189,22 @@ class FrameDecoder(Generic[FdT]):
             self._orphans.extend(fds)
             raise RemoteProtocolError(self._error)
         chunk_start = len(self._buf)
-        new_fds: list[FdT] | None = list(fds) if fds else None
-        if new_fds is not None and chunk_start == 0:
-            # The message at the head of the buffer starts in this chunk.
-            self._cur_fds.extend(new_fds)
-            new_fds = None
         self._buf += data
         out: list[Message[FdT]] = []
+        new_fds: list[FdT] = list(fds)
         try:
+            # Linux delivers SCM_RIGHTS with the skb of the sendmsg that carried them and
+            # ends a read right after it, so a chunk's fds belong to the *last* message that
+            # starts in the chunk (or to the message in progress if none starts in it).
+            target = 0
+            if new_fds:
+                starts = self._starts(len(self._buf))
+                inside = [i for i, st in enumerate(starts) if st >= chunk_start]
+                target = inside[-1] if inside else 0
+            k = 0
+            if new_fds and target == 0:
+                self._cur_fds.extend(new_fds)
+                new_fds = []
             while len(self._buf) >= HEADER_SIZE:
                 request, flags, size = HEADER.unpack_from(self._buf)
                 self._check_header(request, flags, size)
@@ -187,18 +220,14 @@ class FrameDecoder(Generic[FdT]):
                 del self._buf[:total]
                 self._cur_fds = []
                 out.append(Message(request, flags, payload, tuple(msg_fds)))
-                chunk_start -= total
-                if new_fds is not None and chunk_start <= 0:
-                    # The next message starts inside the new chunk: the fds are its own.
+                k += 1
+                if new_fds and k == target:
                     self._cur_fds = new_fds
-                    new_fds = None
-            if new_fds is not None:
-                self._cur_fds.extend(new_fds)
+                    new_fds = []
             if len(self._cur_fds) > self.max_fds:
                 raise self._fail(f"{len(self._cur_fds)} fds arrived for one message")
         except RemoteProtocolError:
-            if new_fds is not None:
-                self._orphans.extend(new_fds)
+            self._orphans.extend(new_fds)
             for m in out:
                 self._orphans.extend(m.fds)
             raise

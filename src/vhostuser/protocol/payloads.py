@@ -188,7 +188,7 @@ class MemoryTable:
     def decode(cls, data: bytes | memoryview) -> Self:
         if len(data) < 8:
             raise RemoteProtocolError(f"memory table payload is {len(data)} bytes, need >= 8")
-        n, pad = _NREGIONS.unpack_from(data)
+        n, _pad = _NREGIONS.unpack_from(data)
         if n == 0 or n > MAX_MEM_TABLE_REGIONS:
             raise RemoteProtocolError(
                 f"memory table nregions {n} is outside 1..{MAX_MEM_TABLE_REGIONS}"

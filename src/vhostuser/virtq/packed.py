@@ -111,9 +111,7 @@ def decode_base(num: int) -> PackedBase:
     """
     if not 0 <= num <= 0xFFFF_FFFF:
         raise ValueError(f"vring base {num:#x} does not fit 32 bits")
-    return PackedBase(
-        num & 0x7FFF, bool(num >> 15 & 1), (num >> 16) & 0x7FFF, bool(num >> 31 & 1)
-    )
+    return PackedBase(num & 0x7FFF, bool(num >> 15 & 1), (num >> 16) & 0x7FFF, bool(num >> 31 & 1))
 
 
 #: The state of a fresh ring: both indices 0, both wrap counters 1 (virtio 1.2 2.8.1).
@@ -360,7 +358,9 @@ class PackedDeviceRing:
                 if not self._indirect:
                     self._fail(f"{where} is indirect but VIRTIO_F_INDIRECT_DESC is off")
                 if ln == 0 or ln & 15:
-                    self._fail(f"{where}: indirect table length {ln} is not a nonzero multiple of 16")
+                    self._fail(
+                        f"{where}: indirect table length {ln} is not a nonzero multiple of 16"
+                    )
                 entries = ln >> 4
                 if entries > size:
                     self._fail(
@@ -379,36 +379,44 @@ class PackedDeviceRing:
                 # virtio 1.2 2.8.7: entries follow each other; only WRITE is meaningful, the
                 # other flags and the id are reserved and ignored - except INDIRECT, which
                 # the driver MUST NOT set (2.8.19) and which we reject as nested.
-                for e in range(entries):
-                    a, el, _eid, ef = _PDESC_UNPACK(table, e << 4)
+                for ent in range(entries):
+                    a, el, _eid, ef = _PDESC_UNPACK(table, ent << 4)
                     if ef & DESC_F_INDIRECT:
-                        self._fail(f"{where}: indirect table entry {e} is itself indirect (nested)")
+                        self._fail(
+                            f"{where}: indirect table entry {ent} is itself indirect (nested)"
+                        )
+                    if rlen + wlen + el > MAX_CHAIN_BYTES:
+                        self._fail(
+                            f"{where}: descriptor lengths sum to {rlen + wlen + el}, past 2^32 - 1"
+                        )
                     if ef & DESC_F_WRITE:
                         in_write = True
                         if el:
                             try:
                                 writable += segments(a, el)
                             except GuestMemoryError as err:
-                                self._fail(f"{where}: entry {e} buffer {a:#x}+{el:#x}: {err}")
+                                self._fail(f"{where}: entry {ent} buffer {a:#x}+{el:#x}: {err}")
                             wlen += el
                         wgpas.append((a, el))
                     else:
                         if in_write:
                             self._fail(
-                                f"{where}: indirect entry {e} is device-readable after a "
+                                f"{where}: indirect entry {ent} is device-readable after a "
                                 "device-writable one"
                             )
                         if el:
                             try:
                                 readable += segments(a, el)
                             except GuestMemoryError as err:
-                                self._fail(f"{where}: entry {e} buffer {a:#x}+{el:#x}: {err}")
+                                self._fail(f"{where}: entry {ent} buffer {a:#x}+{el:#x}: {err}")
                             rlen += el
-                    if rlen + wlen > MAX_CHAIN_BYTES:
-                        self._fail(
-                            f"{where}: descriptor lengths sum to {rlen + wlen}, past 2^32 - 1"
-                        )
                 break
+            if rlen + wlen + ln > MAX_CHAIN_BYTES:
+                # virtio 1.2 2.7.5.2 / 2.8.17: at most 2^32 bytes, checked before translating.
+                self._fail(
+                    f"buffer at slot {head_slot}: descriptor lengths sum to {rlen + wlen + ln}, "
+                    "past 2^32 - 1"
+                )
             if f & DESC_F_WRITE:
                 in_write = True
                 if ln:
@@ -431,11 +439,6 @@ class PackedDeviceRing:
                     except GuestMemoryError as e:
                         self._fail(f"buffer at slot {head_slot}: {addr:#x}+{ln:#x}: {e}")
                     rlen += ln
-            if rlen + wlen > MAX_CHAIN_BYTES:
-                self._fail(
-                    f"buffer at slot {head_slot}: descriptor lengths sum to {rlen + wlen}, "
-                    "past 2^32 - 1"
-                )
             if not f & DESC_F_NEXT:
                 break
             if n == size:
@@ -958,8 +961,7 @@ class PackedDriverRing(Generic[T]):
             token, nd, wlen = st
             if ln > wlen:
                 self._fail(
-                    f"used descriptor at slot {slot}: id {bid} length {ln} > writable length "
-                    f"{wlen}"
+                    f"used descriptor at slot {slot}: id {bid} length {ln} > writable length {wlen}"
                 )
             state[bid] = None
             self._free_ids.append(bid)

@@ -317,7 +317,9 @@ class SplitDeviceRing:
                     # virtio 1.2 2.7.5.3.1: "MUST NOT set both INDIRECT and NEXT".
                     self._fail(f"{where} sets both INDIRECT and NEXT (flags {flags:#x})")
                 if ln == 0 or ln & 15:
-                    self._fail(f"{where}: indirect table length {ln} is not a nonzero multiple of 16")
+                    self._fail(
+                        f"{where}: indirect table length {ln} is not a nonzero multiple of 16"
+                    )
                 entries = ln >> 4
                 if entries > size:
                     self._fail(
@@ -340,6 +342,13 @@ class SplitDeviceRing:
                 hops = 0
                 idx = 0
                 continue
+            if rlen + wlen + ln > MAX_CHAIN_BYTES:
+                # virtio 1.2 2.7.5.2: no chain longer than 2^32 bytes in total (checked
+                # before the buffer is translated).
+                self._fail(
+                    f"chain at head {head}: descriptor lengths sum to {rlen + wlen + ln}, "
+                    "past 2^32 - 1"
+                )
             if flags & DESC_F_WRITE:
                 in_write = True
                 if ln:
@@ -362,16 +371,13 @@ class SplitDeviceRing:
                     except GuestMemoryError as e:
                         self._fail(f"chain at head {head}: buffer {addr:#x}+{ln:#x}: {e}")
                     rlen += ln
-            if rlen + wlen > MAX_CHAIN_BYTES:
-                # virtio 1.2 2.7.5.2: no chain longer than 2^32 bytes in total.
-                self._fail(
-                    f"chain at head {head}: descriptor lengths sum to {rlen + wlen}, past 2^32 - 1"
-                )
             if not flags & DESC_F_NEXT:
                 break
             if nxt >= limit:
                 where = "indirect table entries" if in_table else "queue size"
-                self._fail(f"chain at head {head}: descriptor {idx} has next {nxt} >= {where} {limit}")
+                self._fail(
+                    f"chain at head {head}: descriptor {idx} has next {nxt} >= {where} {limit}"
+                )
             idx = nxt
         return Chain(head, readable, writable, rlen, wlen, wgpas, ndesc)
 
@@ -379,9 +385,11 @@ class SplitDeviceRing:
     def push(self, elems: Sequence[tuple[int, int]]) -> None:
         """Publish ``(head, written_len)`` pairs as used, then ``used.idx`` once.
 
-        This is the one place guest-memory writes are reported: ``mem.mark_dirty`` is called
-        for the first ``written_len`` bytes of each chain's writable buffers, the used
-        elements and ``used.idx``. Does nothing on a broken ring.
+        This is the one place the writes a device handler made into guest buffers are
+        reported: ``mem.mark_dirty`` is called for the first ``written_len`` bytes of each
+        chain's writable buffers, and for the used elements and ``used.idx``. (The ring's own
+        control writes, ``used.flags`` and ``avail_event``, are reported where they are
+        made.) Does nothing on a broken ring.
 
         Raises:
             ValueError: a head is not in flight, or ``written_len`` is negative or larger than
