@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which exited: not an error of ours.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -82,6 +84,19 @@ def run(args: argparse.Namespace) -> int:
         dialect=Dialect.DRAFT_2014 if args.draft else Dialect.CURRENT,
     )
 
+    # A signal must wake the reactor out of epoll_wait: the C handler writes to this
+    # socket (signal.set_wakeup_fd) and the reactor sees it readable.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+
+    def on_wake() -> None:
+        with contextlib.suppress(BlockingIOError):
+            wake_r.recv(64)
+
+    reactor.add_reader(wake_r.fileno(), on_wake)
+
     def stop(signum: int, _frame: object) -> None:
         reactor.stop()
 
@@ -92,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         reactor.run()
     finally:
+        signal.set_wakeup_fd(-1)
+        reactor.remove_reader(wake_r.fileno())
+        wake_r.close()
+        wake_w.close()
         server.close()
         reactor.close()
         print(f"vhost-user serve: stopped after {server.closed_sessions} session(s)"

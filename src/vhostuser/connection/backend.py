@@ -175,7 +175,7 @@ class BackendConnection(Generic[FdT]):
         pf = BASE_PROTOCOL_FEATURES | device.protocol_features
         if device.num_queues > 1:
             pf |= PF.MQ
-        if device.config_space():
+        if device.offer_config and device.config_space():
             pf |= PF.CONFIG
         self.offered_protocol_features = int(pf)
         self._decoder: FrameDecoder[FdT] = FrameDecoder(

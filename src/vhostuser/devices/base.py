@@ -30,6 +30,9 @@ class Device:
     """
 
     device_type: DeviceType | None = None
+    offer_config: bool = True
+    """Offer the CONFIG protocol feature when config space is non-empty. QEMU's net
+    front-end warns that it cannot use CONFIG, so net devices turn this off."""
     virtio_features: int = 0
     protocol_features: int = 0
     num_queues: int = 1

@@ -63,7 +63,8 @@ class NullNetDevice(Device):
     device_type = DeviceType.NET
 
     def __init__(self, *, queue_pairs: int = 1, mac: str = "52:54:00:00:00:01",
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, offer_config: bool = False) -> None:
+        self.offer_config = offer_config
         if not 1 <= queue_pairs <= 128:
             raise ValueError(f"queue_pairs {queue_pairs} is outside 1..128")
         self.num_queues = 2 * queue_pairs

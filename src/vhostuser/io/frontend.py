@@ -42,6 +42,13 @@ SUPPORTED_PROTOCOL_FEATURES = (
 )
 
 
+# virtio 1.2 §2.1 device status bits.
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+
+
 @dataclass(slots=True)
 class VringSetup:
     """What the front-end set up for one ring."""
@@ -232,8 +239,27 @@ class FrontendClient:
             want &= ~int(VF.LOG_ALL | VF.ACCESS_PLATFORM)
             self.send(R.SET_FEATURES, P.U64Payload(value=want))
             n.features = want
+            self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
         self.negotiated = n
         return n
+
+    def set_status(self, status: int) -> bool:
+        """SET_STATUS (virtio device status byte) when STATUS was negotiated.
+
+        Returns False (and sends nothing) without the STATUS protocol feature.
+        """
+        if not self.conn.has(PF.STATUS):
+            return False
+        self.send(R.SET_STATUS, P.U64Payload(value=status))
+        return True
+
+    def driver_ok(self) -> bool:
+        """Tell the back-end the driver is ready (DRIVER_OK), as a guest does after its rings
+        are set up. DPDK's vhost, for one, does not start a device before this when STATUS
+        is negotiated."""
+        return self.set_status(
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+        )
 
     def _open_backend_channel(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

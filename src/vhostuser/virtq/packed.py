@@ -582,6 +582,8 @@ class PackedDeviceRing:
         self._pushed = False
         since = self._since_signal
         self._since_signal = 0
+        valid = self._signalled_valid  # "since" counts from a known point
+        self._signalled_valid = True
         # Full barrier: orders the used flags stores in push() before the load of the driver
         # event suppression structure (store->load; barrier.py).
         full_barrier()
@@ -591,11 +593,8 @@ class PackedDeviceRing:
             return False
         if flags != RING_EVENT_FLAGS_DESC or not self._event_idx:
             return True  # ENABLE (or reserved value 3, or DESC without EVENT_IDX)
-        if not self._signalled_valid:
-            self._signalled_valid = True
-            return True
         size = self._size
-        if since >= size:
+        if not valid or since >= size:
             return True
         new = self._used_idx
         old = new - since
