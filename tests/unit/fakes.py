@@ -19,7 +19,7 @@ from vhostuser.connection import events as ev
 from vhostuser.connection.backend import BackendConnection, Dialect
 from vhostuser.connection.vring import VringControl
 from vhostuser.devices.base import Device
-from vhostuser.errors import GuestMemoryError
+from vhostuser.errors import GuestMemoryError, RemoteProtocolError
 from vhostuser.memory import RegionTable
 from vhostuser.protocol import payloads as P
 from vhostuser.protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature
@@ -72,6 +72,7 @@ class FakeHost:
         self.mapped: list[FakeMapping] = []
         self.fd_sizes: dict[int, int] = {}
         self.unmappable: set[int] = set()
+        self.not_notify_fds: set[int] = set()
 
     # BackendHost protocol
     def map_region(self, fd: int, *, mmap_offset: int, size: int) -> FakeMapping:
@@ -91,6 +92,11 @@ class FakeHost:
     def release_fd(self, fd: int) -> None:
         self.released[fd] += 1
         self.release_calls.append(fd)
+
+    def check_notify_fd(self, fd: int, what: str) -> None:
+        """The optional check the real shell makes on kick/call/err fds."""
+        if fd in self.not_notify_fds:
+            raise RemoteProtocolError(f"{what} is socket:[{fd}], not an eventfd or a pipe")
 
     # checks
     def live_mappings(self) -> list[FakeMapping]:
@@ -274,10 +280,8 @@ def handshake(
     pf = conn.offered_protocol_features if protocol_features is None else protocol_features
     feed(conn, req(R.SET_PROTOCOL_FEATURES, P.U64Payload(value=pf)))
     feed(conn, req(R.SET_OWNER))
-    f = conn.offered_features if features is None else features
-    f &= ~int(VF.RING_PACKED)  # split rings unless a test says otherwise
-    if features is not None:
-        f = features
+    # Split rings unless a test asks otherwise.
+    f = conn.offered_features & ~int(VF.RING_PACKED) if features is None else features
     feed(conn, req(R.SET_FEATURES, P.U64Payload(value=f)))
     if memory:
         feed(conn, req(R.SET_MEM_TABLE, P.MemoryTable(regions=(ram_region(),))), fds.take(1))

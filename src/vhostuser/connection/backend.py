@@ -134,9 +134,16 @@ def default_ring_factory(mem: RegionTable, vring: VringControl[Any], features: i
     event_idx = bool(features & VF.RING_EVENT_IDX)
     indirect = bool(features & VF.RING_INDIRECT_DESC)
     if features & VF.RING_PACKED:
+        base = vring.base
+        if base >> 16 == 0:
+            # DPDK virtio-user and QEMU before the used-index extension send only the
+            # avail index and wrap counter (bits 0-15) and mean "used = avail", as DPDK's
+            # vhost_user_set_vring_base reads it. Nothing is in flight at SET_VRING_BASE
+            # (GET_VRING_BASE drained it), so used = avail is the only consistent reading.
+            base |= (base & 0xFFFF) << 16
         return PackedDeviceRing(
             mem, vring.num, desc, avail, used,
-            event_idx=event_idx, indirect=indirect, base=vring.base,
+            event_idx=event_idx, indirect=indirect, base=base,
         )
     return SplitDeviceRing(
         mem, vring.num, desc, avail, used,

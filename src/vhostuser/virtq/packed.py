@@ -976,6 +976,13 @@ class PackedDriverRing(Generic[T]):
             self._used_wrap = wrap
         return out
 
+    def has_used(self) -> bool:
+        """True if the descriptor at the next used slot has been marked used."""
+        if self._broken is not None or not self._in_flight:
+            return False
+        f: int = self._desc_h[(self._next_used << 3) + 7]
+        return f & _AU == (_AU if self._used_wrap else 0)
+
     def disable_interrupts(self) -> None:
         """Ask the device not to notify us (driver event suppression flags = DISABLE)."""
         self._drv_w[0] = RING_EVENT_FLAGS_DISABLE << 16
@@ -994,7 +1001,4 @@ class PackedDriverRing(Generic[T]):
             self._drv_w[0] = RING_EVENT_FLAGS_ENABLE << 16
         # Full barrier: orders the event suppression store before the flags load below.
         full_barrier()
-        if not self._in_flight:
-            return False
-        f: int = self._desc_h[(self._next_used << 3) + 7]
-        return f & _AU == (_AU if self._used_wrap else 0)
+        return self.has_used()

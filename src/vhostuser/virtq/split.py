@@ -815,6 +815,10 @@ class SplitDriverRing(Generic[T]):
         self._in_flight -= pending
         return out
 
+    def has_used(self) -> bool:
+        """True if the device has published used buffers not reaped yet (one 16-bit load)."""
+        return self._broken is None and self._used_h[1] != self._last_used
+
     def disable_interrupts(self) -> None:
         """Ask the device not to notify us (used-buffer notifications, virtio 1.2 2.7.7).
 
