@@ -14,9 +14,10 @@ import struct
 import sys
 from pathlib import Path
 
-import peers
 import pytest
-from peers import (
+
+from . import peers
+from .peers import (
     PeerError,
     PeerExited,
     PeerTimeout,

@@ -293,7 +293,7 @@ def test_reserved_flag_bits(direction: Direction, flags: int) -> None:
 @pytest.mark.parametrize("flags", [0x5, 0xD])
 def test_reply_flag_on_a_request(flags: int) -> None:
     dec: FrameDecoder[Tok] = FrameDecoder(Direction.REQUESTS, request_names=FrontendRequest)
-    with pytest.raises(RemoteProtocolError, match="GET_FEATURES.*REPLY"):
+    with pytest.raises(RemoteProtocolError, match=r"GET_FEATURES.*REPLY"):
         dec.feed(HEADER.pack(1, flags, 0))
 
 

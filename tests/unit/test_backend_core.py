@@ -7,30 +7,12 @@ token the core was given released exactly once once the connection errors or clo
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from fakes import (
-    RAM_SIZE,
-    RAM_UVA,
-    FakeDevice,
-    FakeHost,
-    FdSource,
-    StubRingFactory,
-    configure_ring,
-    feed,
-    handshake,
-    make_backend,
-    ram_region,
-    raw,
-    replies,
-    req,
-    ring_addr,
-    split_messages,
-    u64,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,6 +34,26 @@ from vhostuser.protocol.enums import (
     VirtioFeature,
 )
 from vhostuser.protocol.table import FRONTEND_RULES, Reply
+
+from .fakes import (
+    RAM_SIZE,
+    RAM_UVA,
+    FakeDevice,
+    FakeHost,
+    FdSource,
+    StubRingFactory,
+    configure_ring,
+    feed,
+    handshake,
+    make_backend,
+    ram_region,
+    raw,
+    replies,
+    req,
+    ring_addr,
+    split_messages,
+    u64,
+)
 
 R = FrontendRequest
 PF = ProtocolFeature
@@ -280,7 +282,7 @@ def test_nofd_kick_starts_a_polled_ring(ready: Setup) -> None:
 
 
 def test_kick_before_the_ring_exists_is_ignored(ready: Setup) -> None:
-    conn, _h, factory, fds = ready
+    conn, _h, factory, _fds = ready
     assert conn.kick(0) == []  # QEMU's courtesy kick right after SET_VRING_KICK
     assert not conn.vrings[0].started and factory.built == []
 
@@ -317,8 +319,8 @@ def _acked_cases(conn: Conn, fds: FdSource) -> list[tuple[FrontendRequest, bytes
 
 def test_need_reply_gets_exactly_one_ack_0(ready: Setup) -> None:
     conn, host, _f, fds = ready
-    for request, payload, given in _acked_cases(conn, fds):
-        feed(conn, raw(request, payload, 0x9), given)
+    for request, payload, tokens in _acked_cases(conn, fds):
+        feed(conn, raw(request, payload, 0x9), tokens)
         assert replies(conn) == [ack(request)], request.name
     conn.close()
     host.assert_all_released(fds.given)
@@ -326,8 +328,8 @@ def test_need_reply_gets_exactly_one_ack_0(ready: Setup) -> None:
 
 def test_without_need_reply_no_ack(ready: Setup) -> None:
     conn, host, _f, fds = ready
-    for request, payload, given in _acked_cases(conn, fds):
-        feed(conn, raw(request, payload, 0x1), given)
+    for request, payload, tokens in _acked_cases(conn, fds):
+        feed(conn, raw(request, payload, 0x1), tokens)
         assert replies(conn) == [], request.name
     conn.close()
     host.assert_all_released(fds.given)
@@ -363,7 +365,7 @@ def test_get_config_returns_the_device_config(ready: Setup) -> None:
 
 def test_get_config_error_is_an_empty_reply(ready: Setup) -> None:
     # vhost-user.rst GET_CONFIG: "a reply with size 0 means an error"
-    conn, _h, _f, _fds = ready
+    _conn, _h, _f, _fds = ready
     bad = P.ConfigPayload(offset=200, size=100, flags=0, data=bytes(100))
     expect_violation(ready, raw(R.GET_CONFIG, bad.encode(), 0x9), names=["200"], nack=False)
 
@@ -608,6 +610,29 @@ def test_packed_rings_take_any_size() -> None:
                      names=["32769"])
 
 
+def test_switching_from_packed_to_split_revalidates_the_ring_size() -> None:
+    """SET_VRING_NUM 1000 is legal for a packed ring; if SET_FEATURES then drops RING_PACKED
+    (legal while no ring runs), the size must not reach a split ring engine unchecked."""
+    setup = make_backend(net_device())
+    conn, _h, factory, fds = setup
+    handshake(conn, fds, features=conn.offered_features)
+    feed(conn, req(R.SET_VRING_NUM, P.VringState(index=0, num=1000)))
+    try:
+        feed(conn, req(R.SET_FEATURES,
+                       P.U64Payload(value=conn.offered_features & ~int(VF.RING_PACKED))))
+    except RemoteProtocolError as e:
+        assert "1000" in str(e)
+        return
+    feed(conn, req(R.SET_VRING_ADDR, ring_addr(0, 1000)))
+    feed(conn, req(R.SET_VRING_KICK, P.VringFile(index=0)), fds.take(1))
+    events = conn.kick(0)
+    started_split_1000 = [r for r in factory.built if not conn.packed and conn.vrings[0].num
+                          == 1000]
+    assert any(isinstance(e, ev.VringBroken) for e in events) or not started_split_1000, (
+        "a split ring of size 1000 was started"
+    )
+
+
 # -- ring indices -----------------------------------------------------------------------------
 
 BAD_INDICES = [2, 0x100, 0x10000, 0xFFFFFFFF]  # the device has 2 queues
@@ -655,7 +680,7 @@ def test_device_with_too_many_queues_is_refused() -> None:
 
 def test_ring_index_255_is_usable_with_256_queues() -> None:
     setup = make_backend(FakeDevice(num_queues=256))
-    conn, host, _f, fds = setup
+    conn, _host, _f, fds = setup
     handshake(conn, fds)
     fd = fds.one()
     feed(conn, req(R.SET_VRING_CALL, P.VringFile(index=255)), [fd])
@@ -895,7 +920,7 @@ def test_overlapping_regions(ready: Setup) -> None:
 
 
 def test_region_fd_too_small(ready: Setup) -> None:
-    conn, host, _f, fds = ready
+    _conn, host, _f, fds = ready
     (old,) = host.mapped
     small = fds.one()
     host.fd_sizes[small] = RAM_SIZE // 2
@@ -907,7 +932,7 @@ def test_region_fd_too_small(ready: Setup) -> None:
 
 
 def test_region_fd_that_cannot_be_mapped(ready: Setup) -> None:
-    conn, host, _f, fds = ready
+    _conn, host, _f, fds = ready
     pipe = fds.one()
     host.unmappable.add(pipe)
     region = P.MemoryRegion(guest_phys_addr=RAM_SIZE, memory_size=0x1000,
@@ -1023,7 +1048,7 @@ def test_reset_owner_keeps_the_owner_and_releases_the_session(ready: Setup) -> N
 
 
 def test_draft_echo_is_echoed_with_reply_set() -> None:
-    conn, host, _f, fds = make_backend(net_device(), dialect=Dialect.DRAFT_2014)
+    conn, _host, _f, _fds = make_backend(net_device(), dialect=Dialect.DRAFT_2014)
     feed(conn, raw(DraftRequest.ECHO, b"ping"))
     assert replies(conn) == [(1, 0x5, b"ping")]
     feed(conn, raw(DraftRequest.ECHO))
@@ -1036,7 +1061,7 @@ def test_draft_get_features_is_id_2_and_its_reply_too() -> None:
     out = replies(conn)
     assert len(out) == 1
     assert out[0][1:] == (0x5, u64(conn.offered_features))
-    assert out[0][0] == DraftRequest.GET_FEATURES == 2
+    assert out[0][0] == DraftRequest.GET_FEATURES.value == 2
 
 
 def test_draft_set_mem_table_uses_24_byte_regions() -> None:
@@ -1138,10 +1163,8 @@ def test_any_message_sequence(msgs: list[tuple[bytes, int, str]], good_start: bo
             for i in range(len(conn.vrings)):
                 conn.kick(i)
         elif after == "eof":
-            try:
+            with contextlib.suppress(RemoteProtocolError):
                 conn.receive_data(b"")
-            except RemoteProtocolError:
-                pass
             break
         for payload, out_fds in conn.data_to_send():
             assert out_fds == []

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Sequence
 
 import pytest
-from fakes import FdSource, make_backend, ram_region, raw, split_messages, u64
 
 from vhostuser.connection import events as ev
 from vhostuser.connection.frontend import ACKED_REQUESTS, BackendChannel, FrontendConnection
@@ -15,6 +14,8 @@ from vhostuser.errors import LocalProtocolError, RemoteProtocolError
 from vhostuser.protocol import payloads as P
 from vhostuser.protocol.enums import BackendRequest, FrontendRequest, ProtocolFeature, VirtioFeature
 from vhostuser.protocol.table import FRONTEND_RULES, Reply
+
+from .fakes import FakeDevice, make_backend, ram_region, raw, split_messages, u64
 
 R = FrontendRequest
 B = BackendRequest
@@ -112,7 +113,7 @@ def test_reply_of_the_wrong_size(size: int) -> None:
 def test_ack_of_the_wrong_size() -> None:
     fe = negotiated()
     fe.request(R.SET_STATUS, P.U64Payload(value=1))  # NEED_REPLY by default
-    with pytest.raises(RemoteProtocolError, match="SET_STATUS.*4"):
+    with pytest.raises(RemoteProtocolError, match=r"SET_STATUS.*4"):
         fe.receive_data(reply(R.SET_STATUS, bytes(4)))
 
 
@@ -373,8 +374,6 @@ def test_every_reply_always_request_waits() -> None:
 
 
 def test_frontend_drives_backend_core() -> None:
-    from fakes import FakeDevice
-
     be, host, _f, src = make_backend(FakeDevice(num_queues=2, config=bytes(range(8))))
     fe: Front = FrontendConnection()
 
@@ -522,9 +521,3 @@ def test_channel_nack_is_delivered_to_the_backend() -> None:
     backend.request(B.CONFIG_CHANGE_MSG)
     assert backend.receive_data(reply(B.CONFIG_CHANGE_MSG, u64(1))) == [
         ev.ReplyReceived(B.CONFIG_CHANGE_MSG, u64(1), ())]
-
-
-def test_fd_source_is_shared_helper() -> None:
-    # the fakes' fd source hands out unique tokens
-    src = FdSource()
-    assert len(set(src.take(5) + src.take(5))) == 10

@@ -195,7 +195,7 @@ def test_golden_decode_round_trip(name: str, obj: Any, wire: bytes) -> None:
 
 
 def test_fixed_sizes_match_protocol_md() -> None:
-    sizes = {
+    sizes: dict[type[Any], int] = {
         P.Empty: 0,
         P.U64Payload: 8,
         P.VringState: 8,
@@ -213,7 +213,7 @@ def test_fixed_sizes_match_protocol_md() -> None:
         P.ShmemMap: 40,
     }
     for cls, size in sizes.items():
-        assert cls.SIZE == size, cls.__name__
+        assert size == cls.SIZE, cls.__name__
     for var in (P.MemoryTable, P.DraftMemoryTable, P.ConfigPayload, P.RawPayload):
         assert var.SIZE is None
     assert P.MemoryTable.REGION_SIZE == 32

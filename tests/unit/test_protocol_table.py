@@ -168,16 +168,16 @@ def test_frontend_ids_1_to_43_pinned() -> None:
 
 def test_new_frontend_ids_follow_qemu_merged_enum() -> None:
     # PROTOCOL.md §4: QEMU's merged enum has 44 = GET_SHMEM_CONFIG, 45 = SKIP_DRAIN.
-    assert FrontendRequest.GET_SHMEM_CONFIG == 44
-    assert FrontendRequest.GET_VRING_BASE_SKIP_DRAIN == 45
+    assert FrontendRequest.GET_SHMEM_CONFIG.value == 44
+    assert FrontendRequest.GET_VRING_BASE_SKIP_DRAIN.value == 45
     assert max(FrontendRequest) == 45
 
 
 def test_backend_ids_pinned() -> None:
     for name, value in BACKEND_IDS.items():
         assert BackendRequest[name] == value, name
-    assert BackendRequest.SHMEM_MAP == 9
-    assert BackendRequest.SHMEM_UNMAP == 10
+    assert BackendRequest.SHMEM_MAP.value == 9
+    assert BackendRequest.SHMEM_UNMAP.value == 10
 
 
 def test_protocol_bits_0_to_19_pinned() -> None:
@@ -348,7 +348,8 @@ def test_feature_names_net_trace_offer() -> None:
     # qemu72-net-to-testpmd: GET_FEATURES reply u64=0xd7c66e7cb (DPDK testpmd offer)
     assert feature_names(0xD7C66E7CB, DeviceType.NET) == [
         "CSUM", "GUEST_CSUM", "MTU", "GSO", "GUEST_TSO4", "GUEST_TSO6", "GUEST_ECN",
-        "GUEST_UFO", "HOST_ECN", "HOST_UFO", "MRG_RXBUF", "CTRL_VQ", "CTRL_RX", "GUEST_ANNOUNCE", "MQ",
+        "GUEST_UFO", "HOST_ECN", "HOST_UFO", "MRG_RXBUF", "CTRL_VQ", "CTRL_RX",
+        "GUEST_ANNOUNCE", "MQ",
         "LOG_ALL", "ANY_LAYOUT", "RING_INDIRECT_DESC", "RING_EVENT_IDX", "PROTOCOL_FEATURES",
         "VERSION_1", "RING_PACKED", "IN_ORDER",
     ]

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeDevice, StubRingFactory, make_backend, replies
 
 from vhostuser.connection import events as ev
 from vhostuser.connection.backend import BASE_PROTOCOL_FEATURES, BASE_VIRTIO_FEATURES
@@ -29,6 +28,8 @@ from vhostuser.protocol import payloads as P
 from vhostuser.protocol.enums import FrontendRequest, VirtioFeature
 from vhostuser.protocol.framing import HEADER
 from vhostuser.protocol.table import FRONTEND_RULES
+
+from .fakes import FakeDevice, StubRingFactory, make_backend, replies
 
 R = FrontendRequest
 
@@ -290,7 +291,7 @@ def test_device_offer_covers_the_trace_backend(path: Path) -> None:
 def test_backend_core_replays_the_trace(path: Path) -> None:
     msgs = parse_trace(path)
     offer = trace_offer(msgs)
-    conn, host, factory, fds = _backend_for(offer)
+    conn, host, _factory, fds = _backend_for(offer)
     # Offer exactly what the trace's back-end offered, so the replies can be compared.
     conn.offered_features = VirtioFeature(offer.features)
     conn.offered_protocol_features = offer.protocol_features

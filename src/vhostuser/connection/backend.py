@@ -82,7 +82,6 @@ _DRAFT_TO_CURRENT: dict[int, FrontendRequest] = {
     DraftRequest.SET_VRING_CALL: FrontendRequest.SET_VRING_CALL,
     DraftRequest.SET_VRING_ERR: FrontendRequest.SET_VRING_ERR,
 }
-_CURRENT_TO_DRAFT = {v: k for k, v in _DRAFT_TO_CURRENT.items()}
 
 
 class MappedBuffer(Protocol):
@@ -178,13 +177,14 @@ class BackendConnection(Generic[FdT]):
         self.dialect = dialect
         self.ring_factory = ring_factory
         self.max_mem_slots = max_mem_slots
-        self.offered_features = BASE_VIRTIO_FEATURES | device.virtio_features
+        # Plain ints: ``~`` on an IntFlag only flips the bits the enum names.
+        self.offered_features = int(BASE_VIRTIO_FEATURES) | int(device.virtio_features)
         pf = BASE_PROTOCOL_FEATURES | device.protocol_features
         if device.num_queues > 1:
             pf |= PF.MQ
         if device.offer_config and device.config_space():
             pf |= PF.CONFIG
-        self.offered_protocol_features = int(pf)
+        self.offered_protocol_features = int(pf)  # plain int, see above
         self._decoder: FrameDecoder[FdT] = FrameDecoder(
             Direction.REQUESTS,
             request_names=DraftRequest if dialect is Dialect.DRAFT_2014 else FrontendRequest,
@@ -313,8 +313,7 @@ class BackendConnection(Generic[FdT]):
 
     # -- dispatch --------------------------------------------------------------------------
     def _reply(self, request: int, payload: bytes, fds: Sequence[FdT] = ()) -> None:
-        if self.dialect is Dialect.DRAFT_2014:
-            request = _CURRENT_TO_DRAFT.get(FrontendRequest(request), request)
+        """Queue a reply; ``request`` is the id as it came on the wire (either dialect)."""
         self._out.append((encode_message(request, payload, reply=True), list(fds)))
 
     def _ack(self, request: int, ok: bool) -> None:
@@ -340,6 +339,7 @@ class BackendConnection(Generic[FdT]):
             "%s: <- %s flags=%#x size=%d fds=%d",
             self.name, msg.request, msg.flags, len(msg.payload), len(fds),
         )
+        req: FrontendRequest | None = None
         try:
             req = self._translate_request(msg)
             if req is None:  # draft ECHO: answer with the same message, REPLY set
@@ -349,16 +349,12 @@ class BackendConnection(Generic[FdT]):
             rule = FRONTEND_RULES[req]
             payload = self._check(req, rule, msg, fds)
             events = self._dispatch(req, rule, payload, msg, fds)
-        except (RemoteProtocolError, GuestMemoryError, RingError, ValueError) as e:
+        except (RemoteProtocolError, GuestMemoryError, RingError, ValueError, OSError) as e:
             self._release_all(fds)
-            name = (
-                FrontendRequest(msg.request).name
-                if msg.request in FrontendRequest._value2member_map_
-                else f"request {msg.request}"
-            )
+            name = req.name if req is not None else f"request {msg.request}"
             text = str(e) if str(e).startswith(name) else f"{name}: {e}"
             if msg.need_reply:
-                self._nack(msg.request)
+                self._nack(msg.request, req)
             raise RemoteProtocolError(text) from None
         if msg.need_reply and rule.reply is Reply.NONE:
             # REPLY_ACK: ack requests that have no reply of their own. Like libvhost-user
@@ -368,16 +364,18 @@ class BackendConnection(Generic[FdT]):
             self.device.on_event(event)
         return events
 
-    def _nack(self, request: int) -> None:
-        if request in FrontendRequest._value2member_map_:
-            rule = FRONTEND_RULES[FrontendRequest(request)]
+    def _nack(self, wire_request: int, req: FrontendRequest | None) -> None:
+        if req is not None:
+            rule = FRONTEND_RULES[req]
             if rule.reply is Reply.ALWAYS and rule.reply_payload is P.ConfigPayload:
                 # vhost-user.rst GET_CONFIG: a reply with size 0 means an error.
-                self._reply(request, b"")
+                self._reply(wire_request, b"")
                 return
             if rule.reply is Reply.ALWAYS:
+                # Its own reply layout has no error code; closing the connection is the
+                # only answer (the front-end sees EOF instead of a reply).
                 return
-        self._ack(request, False)
+        self._ack(wire_request, False)
 
     def _release_all(self, fds: list[FdT]) -> None:
         while fds:
@@ -466,6 +464,16 @@ class BackendConnection(Generic[FdT]):
             raise RemoteProtocolError(
                 f"features changed from {self.features:#x} to {p.value:#x} while rings run"
             )
+        if not p.value & VF.RING_PACKED:
+            for v in self.vrings:
+                if v.num & (v.num - 1):
+                    raise RemoteProtocolError(
+                        f"split rings need a power-of-two size, ring {v.index} has num {v.num}"
+                    )
+                if v.base > 0xFFFF:
+                    raise RemoteProtocolError(
+                        f"split ring {v.index} has base {v.base:#x}, wider than 16 bits"
+                    )
         self.features = p.value
         self.device.on_features(p.value)
         out: list[ev.Event] = [ev.FeaturesAcked(p.value)]
@@ -576,6 +584,9 @@ class BackendConnection(Generic[FdT]):
         return [ev.MemTableSet(len(self.mem))]
 
     def _rem_mem_reg(self, p: P.SingleRegion, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        # QEMU up to 7.0 sends the region's fd with REM_MEM_REG; like libvhost-user we
+        # accept it and close it (PROTOCOL.md §4: "close one if it arrives").
+        self._release_all(fds)
         r = p.region
         found = self.mem.find_exact(r.guest_phys_addr, r.memory_size, r.userspace_addr)
         if found is None:
@@ -691,17 +702,17 @@ class BackendConnection(Generic[FdT]):
 
     def _set_vring_fd(self, kind: str, p: P.VringFile, fds: list[FdT]) -> list[ev.Event]:
         v = self.vrings[p.index]
-        old = getattr(v, kind)
-        if old is not None:
-            self.host.release_fd(old)
         fd = None if p.nofd else fds.pop()
         check = getattr(self.host, "check_notify_fd", None)
         if fd is not None and check is not None:
             try:
                 check(fd, f"ring {p.index} {kind} fd")
-            except RemoteProtocolError:
+            except (RemoteProtocolError, OSError):
                 self.host.release_fd(fd)
                 raise
+        old = getattr(v, kind)
+        if old is not None:
+            self.host.release_fd(old)
         setattr(v, kind, fd)
         if kind == "kick":
             v.kick_polled = p.nofd
@@ -747,9 +758,17 @@ class BackendConnection(Generic[FdT]):
         return [ev.ConfigWritten(p.offset, p.data, p.flags)]
 
     def _set_backend_req_fd(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        fd = fds.pop()
+        check = getattr(self.host, "check_socket_fd", None)
+        if check is not None:
+            try:
+                check(fd, "SET_BACKEND_REQ_FD fd")
+            except (RemoteProtocolError, OSError):
+                self.host.release_fd(fd)
+                raise
         if self.backend_channel is not None:
             self.host.release_fd(self.backend_channel)
-        self.backend_channel = fds.pop()
+        self.backend_channel = fd
         return [ev.BackendChannelSet(self.backend_channel)]
 
     def _set_status(self, p: P.U64Payload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:

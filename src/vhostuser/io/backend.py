@@ -75,6 +75,22 @@ class ShellHost:
             return
         raise RemoteProtocolError(f"{what} is {target}, not an eventfd or a pipe")
 
+    def check_socket_fd(self, fd: OwnedFd, what: str) -> None:
+        """Refuse a back-end channel fd that is not a connected AF_UNIX stream socket.
+
+        Raises:
+            RemoteProtocolError: the fd is of another kind (named in the message).
+        """
+        st = os.fstat(fd.fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RemoteProtocolError(f"{what} is not a socket (mode {st.st_mode:#o})")
+        with socket.socket(fileno=os.dup(fd.fd)) as probe:
+            if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM:
+                raise RemoteProtocolError(
+                    f"{what} is a {probe.family.name}/{probe.type.name} socket, "
+                    "not AF_UNIX stream"
+                )
+
 
 def signal_fd(fd: OwnedFd | None) -> None:
     """Write one notification to an eventfd (call/err); a full counter is fine."""

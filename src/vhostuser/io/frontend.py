@@ -98,6 +98,8 @@ class FrontendClient:
         self.channel_events: list[ev.Event] = []
         self.negotiated: Negotiated | None = None
         self.mem_regions: list[P.MemoryRegion] = []
+        self.sent: list[FrontendRequest] = []
+        """Every request sent, in order (for tests and tools)."""
         self._closed = False
 
     # -- construction -----------------------------------------------------------------------
@@ -154,6 +156,7 @@ class FrontendClient:
         data = self.conn.request(req, payload, nfds=len(fds), need_reply=need_reply)
         log.debug("%s: -> %s size=%d fds=%d", self.name, req.name, len(data) - 12, len(fds))
         send_msg(self.sock, data, fds, timeout=self.timeout)
+        self.sent.append(req)
         if self.conn.waiting == before:
             return None
         reply = self._wait_reply()

@@ -160,7 +160,7 @@ class FrameDecoder(Generic[FdT]):
         n = len(self._buf)
         if n < HEADER_SIZE:
             return HEADER_SIZE - n
-        _r, _f, size = HEADER.unpack_from(self._buf)
+        size: int = HEADER.unpack_from(self._buf)[2]
         return max(1, HEADER_SIZE + min(size, self.max_payload) - n)
 
     def _starts(self, upto: int) -> list[int]:
