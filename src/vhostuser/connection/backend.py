@@ -25,6 +25,7 @@ from ..protocol import payloads as P
 from ..protocol.enums import DraftRequest, FrontendRequest, ProtocolFeature, VirtioFeature
 from ..protocol.framing import Direction, FrameDecoder, Message, encode_message
 from ..protocol.table import FRONTEND_RULES, Fds, Reply, Rule
+from ..virtq.inflight import InflightArea, inflight_area_bytes
 from . import events as ev
 from .vring import RingEvent, VringControl
 
@@ -93,7 +94,7 @@ class MappedBuffer(Protocol):
     def close(self) -> object: ...
 
 
-class BackendHost(Protocol[FdT]):  # type: ignore[misc]
+class BackendHost(Protocol[FdT]):
     """What the core needs from the I/O shell. Implemented by ``vhostuser.io.backend``."""
 
     def map_region(self, fd: FdT, *, mmap_offset: int, size: int) -> MappedBuffer:
@@ -106,6 +107,17 @@ class BackendHost(Protocol[FdT]):  # type: ignore[misc]
 
     def release_fd(self, fd: FdT) -> None:
         """Close an fd the core owns."""
+        ...
+
+    def alloc_shared(self, size: int) -> tuple[FdT, MappedBuffer]:
+        """Create ``size`` bytes of zeroed shareable memory (GET_INFLIGHT_FD).
+
+        Returns an fd to send to the front-end (the core gives it away with the reply)
+        and the back-end's own mapping.
+
+        Raises:
+            OSError: the memory could not be created.
+        """
         ...
 
 
@@ -210,6 +222,8 @@ class BackendConnection(Generic[FdT]):
         self.backend_channel: FdT | None = None
         self.log_fd: FdT | None = None
         self.extra_fds: list[FdT] = []
+        self.inflight: InflightArea | None = None
+        self._inflight_map: MappedBuffer | None = None
 
     def _release_session(self) -> None:
         for v in self.vrings:
@@ -222,7 +236,16 @@ class BackendConnection(Generic[FdT]):
         self.backend_channel = None
         self.log_fd = None
         self.extra_fds = []
+        self._drop_inflight()
         self._unmap(self.mem.clear())
+
+    def _drop_inflight(self) -> None:
+        if self.inflight is not None:
+            self.inflight.buf.release()
+            self.inflight = None
+        if self._inflight_map is not None:
+            self._inflight_map.close()
+            self._inflight_map = None
 
     def _unmap(self, regions: Sequence[Region]) -> None:
         for r in regions:
@@ -638,6 +661,12 @@ class BackendConnection(Generic[FdT]):
             raise RemoteProtocolError(f"num {num} is not a power of two (ring {p.index})")
         if v.started:
             raise RemoteProtocolError(f"ring {p.index} is started; size cannot change")
+        inf = self.inflight
+        if inf is not None and p.index < inf.num_queues and num != inf.queue_size:
+            raise RemoteProtocolError(
+                f"num {num} disagrees with the inflight area's queue_size {inf.queue_size} "
+                f"(ring {p.index})"
+            )
         v.num = num
         return [ev.VringConfigured(p.index)]
 
@@ -790,6 +819,66 @@ class BackendConnection(Generic[FdT]):
             raise RemoteProtocolError(f"mtu {p.value} is outside 68..65535")
         return [ev.MtuSet(p.value)]
 
+    def _inflight_geometry(self, p: P.InflightPayload) -> int:
+        if not 1 <= p.num_queues <= len(self.vrings):
+            raise RemoteProtocolError(
+                f"num_queues {p.num_queues} is outside 1..{len(self.vrings)}"
+            )
+        if not 1 <= p.queue_size <= MAX_SPLIT_RING:
+            raise RemoteProtocolError(f"queue_size {p.queue_size} is outside 1..{MAX_SPLIT_RING}")
+        return inflight_area_bytes(p.num_queues, p.queue_size, self.packed)
+
+    def _get_inflight_fd(
+        self, p: P.InflightPayload, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        # vhost-user.rst GET_INFLIGHT_FD: the back-end allocates the area for the
+        # front-end's num_queues x queue_size and returns it with its size; a repeat
+        # replaces the previous area (nothing accumulates).
+        size = self._inflight_geometry(p)
+        fd, mapping = self.host.alloc_shared(size)
+        try:
+            area = InflightArea(mapping.buf[:size], p.num_queues, p.queue_size, self.packed)
+        except ValueError:
+            self.host.release_fd(fd)
+            mapping.close()
+            raise
+        self._drop_inflight()
+        self.inflight, self._inflight_map = area, mapping
+        self.device.on_inflight(area, fresh=True)
+        reply = P.InflightPayload(mmap_size=size, mmap_offset=0, num_queues=p.num_queues,
+                                  queue_size=p.queue_size)
+        self._reply(msg.request, reply.encode(), [fd])
+        return []
+
+    def _set_inflight_fd(
+        self, p: P.InflightPayload, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        # vhost-user.rst SET_INFLIGHT_FD: adopt the area after a reconnect. Every field
+        # is checked against what our own queues can hold before anything is mapped.
+        need = self._inflight_geometry(p)
+        if p.mmap_size < need:
+            raise RemoteProtocolError(
+                f"mmap_size {p.mmap_size} is smaller than the {need} bytes {p.num_queues} "
+                f"queues of size {p.queue_size} need"
+            )
+        for v in self.vrings[: p.num_queues]:
+            if v.num and v.num != p.queue_size:
+                raise RemoteProtocolError(
+                    f"queue_size {p.queue_size} disagrees with SET_VRING_NUM {v.num} "
+                    f"(ring {v.index})"
+                )
+        mapping = self.host.map_region(fds.pop(), mmap_offset=p.mmap_offset, size=p.mmap_size)
+        try:
+            view = mapping.buf[p.mmap_offset : p.mmap_offset + p.mmap_size]
+            area = InflightArea(view, p.num_queues, p.queue_size, self.packed)
+        except ValueError as e:
+            mapping.close()
+            raise RemoteProtocolError(str(e)) from None
+        self._drop_inflight()
+        self.inflight, self._inflight_map = area, mapping
+        self.device.on_inflight(area, fresh=False)
+        return []
+
     # -- data-path entry points (called by the shell) --------------------------------------
     def kick(self, index: int) -> list[ev.Event]:
         """A kick arrived for ring ``index`` (kick fd readable, or in-band VRING_KICK).
@@ -853,4 +942,6 @@ _HANDLERS: dict[FrontendRequest, _Handler] = {
     FrontendRequest.REM_MEM_REG: BackendConnection._rem_mem_reg,
     FrontendRequest.SET_STATUS: BackendConnection._set_status,
     FrontendRequest.GET_STATUS: BackendConnection._get_status,
+    FrontendRequest.GET_INFLIGHT_FD: BackendConnection._get_inflight_fd,
+    FrontendRequest.SET_INFLIGHT_FD: BackendConnection._set_inflight_fd,
 }

@@ -8,13 +8,34 @@ smallest device is a subclass that sets ``device_type`` and overrides :meth:`han
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..protocol.enums import DeviceType
 
 if TYPE_CHECKING:
     from ..connection.events import Event
     from ..memory import GuestMemory
+    from ..virtq.inflight import InflightArea
+
+
+class QueueAccess(Protocol):
+    """What a device may do with its session's rings (implemented by the I/O shell)."""
+
+    def ring(self, index: int) -> Any:
+        """The started, unbroken device ring ``index`` (split or packed), or None."""
+        ...
+
+    def enabled(self, index: int) -> bool:
+        """True if ring ``index`` is enabled."""
+        ...
+
+    def notify(self, index: int) -> None:
+        """Signal the call fd of ring ``index`` (after pushing used buffers)."""
+        ...
+
+    def ring_broken(self, index: int, reason: str) -> None:
+        """Report that the guest broke ring ``index``."""
+        ...
 
 
 class Device:
@@ -74,6 +95,14 @@ class Device:
 
     def on_memory(self, mem: GuestMemory) -> None:
         """The memory table changed; ``mem`` translates guest addresses."""
+
+    def attach(self, queues: QueueAccess) -> None:
+        """The session serving this device: gives the device its rings to push into on
+        its own initiative (a switch delivering a frame to an RX queue)."""
+
+    def on_inflight(self, area: InflightArea, *, fresh: bool) -> None:
+        """The inflight area (INFLIGHT_SHMFD): ``fresh`` for a new zeroed one from
+        GET_INFLIGHT_FD, False for one adopted with SET_INFLIGHT_FD after a reconnect."""
 
     def on_event(self, event: Event) -> None:
         """Any connection event (started/stopped/enabled rings, status, RARP, MTU...)."""

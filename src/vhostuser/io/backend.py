@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -55,6 +56,25 @@ class ShellHost:
     def release_fd(self, fd: OwnedFd) -> None:
         """Close an fd the core owned."""
         fd.close()
+
+    def alloc_shared(self, size: int) -> tuple[OwnedFd, Mapping]:
+        """A zeroed, shrink-sealed memfd of ``size`` bytes and our mapping of it.
+
+        Raises:
+            OSError: memfd_create, ftruncate or mmap failed.
+        """
+        fd = OwnedFd(os.memfd_create("vhostuser-inflight",
+                                     os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        try:
+            os.ftruncate(fd.fd, size)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd.fd, fcntl.F_ADD_SEALS,
+                            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            mapping = map_region_fd(OwnedFd(os.dup(fd.fd)), mmap_offset=0, size=size)
+        except BaseException:
+            fd.close()
+            raise
+        return fd, mapping
 
     def check_notify_fd(self, fd: OwnedFd, what: str) -> None:
         """Refuse kick/call/err fds that are not an eventfd or a pipe.
@@ -141,6 +161,31 @@ class BackendSession:
         self._channel: BackendChannel[OwnedFd] | None = None
         self._channel_sock: socket.socket | None = None
         reactor.add_reader(sock.fileno(), self._on_readable)
+        device.attach(self)
+
+    # -- QueueAccess (what the device may do with our rings) ------------------------------
+    def ring(self, index: int) -> Any:
+        """The started, unbroken engine of ring ``index``, or None."""
+        if self.closed or not 0 <= index < len(self.conn.vrings):
+            return None
+        v = self.conn.vrings[index]
+        if not v.started or v.broken is not None:
+            return None
+        return v.engine
+
+    def enabled(self, index: int) -> bool:
+        """True if ring ``index`` is enabled."""
+        return 0 <= index < len(self.conn.vrings) and self.conn.vrings[index].enabled
+
+    def notify(self, index: int) -> None:
+        """Signal ring ``index``'s call fd."""
+        if not self.closed and 0 <= index < len(self.conn.vrings):
+            signal_fd(self.conn.vrings[index].call)
+
+    def ring_broken(self, index: int, reason: str) -> None:
+        """The device found ring ``index`` broken by the guest."""
+        if not self.closed and self.conn.vrings[index].broken is None:
+            self._on_event(self.conn.ring_broken(index, reason))
 
     # -- control socket ---------------------------------------------------------------------
     def _on_readable(self) -> None:
