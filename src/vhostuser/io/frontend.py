@@ -38,7 +38,7 @@ VF = VirtioFeature
 #: Protocol features this front-end knows how to use.
 SUPPORTED_PROTOCOL_FEATURES = (
     PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
-    | PF.MTU | PF.RARP | PF.RESET_DEVICE
+    | PF.MTU | PF.RARP | PF.RESET_DEVICE | PF.INFLIGHT_SHMFD
 )
 
 
