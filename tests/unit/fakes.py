@@ -73,6 +73,7 @@ class FakeHost:
         self.fd_sizes: dict[int, int] = {}
         self.unmappable: set[int] = set()
         self.not_notify_fds: set[int] = set()
+        self._next_shared = 0
 
     # BackendHost protocol
     def map_region(self, fd: int, *, mmap_offset: int, size: int) -> FakeMapping:
@@ -92,6 +93,14 @@ class FakeHost:
     def release_fd(self, fd: int) -> None:
         self.released[fd] += 1
         self.release_calls.append(fd)
+
+    def alloc_shared(self, size: int) -> tuple[int, FakeMapping]:
+        """Shared memory for GET_INFLIGHT_FD: a fresh token (negative, so it never
+        collides with test tokens) and a mapping of ``size`` bytes."""
+        self._next_shared -= 1
+        m = FakeMapping(self._next_shared, size)
+        self.mapped.append(m)
+        return self._next_shared, m
 
     def check_notify_fd(self, fd: int, what: str) -> None:
         """The optional check the real shell makes on kick/call/err fds."""
