@@ -247,7 +247,7 @@ def test_partial_sends_of_a_large_message(pair: tuple[socket.socket, socket.sock
     close_all(received)
     # glibc caches the finished thread's stack and malloc maps the 2 MiB buffers: private
     # mappings that are not ours to count. Fds, shared maps and threads must be exact.
-    diff = fdcount.snapshot().diff(before, maps_slack=16)
+    diff = before.settled_diff(maps_slack=16)
     assert not diff, diff
     close_all(fds)
 

@@ -10,7 +10,9 @@ private and may grow or shrink between two snapshots without anything having lea
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,29 +35,42 @@ class Snapshot:
     threads: int
 
     def diff(self, other: Snapshot, *, maps_slack: int = 0) -> str:
-        """Describe what changed from ``other`` (earlier) to ``self`` (later).
+        """Describe what *grew* from ``other`` (earlier) to ``self`` (later).
 
-        Returns "" when the fd count, the fd targets, the shared mappings and the thread
-        count are unchanged and the total mapping count moved by at most ``maps_slack``
-        (private heap mappings come and go; see the module docstring). So tests write
-        ``assert not after.diff(before), after.diff(before)``.
+        Returns "" when no fd, shared mapping or thread was added and the total mapping
+        count grew by at most ``maps_slack`` (private heap mappings come and go; see the
+        module docstring). Shrinking is not a leak: garbage from earlier work may be
+        collected meanwhile. So tests write ``assert not after.diff(before)``.
         """
         parts: list[str] = []
-        if self.fd_count != other.fd_count or self.fd_targets != other.fd_targets:
+        fds_added = Counter(self.fd_targets) - Counter(other.fd_targets)
+        if self.fd_count > other.fd_count or fds_added:
             parts.append(
                 f"fds {other.fd_count} -> {self.fd_count}"
                 + _multiset_delta(other.fd_targets, self.fd_targets)
             )
-        if self.shared_maps != other.shared_maps:
+        if Counter(self.shared_maps) - Counter(other.shared_maps):
             parts.append(
                 f"shared mappings {len(other.shared_maps)} -> {len(self.shared_maps)}"
                 + _multiset_delta(other.shared_maps, self.shared_maps)
             )
-        if abs(self.maps_count - other.maps_count) > maps_slack:
+        if self.maps_count - other.maps_count > maps_slack:
             parts.append(f"mappings {other.maps_count} -> {self.maps_count}")
-        if self.threads != other.threads:
+        if self.threads > other.threads:
             parts.append(f"threads {other.threads} -> {self.threads}")
         return "; ".join(parts)
+
+    def settled_diff(self, *, maps_slack: int = 0, timeout: float = 2.0) -> str:
+        """Take fresh snapshots (collecting garbage) until nothing grew from ``self``, or
+        ``timeout`` passes; return the last :meth:`diff`. Threads that were just joined and
+        fds released by finalizers need a moment to disappear."""
+        deadline = time.monotonic() + timeout
+        while True:
+            gc.collect()
+            d = snapshot().diff(self, maps_slack=maps_slack)
+            if not d or time.monotonic() > deadline:
+                return d
+            time.sleep(0.02)
 
 
 def _multiset_delta(before: tuple[str, ...], after: tuple[str, ...]) -> str:
