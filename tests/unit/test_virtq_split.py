@@ -678,3 +678,36 @@ def test_guest_memory_error_is_not_leaked() -> None:
     with pytest.raises(RingError) as ei:
         dev.pop(1)
     assert not isinstance(ei.value, GuestMemoryError)
+
+
+def test_resubmit_puts_heads_back_in_flight() -> None:
+    r = Ring()
+    r.d(4, DATA, 4, W)
+    r.d(6, DATA + 8, 2)
+    r.d(7, DATA, 0, N, 7)
+    dev = r.device()
+    chains = dev.resubmit([4, 6], 10)
+    assert [c.head for c in chains] == [4, 6] and dev.in_flight == 2 and dev.next_avail == 10
+    with pytest.raises(ValueError, match="head 4 is outside the queue or already in flight"):
+        dev.resubmit([4], 10)
+    with pytest.raises(ValueError, match="16-bit"):
+        dev.resubmit([], 65536)
+    dev.push([(4, 4), (6, 0)])
+    with pytest.raises(RingError, match="loop"):
+        dev.resubmit([7], 10)
+    assert dev.broken is not None
+
+
+def test_pop_descriptor_budget_bounds_a_burst() -> None:
+    """Long chains sharing descriptors: one pop reads about 16 x budget descriptors."""
+    size = 64
+    r = Ring(size)
+    for i in range(size):
+        r.d(i, DATA, 0, N if i < size - 1 else 0, i + 1)
+    r.offer(*range(8))  # heads 0..7: chains of 64, 63, 62, ... descriptors
+    dev = r.device()
+    # budget 8 -> 128 descriptors: 64 + 63 < 128, the third chain crosses it and ends the pop
+    assert [c.ring_descs for c in dev.pop(8)] == [64, 63, 62]
+    assert dev.broken is None
+    assert [c.ring_descs for c in dev.pop(8)] == [61, 60, 59]
+    assert [c.ring_descs for c in dev.pop(100)] == [58, 57]

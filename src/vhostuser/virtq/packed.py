@@ -34,6 +34,7 @@ from .chain import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    DESCS_PER_CHAIN,
     MAX_CHAIN_BYTES,
     Chain,
     check_queue_size,
@@ -180,6 +181,7 @@ class PackedDeviceRing:
         "_size",
         "_used_idx",
         "_used_wrap",
+        "_walked",
     )
 
     def __init__(
@@ -233,6 +235,7 @@ class PackedDeviceRing:
         self._pushed = False
         self._since_signal = 0
         self._signalled_valid = False
+        self._walked = 0  # descriptors read by the current pop()
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -309,7 +312,8 @@ class PackedDeviceRing:
         """Take up to ``budget`` available buffers, in ring order.
 
         A descriptor whose AVAIL/USED bits do not match the wrap counter is simply not
-        available (virtio 1.2 2.8.1); popping stops there.
+        available (virtio 1.2 2.8.1); popping stops there. It also stops once the call has
+        read ``DESCS_PER_CHAIN * budget`` descriptors (the rest wait for the next call).
 
         Raises:
             RingError: the guest broke the ring; the ring is now broken and every later
@@ -319,8 +323,10 @@ class PackedDeviceRing:
             return []
         desc_h = self._desc_h
         walk = self._walk
+        desc_budget = DESCS_PER_CHAIN * budget
+        self._walked = 0
         out: list[Chain] = []
-        while len(out) < budget:
+        while len(out) < budget and self._walked < desc_budget:
             slot = self._next_avail
             # Flags first, one aligned 16-bit load; the rest of the descriptor is read
             # only after it says "available" (load->load order, barrier.py).
@@ -336,6 +342,7 @@ class PackedDeviceRing:
         desc = self._desc
         desc_h = self._desc_h
         segments = self._mem.segments
+        view = self._mem.view
         wrap = self._avail_wrap
         head_slot = slot
         readable: list[memoryview] = []
@@ -367,6 +374,7 @@ class PackedDeviceRing:
                         f"{where}: indirect table has {entries} entries, more than the queue "
                         f"size {size}"
                     )
+                self._walked += entries
                 try:
                     table = self._mem.view(addr, ln)
                 except GuestMemoryError as e:
@@ -393,9 +401,12 @@ class PackedDeviceRing:
                         in_write = True
                         if el:
                             try:
-                                writable += segments(a, el)
-                            except GuestMemoryError as err:
-                                self._fail(f"{where}: entry {ent} buffer {a:#x}+{el:#x}: {err}")
+                                writable.append(view(a, el))
+                            except GuestMemoryError:  # crosses regions (or is unmapped)
+                                try:
+                                    writable += segments(a, el)
+                                except GuestMemoryError as err:
+                                    self._fail(f"{where}: entry {ent} buffer {a:#x}+{el:#x}: {err}")
                             wlen += el
                         wgpas.append((a, el))
                     else:
@@ -406,9 +417,12 @@ class PackedDeviceRing:
                             )
                         if el:
                             try:
-                                readable += segments(a, el)
-                            except GuestMemoryError as err:
-                                self._fail(f"{where}: entry {ent} buffer {a:#x}+{el:#x}: {err}")
+                                readable.append(view(a, el))
+                            except GuestMemoryError:  # crosses regions (or is unmapped)
+                                try:
+                                    readable += segments(a, el)
+                                except GuestMemoryError as err:
+                                    self._fail(f"{where}: entry {ent} buffer {a:#x}+{el:#x}: {err}")
                             rlen += el
                 break
             if rlen + wlen + ln > MAX_CHAIN_BYTES:
@@ -421,9 +435,12 @@ class PackedDeviceRing:
                 in_write = True
                 if ln:
                     try:
-                        writable += segments(addr, ln)
-                    except GuestMemoryError as e:
-                        self._fail(f"buffer at slot {head_slot}: {addr:#x}+{ln:#x}: {e}")
+                        writable.append(view(addr, ln))
+                    except GuestMemoryError:  # crosses regions (or is unmapped)
+                        try:
+                            writable += segments(addr, ln)
+                        except GuestMemoryError as e:
+                            self._fail(f"buffer at slot {head_slot}: {addr:#x}+{ln:#x}: {e}")
                     wlen += ln
                 wgpas.append((addr, ln))
             else:
@@ -435,9 +452,12 @@ class PackedDeviceRing:
                     )
                 if ln:
                     try:
-                        readable += segments(addr, ln)
-                    except GuestMemoryError as e:
-                        self._fail(f"buffer at slot {head_slot}: {addr:#x}+{ln:#x}: {e}")
+                        readable.append(view(addr, ln))
+                    except GuestMemoryError:  # crosses regions (or is unmapped)
+                        try:
+                            readable += segments(addr, ln)
+                        except GuestMemoryError as e:
+                            self._fail(f"buffer at slot {head_slot}: {addr:#x}+{ln:#x}: {e}")
                     rlen += ln
             if not f & DESC_F_NEXT:
                 break
@@ -471,6 +491,7 @@ class PackedDeviceRing:
                 f"buffer at slot {head_slot}: {n} descriptors with {self._inflight_descs} in "
                 f"flight exceed the queue size {size}"
             )
+        self._walked += n
         chain = Chain(bid, readable, writable, rlen, wlen, wgpas, n)
         ids[bid] = chain
         slot += 1
@@ -636,7 +657,7 @@ class PackedDeviceRing:
 class PackedDriverRing(Generic[T]):
     """The front-end (driver) side of one packed virtqueue, over memory it owns.
 
-    The constructor initialises the ring (descriptors look used-in-the-previous-lap, event
+    The constructor initialises the ring (every descriptor looks already used, event
     structures ENABLE). ``start_idx``/``start_wrap`` other than ``0``/``True`` exist to test
     wrap-around; the device must then be built with the matching base,
     ``encode_base(start_idx, start_wrap, start_idx, start_wrap)``.
@@ -721,10 +742,14 @@ class PackedDriverRing(Generic[T]):
         self._desc = desc
         self._desc_h = desc.cast("H")
         self._desc_w = desc.cast("I")
-        if not start_wrap:
-            # Look "used in a lap with wrap 1" so neither side mistakes a slot for its own.
-            for s in range(size):
-                self._desc_h[(s << 3) + 7] = _AU
+        # Make the ring look as if every earlier position had been used: slots before
+        # start_idx in this lap, the others in the previous lap. Then no slot matches what
+        # either side polls for until it is written (all four AVAIL/USED patterns are
+        # meaningful, so no single fill value would do). Fresh ring: all zero.
+        used_now = _AU if start_wrap else 0
+        used_before = 0 if start_wrap else _AU
+        for s in range(size):
+            self._desc_h[(s << 3) + 7] = used_now if s < start_idx else used_before
         self._drv_w = drv.cast("I")
         self._dev_w = dev.cast("I")
         self._drv_w[0] = RING_EVENT_FLAGS_ENABLE << 16

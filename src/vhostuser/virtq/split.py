@@ -29,6 +29,7 @@ from .chain import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    DESCS_PER_CHAIN,
     MAX_CHAIN_BYTES,
     Chain,
     check_queue_size,
@@ -234,7 +235,8 @@ class SplitDeviceRing:
         """Take up to ``budget`` available chains.
 
         ``avail.idx`` is read once per call. Each chain's head is recorded as in flight until
-        :meth:`push` returns it.
+        :meth:`push` returns it. Fewer chains come back when the call has already read
+        ``DESCS_PER_CHAIN * budget`` descriptors (the rest wait for the next call).
 
         Raises:
             RingError: the guest broke the ring; the ring is now broken (``broken`` holds the
@@ -263,6 +265,7 @@ class SplitDeviceRing:
         chains = self._chains
         mask = self._mask
         walk = self._walk
+        desc_budget = DESCS_PER_CHAIN * budget
         out: list[Chain] = []
         for _ in range(pending):
             head: int = avail_h[2 + (nxt & mask)]  # read once
@@ -276,12 +279,46 @@ class SplitDeviceRing:
             nxt = (nxt + 1) & 0xFFFF
             self._next_avail = nxt
             self._in_flight += 1
+            desc_budget -= chain.ring_descs
+            if desc_budget <= 0:
+                break
+        return out
+
+    def resubmit(self, heads: Sequence[int], next_avail: int) -> list[Chain]:
+        """Put ``heads`` back in flight and resume popping at ``next_avail``.
+
+        For INFLIGHT_SHMFD recovery: the chains a previous back-end had popped but not
+        completed are walked and validated exactly as :meth:`pop` does, and returned in the
+        given order.
+
+        Raises:
+            RingError: a head's chain is invalid; the ring is then broken.
+            ValueError: a head is outside the queue or already in flight, or ``next_avail``
+                is not a 16-bit index (caller bugs).
+        """
+        if not 0 <= next_avail <= 0xFFFF:
+            raise ValueError(f"{self._name}: resubmit: next avail {next_avail} is not 16-bit")
+        if self._broken is not None:
+            return []
+        chains = self._chains
+        out: list[Chain] = []
+        for h in heads:
+            if not 0 <= h < self._size or chains[h] is not None:
+                raise ValueError(
+                    f"{self._name}: resubmit: head {h} is outside the queue or already in flight"
+                )
+            chain = self._walk(h)
+            chains[h] = chain
+            self._in_flight += 1
+            out.append(chain)
+        self._next_avail = next_avail
         return out
 
     def _walk(self, head: int) -> Chain:
         """Walk, validate and translate the chain at ``head`` (SECURITY.md "Rings")."""
         size = self._size
         segments = self._mem.segments
+        view = self._mem.view
         table = self._desc
         limit = size  # virtio 1.2 2.7.5.3.1: no chain longer than the queue size
         in_table = False
@@ -353,9 +390,12 @@ class SplitDeviceRing:
                 in_write = True
                 if ln:
                     try:
-                        writable += segments(addr, ln)
-                    except GuestMemoryError as e:
-                        self._fail(f"chain at head {head}: buffer {addr:#x}+{ln:#x}: {e}")
+                        writable.append(view(addr, ln))
+                    except GuestMemoryError:  # crosses regions (or is unmapped)
+                        try:
+                            writable += segments(addr, ln)
+                        except GuestMemoryError as e:
+                            self._fail(f"chain at head {head}: buffer {addr:#x}+{ln:#x}: {e}")
                     wlen += ln
                 wgpas.append((addr, ln))
             else:
@@ -367,9 +407,12 @@ class SplitDeviceRing:
                     )
                 if ln:
                     try:
-                        readable += segments(addr, ln)
-                    except GuestMemoryError as e:
-                        self._fail(f"chain at head {head}: buffer {addr:#x}+{ln:#x}: {e}")
+                        readable.append(view(addr, ln))
+                    except GuestMemoryError:  # crosses regions (or is unmapped)
+                        try:
+                            readable += segments(addr, ln)
+                        except GuestMemoryError as e:
+                            self._fail(f"chain at head {head}: buffer {addr:#x}+{ln:#x}: {e}")
                     rlen += ln
             if not flags & DESC_F_NEXT:
                 break
