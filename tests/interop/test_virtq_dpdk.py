@@ -49,7 +49,7 @@ class RecordingNet(NullNetDevice):
 
 
 def _ip_checksum(hdr: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
+    total: int = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return total

@@ -497,3 +497,23 @@ def test_driver_own_mistakes() -> None:
         drv.add([(DATA, 1, True), (DATA, 1, False)], 0)
     assert drv.add([(DATA, 1, False)] * SIZE, 0)
     assert not drv.add([(DATA, 1, False)], 1)
+
+
+def test_pop_descriptor_budget_bounds_a_burst() -> None:
+    r = PRing(size=64)
+    for s in range(64):
+        r.d(s, DATA, 0, s, N if s % 32 != 31 else 0)  # two chains of 32 descriptors
+    dev = r.device()
+    assert [c.ring_descs for c in dev.pop(1)] == [32]  # budget 1 -> 16 descriptors
+    assert [c.ring_descs for c in dev.pop(1)] == [32]
+
+
+def test_pop_descriptor_budget_counts_indirect_entries() -> None:
+    r = PRing(size=32)
+    r.table(TABLE, [(DATA, 0, 0)] * 32)
+    for s in range(4):
+        r.d(s, TABLE, 16 * 32, s, IND)
+    dev = r.device()
+    # budget 3 -> 48 descriptors; each buffer reads 1 + 32: the second one crosses it
+    assert [c.head for c in dev.pop(3)] == [0, 1]
+    assert [c.head for c in dev.pop(3)] == [2, 3]

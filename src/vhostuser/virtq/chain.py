@@ -12,6 +12,7 @@ from ..errors import GuestMemoryError, RingError
 from ..memory import GuestMemory
 
 __all__ = [
+    "DESCS_PER_CHAIN",
     "DESC_F_INDIRECT",
     "DESC_F_NEXT",
     "DESC_F_WRITE",
@@ -33,6 +34,13 @@ MAX_QUEUE_SIZE: Final = 32768
 #: virtio 1.2 2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in
 #: total"; the used ``len`` is a u32, so we allow at most 2**32 - 1.
 MAX_CHAIN_BYTES: Final = 0xFFFF_FFFF
+
+#: ``pop(budget)`` stops taking chains once it has read ``DESCS_PER_CHAIN * budget``
+#: descriptors (direct and indirect). Legal chains may each be as long as the queue and may
+#: share descriptors, so without this a guest could make one burst read budget x 32768
+#: descriptors and starve every other queue (SECURITY.md "a flood on one queue does not
+#: starve the others"). A burst then reads at most this many plus one chain's worth.
+DESCS_PER_CHAIN: Final = 16
 
 
 class Chain:
