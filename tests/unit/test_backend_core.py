@@ -1173,3 +1173,22 @@ def test_any_message_sequence(msgs: list[tuple[bytes, int, str]], good_start: bo
     conn.close()
     host.assert_all_released(fds.given)
     assert host.live_mappings() == []
+
+
+def test_add_mem_reg_repeated_by_each_queue_pair(ready: Setup) -> None:
+    """QEMU 7.2 sends ADD_MEM_REG once per vhost_dev (per net queue pair): the same region
+    twice is counted, not refused, and it stays mapped until removed as often."""
+    conn, host, _f, fds = ready
+    first, second = fds.take(1), fds.take(1)
+    feed(conn, req(R.ADD_MEM_REG, _slot(0), need_reply=True), first)
+    feed(conn, req(R.ADD_MEM_REG, _slot(0), need_reply=True), second)
+    assert replies(conn) == [ack(R.ADD_MEM_REG), ack(R.ADD_MEM_REG)]
+    assert host.released[second[0]] == 1  # the duplicate's fd is closed at once
+    added = host.mapped[-1]
+    regions = len(conn.mem)
+    feed(conn, req(R.REM_MEM_REG, _slot(0), need_reply=True))
+    assert replies(conn) == [ack(R.REM_MEM_REG)]
+    assert added.closes == 0 and len(conn.mem) == regions
+    feed(conn, req(R.REM_MEM_REG, _slot(0), need_reply=True))
+    assert replies(conn) == [ack(R.REM_MEM_REG)]
+    assert added.closes == 1 and len(conn.mem) == regions - 1

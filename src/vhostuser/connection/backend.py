@@ -216,6 +216,9 @@ class BackendConnection(Generic[FdT]):
         self.status = 0
         self.mem = RegionTable(self.max_mem_slots)
         self._mappings: dict[int, MappedBuffer] = {}  # id(Region) -> mapping
+        # id(Region) -> how many ADD_MEM_REG added it: QEMU sends ADD_MEM_REG once per
+        # vhost_dev, and a multiqueue net device has one vhost_dev per queue pair.
+        self._region_refs: dict[int, int] = {}
         self.vrings: list[VringControl[FdT]] = [
             VringControl(i) for i in range(self.device.num_queues)
         ]
@@ -250,6 +253,7 @@ class BackendConnection(Generic[FdT]):
     def _unmap(self, regions: Sequence[Region]) -> None:
         for r in regions:
             m = self._mappings.pop(id(r), None)
+            self._region_refs.pop(id(r), None)
             r.buf.release()
             if m is not None:
                 m.close()
@@ -593,6 +597,14 @@ class BackendConnection(Generic[FdT]):
         return [ev.MemTableSet(len(self.mem))]
 
     def _add_mem_reg(self, p: P.SingleRegion, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        r = p.region
+        same = self.mem.find_exact(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        if same is not None and same.mmap_offset == r.mmap_offset:
+            # QEMU 7.2 adds every region once per vhost_dev: a net device with N queue
+            # pairs sends the same ADD_MEM_REG N times. Count it; keep our mapping.
+            self._release_all(fds)
+            self._region_refs[id(same)] = self._region_refs.get(id(same), 1) + 1
+            return []
         if len(self.mem) >= self.max_mem_slots:
             raise RemoteProtocolError(
                 f"all {self.max_mem_slots} memory slots (GET_MAX_MEM_SLOTS) are in use"
@@ -617,6 +629,10 @@ class BackendConnection(Generic[FdT]):
                 f"no region gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} "
                 f"uva {r.userspace_addr:#x} to remove"
             )
+        refs = self._region_refs.pop(id(found), 1)
+        if refs > 1:  # added more than once (see _add_mem_reg): still in use
+            self._region_refs[id(found)] = refs - 1
+            return []
         self.mem.remove(found)
         self._memory_changed()
         self._unmap([found])

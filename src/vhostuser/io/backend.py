@@ -385,6 +385,11 @@ class BackendSession:
         if result.notify:
             signal_fd(v.call)
         if result.popped >= self.budget:
+            self._schedule(index)  # more may be waiting: yield to other queues first
+        elif v.kick is not None and v.engine.enable_notifications():
+            # Drained: re-arm the driver's kicks (avail_event with EVENT_IDX, else clear
+            # NO_NOTIFY), then re-check avail.idx after the barrier inside. A buffer
+            # published in between would otherwise wait for a kick that never comes.
             self._schedule(index)
         return result.popped > 0
 
