@@ -410,10 +410,12 @@ class BackendSession:
         self._close_channel()
         self.reactor.remove_reader(self.sock.fileno())
         self.conn.close()
-        self.sock.close()
-        reap_deferred()
+        # Tell the owner before the peer can see the socket close, so whoever watches
+        # both (a test, a supervisor) finds the reason already recorded.
         if self.on_close is not None:
             self.on_close(self)
+        self.sock.close()
+        reap_deferred()
 
 
 class BackendServer:
