@@ -1,11 +1,40 @@
-"""virtio-blk config space (virtio 1.2 §5.2.4), decoded for tools. No I/O."""
+"""virtio-blk: config space (virtio 1.2 §5.2.4) and the block device (§5.2.6). No I/O.
+
+:class:`BlkConfig` decodes config space for tools; :class:`BlkDevice` is the back-end
+device: it parses requests out of descriptor chains, checks each against the disk and the
+negotiated features, and hands the data views to a :class:`BlockBackend`
+(``vhostuser.io.blkfile.BlkFile`` does the syscalls). With INFLIGHT_SHMFD every split
+queue is tracked in the shared inflight area so that a restarted back-end resubmits what
+was in flight (:mod:`vhostuser.virtq.inflight`).
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import struct
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..protocol.enums import BlkFeature
+from ..connection.events import DeviceReset, VringEnabled, VringStarted, VringStopped
+from ..errors import RingError
+from ..protocol.enums import BlkFeature, DeviceType, ProtocolFeature
+from ..virtq.inflight import (
+    SplitInflightTracker,
+    check_split_region,
+    prepare_fresh_area,
+)
+from ..virtq.split import SplitDeviceRing
+from .base import Device
+
+if TYPE_CHECKING:
+    from ..connection.events import Event
+    from ..virtq.inflight import InflightArea
+    from .base import QueueAccess
+
+log = logging.getLogger(__name__)
 
 BLK_CONFIG_HEAD = struct.Struct("<QII4sI8sBBH")
 """capacity, size_max, seg_max, geometry, blk_size, topology, writeback, unused, num_queues."""
@@ -70,3 +99,720 @@ class BlkConfig:
                          write_zeroes_may_unmap=w[2])
         return cls(capacity=cap, size_max=size_max, seg_max=seg_max, blk_size=blk_size,
                    num_queues=nq, **extra)
+
+
+# ---------------------------------------------------------------------------------------
+# The virtio-blk device (virtio 1.2 §5.2)
+# ---------------------------------------------------------------------------------------
+
+SECTOR_SIZE: Final = 512
+"""virtio 1.2 §5.2.6: sectors are 512 bytes whatever ``blk_size`` says."""
+
+# virtio 1.2 §5.2.6 request types.
+VIRTIO_BLK_T_IN: Final = 0
+VIRTIO_BLK_T_OUT: Final = 1
+VIRTIO_BLK_T_FLUSH: Final = 4
+VIRTIO_BLK_T_GET_ID: Final = 8
+VIRTIO_BLK_T_GET_LIFETIME: Final = 10
+VIRTIO_BLK_T_DISCARD: Final = 11
+VIRTIO_BLK_T_WRITE_ZEROES: Final = 13
+VIRTIO_BLK_T_SECURE_ERASE: Final = 14
+VIRTIO_BLK_T_BARRIER: Final = 0x8000_0000
+"""Legacy barrier bit (virtio 1.2 §5.2.6.3); ignored, as qemu-storage-daemon does."""
+
+# virtio 1.2 §5.2.6 status values.
+VIRTIO_BLK_S_OK: Final = 0
+VIRTIO_BLK_S_IOERR: Final = 1
+VIRTIO_BLK_S_UNSUPP: Final = 2
+
+VIRTIO_BLK_ID_BYTES: Final = 20
+"""GET_ID answers with up to 20 bytes, NUL-padded (virtio 1.2 §5.2.6)."""
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: Final = 1
+
+REQ_HEADER: Final = struct.Struct("<IIQ")
+"""``struct virtio_blk_req`` head: type u32, reserved u32, sector u64 (16 bytes)."""
+DWZ_SEGMENT: Final = struct.Struct("<QII")
+"""``struct virtio_blk_discard_write_zeroes``: sector u64, num_sectors u32, flags u32."""
+
+BLK_CONFIG_SIZE: Final = 60
+"""virtio_blk_config through ``unused1[3]`` after ``write_zeroes_may_unmap``."""
+
+DEFAULT_MAX_DISCARD_SECTORS: Final = 32768
+"""As qemu-storage-daemon (VIRTIO_BLK_MAX_DISCARD_SECTORS)."""
+DEFAULT_MAX_WRITE_ZEROES_SECTORS: Final = 32768
+"""As qemu-storage-daemon (VIRTIO_BLK_MAX_WRITE_ZEROES_SECTORS)."""
+DEFAULT_SEG_MAX: Final = 126
+"""As qemu-storage-daemon: a 128-entry queue less the header and status descriptors."""
+
+STATUS_NAMES: Final = {VIRTIO_BLK_S_OK: "OK", VIRTIO_BLK_S_IOERR: "IOERR",
+                       VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
+
+
+class BlockBackend(Protocol):
+    """The storage behind a :class:`BlkDevice` (``vhostuser.io.blkfile.BlkFile`` for files
+    and block devices, :class:`MemoryBackend` in tests). Every method may raise
+    ``OSError``; the device turns it into VIRTIO_BLK_S_IOERR."""
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        ...
+
+    @property
+    def read_only(self) -> bool:
+        """True if writes are impossible."""
+        ...
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` in order from byte ``offset``."""
+        ...
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Write ``bufs`` in order at byte ``offset``."""
+        ...
+
+    def flush(self) -> None:
+        """Make completed writes durable."""
+        ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range (advisory)."""
+        ...
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
+        """Make a range read back as zeroes (deallocating it if ``unmap`` and possible)."""
+        ...
+
+
+class MemoryBackend:
+    """A :class:`BlockBackend` in a ``bytearray`` (tests, RAM disks). No I/O.
+
+    ``fail`` makes the next operations of the named kinds (``"read"``, ``"write"``,
+    ``"flush"``, ``"discard"``, ``"write_zeroes"``) raise ``OSError(EIO)``.
+    """
+
+    def __init__(self, size: int, *, read_only: bool = False) -> None:
+        """Make a zeroed disk of ``size`` bytes.
+
+        Raises:
+            ValueError: ``size`` is negative or not a multiple of 512.
+        """
+        if size < 0 or size % SECTOR_SIZE:
+            raise ValueError(f"disk size {size} is not a non-negative multiple of 512")
+        self.data = bytearray(size)
+        self._read_only = read_only
+        self.fail: set[str] = set()
+        self.flushes = 0
+        self.discards: list[tuple[int, int]] = []
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return len(self.data)
+
+    @property
+    def read_only(self) -> bool:
+        """True if writes are refused."""
+        return self._read_only
+
+    def _maybe_fail(self, kind: str) -> None:
+        if kind in self.fail:
+            raise OSError(errno.EIO, f"injected {kind} failure")
+
+    def _range(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > len(self.data):
+            raise OSError(errno.EIO, f"range {offset}+{length} is outside {len(self.data)}")
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Copy out of the disk. Raises OSError (injected, or out of range)."""
+        self._maybe_fail("read")
+        self._range(offset, sum(len(b) for b in bufs))
+        for b in bufs:
+            n = len(b)
+            b[:] = self.data[offset : offset + n]
+            offset += n
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Copy into the disk. Raises OSError (injected, read-only or out of range)."""
+        self._maybe_fail("write")
+        if self._read_only:
+            raise OSError(errno.EROFS, "read-only disk")
+        self._range(offset, sum(len(b) for b in bufs))
+        for b in bufs:
+            n = len(b)
+            self.data[offset : offset + n] = b
+            offset += n
+
+    def flush(self) -> None:
+        """Count the flush. Raises OSError if injected."""
+        self._maybe_fail("flush")
+        self.flushes += 1
+
+    def discard(self, offset: int, length: int) -> None:
+        """Zero the range (as a punched hole reads). Raises OSError if injected."""
+        self._maybe_fail("discard")
+        self._range(offset, length)
+        self.discards.append((offset, length))
+        self.data[offset : offset + length] = bytes(length)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
+        """Zero the range. Raises OSError if injected."""
+        self._maybe_fail("write_zeroes")
+        self._range(offset, length)
+        self.data[offset : offset + length] = bytes(length)
+
+
+def _gather(bufs: Sequence[memoryview], start: int, length: int) -> bytes:
+    """``length`` bytes from byte ``start`` of a scattered buffer (fewer if it is shorter)."""
+    out = bytearray()
+    for b in bufs:
+        n = len(b)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length - len(out))
+        out += b[start : start + take]
+        start = 0
+        if len(out) == length:
+            break
+    return bytes(out)
+
+
+def _slice(bufs: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
+    """Views of ``length`` bytes from byte ``start`` of a scattered buffer (no copy)."""
+    out: list[memoryview] = []
+    for b in bufs:
+        if length <= 0:
+            break
+        n = len(b)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append(b[start : start + take])
+        length -= take
+        start = 0
+    return out
+
+
+class BlkRequest:
+    """One parsed request, from pop to completion.
+
+    Attributes:
+        queue: the queue it came from.
+        head: the chain's head (what the ring's ``push`` takes back).
+        type: the request type (barrier bit cleared).
+        sector: the header's sector field.
+        chain: the descriptor chain (valid until completion).
+        status: the status written at completion (None before).
+    """
+
+    __slots__ = ("chain", "head", "queue", "sector", "status", "type")
+
+    def __init__(self, queue: int, chain: Any, rtype: int, sector: int) -> None:
+        self.queue = queue
+        self.chain = chain
+        self.head: int = chain.head
+        self.type = rtype
+        self.sector = sector
+        self.status: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"BlkRequest(queue={self.queue}, head={self.head}, type={self.type}, "
+                f"sector={self.sector}, status={self.status})")
+
+
+class BlkDevice(Device):
+    """A virtio-blk back-end on a :class:`BlockBackend`. No I/O of its own.
+
+    Requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES (virtio 1.2 §5.2.6); every
+    check of a guest request ends in a status byte (IOERR or UNSUPP), never an exception.
+    With an inflight area (INFLIGHT_SHMFD) every split queue is tracked, and requests in
+    flight when a previous back-end died are resubmitted, in their original order, when
+    the ring starts.
+
+    Completion is decoupled from pop: :meth:`submit` may keep a request and call
+    :meth:`complete` later (from the same reactor thread); :meth:`flush_completions`
+    publishes what completed, in completion order. The default :meth:`submit` does the I/O
+    at once.
+
+    Args:
+        backend: the storage.
+        num_queues: request queues (MQ); 1..256.
+        read_only: refuse writes (offers VIRTIO_BLK_F_RO); default: the backend's.
+        serial: the GET_ID string (ASCII, at most 20 bytes).
+        blk_size: logical block size (BLK_SIZE), a power of two 512..65536.
+        seg_max: the SEG_MAX config field.
+        flush, discard, write_zeroes: offer VIRTIO_BLK_F_FLUSH / DISCARD / WRITE_ZEROES
+            (the last two only when writable).
+        max_discard_sectors, max_discard_seg, max_write_zeroes_sectors,
+        max_write_zeroes_seg: the limits advertised in config space (and enforced).
+        inflight: offer INFLIGHT_SHMFD.
+
+    Kicks are re-armed by the shell after each burst and when a ring starts
+    (``BackendSession._process``: ``avail_event`` / NO_NOTIFY), which also covers a ring
+    that a killed back-end left with a stale ``avail_event``.
+
+    Raises:
+        ValueError: a parameter is out of range (named in the message).
+    """
+
+    device_type = DeviceType.BLK
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        *,
+        num_queues: int = 1,
+        read_only: bool | None = None,
+        serial: str = "",
+        blk_size: int = SECTOR_SIZE,
+        seg_max: int = DEFAULT_SEG_MAX,
+        flush: bool = True,
+        discard: bool = True,
+        write_zeroes: bool = True,
+        max_discard_sectors: int = DEFAULT_MAX_DISCARD_SECTORS,
+        max_discard_seg: int = 16,
+        max_write_zeroes_sectors: int = DEFAULT_MAX_WRITE_ZEROES_SECTORS,
+        max_write_zeroes_seg: int = 16,
+        inflight: bool = True,
+    ) -> None:
+        if not 1 <= num_queues <= 256:
+            raise ValueError(f"num_queues {num_queues} is outside 1..256")
+        if blk_size < SECTOR_SIZE or blk_size > 65536 or blk_size & (blk_size - 1):
+            raise ValueError(f"blk_size {blk_size} is not a power of two in 512..65536")
+        try:
+            serial_bytes = serial.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"serial {serial!r} is not ASCII") from None
+        if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
+            raise ValueError(f"serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
+        for what, value in (("seg_max", seg_max), ("max_discard_sectors", max_discard_sectors),
+                            ("max_discard_seg", max_discard_seg),
+                            ("max_write_zeroes_sectors", max_write_zeroes_sectors),
+                            ("max_write_zeroes_seg", max_write_zeroes_seg)):
+            if not 1 <= value <= 0xFFFF_FFFF:
+                raise ValueError(f"{what} {value} is outside 1..2^32-1")
+        if backend.size % SECTOR_SIZE:
+            raise ValueError(f"disk size {backend.size} is not a multiple of 512")
+        self.backend = backend
+        self.num_queues = num_queues
+        self.read_only = backend.read_only if read_only is None else (read_only
+                                                                       or backend.read_only)
+        self.serial = serial_bytes
+        self.blk_size = blk_size
+        self.seg_max = seg_max
+        self.max_discard_sectors = max_discard_sectors
+        self.max_discard_seg = max_discard_seg
+        self.max_write_zeroes_sectors = max_write_zeroes_sectors
+        self.max_write_zeroes_seg = max_write_zeroes_seg
+        f = BlkFeature.BLK_SIZE | BlkFeature.SEG_MAX | BlkFeature.MQ
+        if flush:
+            f |= BlkFeature.FLUSH
+        if self.read_only:
+            f |= BlkFeature.RO
+        else:
+            if discard:
+                f |= BlkFeature.DISCARD
+            if write_zeroes:
+                f |= BlkFeature.WRITE_ZEROES
+        self.virtio_features = int(f)
+        # vhost-user.rst: "Back-ends should always implement the VHOST_USER_PROTOCOL_F_MQ
+        # protocol feature"; CONFIG is added by the connection (config space is non-empty).
+        pf = ProtocolFeature.MQ
+        if inflight:
+            pf |= ProtocolFeature.INFLIGHT_SHMFD
+        self.protocol_features = int(pf)
+        self._acked = self.virtio_features
+        self._queues: QueueAccess | None = None
+        self._area: InflightArea | None = None
+        self._trackers: dict[int, SplitInflightTracker] = {}
+        self._resubmit: dict[int, tuple[tuple[int, ...], int]] = {}
+        self._done: list[list[tuple[int, int]]] = [[] for _ in range(num_queues)]
+        self._done_heads: list[list[int]] = [[] for _ in range(num_queues)]
+        self._warned_packed = False
+        self.stats: Counter[str] = Counter()
+        """Requests handled per type name and status (for tools and tests)."""
+        self.resubmitted = 0
+        """Requests resubmitted from an adopted inflight area."""
+
+    # -- what the device offers --------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Capacity in 512-byte sectors (virtio 1.2 §5.2.4)."""
+        return self.backend.size // SECTOR_SIZE
+
+    def config_space(self) -> bytes:
+        """virtio_blk_config (virtio 1.2 §5.2.4), 60 bytes."""
+        head = BLK_CONFIG_HEAD.pack(
+            self.capacity, 0, self.seg_max, bytes(4), self.blk_size, bytes(8), 0, 0,
+            self.num_queues,
+        )
+        discard = BLK_DISCARD.pack(self.max_discard_sectors, self.max_discard_seg,
+                                   self.blk_size // SECTOR_SIZE)
+        may_unmap = 1 if getattr(self.backend, "can_unmap", True) else 0
+        wz = BLK_WZ.pack(self.max_write_zeroes_sectors, self.max_write_zeroes_seg, may_unmap)
+        out = head + discard + wz
+        return out + bytes(BLK_CONFIG_SIZE - len(out))
+
+    def on_features(self, features: int) -> None:
+        """Remember what the driver acked (requests of types it did not ack get UNSUPP)."""
+        self._acked = features
+
+    def attach(self, queues: QueueAccess) -> None:
+        """The session's rings (completions are pushed through it)."""
+        self._queues = queues
+
+    def consumes(self, index: int) -> bool:
+        """Leave a disabled ring's requests on the ring until it is enabled.
+
+        vhost-user.rst: a started but disabled ring is processed "without causing any side
+        effects"; for a disk that means not touching the image, so requests wait.
+        """
+        return self._queues is None or self._queues.enabled(index)
+
+    # -- inflight tracking -------------------------------------------------------------------
+    def on_inflight(self, area: InflightArea, *, fresh: bool) -> None:
+        """Adopt the inflight area (GET_INFLIGHT_FD: fresh; SET_INFLIGHT_FD: maybe not).
+
+        A fresh area gets ``desc_num`` in each queue region (``version`` stays 0 until a
+        ring starts). An adopted one is checked field by field against our queue size now
+        (the ring-dependent checks come when each ring starts).
+
+        Raises:
+            InflightError: an adopted area is inconsistent (the core NACKs the request).
+        """
+        self._drop_trackers()
+        self._area = None
+        if not area.packed:
+            if fresh:
+                prepare_fresh_area(area)
+            else:
+                for i in range(area.num_queues):
+                    region = area.queue(i)
+                    try:
+                        n = check_split_region(region, area.queue_size, f"inflight queue {i}")
+                    finally:
+                        region.release()
+                    if n:
+                        log.info("inflight queue %d: %d requests were in flight", i, n)
+        self._area = area
+
+    def _drop_trackers(self) -> None:
+        self._trackers.clear()
+        self._resubmit.clear()
+
+    def on_event(self, event: Event) -> None:
+        """Start tracking (and resubmit) when a ring starts; stop when it stops."""
+        if isinstance(event, VringStarted):
+            self._ring_started(event.index)
+        elif isinstance(event, VringStopped):
+            self._trackers.pop(event.index, None)
+            self._resubmit.pop(event.index, None)
+            if 0 <= event.index < self.num_queues:
+                self._done[event.index].clear()
+                self._done_heads[event.index].clear()
+        elif isinstance(event, VringEnabled):
+            if event.enabled:
+                self._run_resubmits(event.index)
+        elif isinstance(event, DeviceReset):
+            self._drop_trackers()
+            self._area = None
+
+    def _ring_started(self, index: int) -> None:
+        area = self._area
+        queues = self._queues
+        if area is None or queues is None or index >= area.num_queues:
+            return
+        ring = queues.ring(index)
+        if ring is None:
+            return
+        name = f"inflight queue {index}"
+        if area.packed or not isinstance(ring, SplitDeviceRing):
+            if not self._warned_packed:
+                log.warning("%s: inflight tracking is implemented for split rings only; "
+                            "requests in flight at a crash of this back-end would be lost",
+                            name)
+                self._warned_packed = True
+            return
+        try:
+            tracker = SplitInflightTracker(area, index, ring.size, name=name)
+            avail_idx = (ring.next_avail + ring.pending()) & 0xFFFF
+            rec = tracker.recover(ring.used_idx, avail_idx)
+        except (RingError, ValueError) as e:
+            log.warning("%s: %s", name, e)
+            queues.ring_broken(index, str(e))
+            return
+        self._trackers[index] = tracker
+        if rec.cleared:
+            log.info("%s: %d requests of the last batch had completed before the crash",
+                     name, rec.cleared)
+        if rec.next_avail is None:
+            return
+        if rec.next_avail != ring.next_avail:
+            log.info("%s: resuming at avail index %d (used.idx %d + %d in flight), not the "
+                     "base %d", name, rec.next_avail, ring.used_idx, len(rec.heads),
+                     ring.next_avail)
+        if rec.heads:
+            log.info("%s: %d requests were in flight (heads %s)", name, len(rec.heads),
+                     list(rec.heads))
+        # The heads are put back on the ring (and next_avail moved) only when the ring is
+        # enabled: a disabled ring is not popped, and holding no chain until then keeps no
+        # view of guest memory alive (and survives the ring being rebuilt meanwhile).
+        self._resubmit[index] = (rec.heads, rec.next_avail)
+        if queues.enabled(index):
+            self._run_resubmits(index)
+
+    def _run_resubmits(self, index: int) -> None:
+        """Resubmit what was in flight, in the original order, and resume popping at
+        ``used.idx`` plus their number (vhost-user.rst: "Resubmit inflight DescStateSplit
+        entries in order of their counter value")."""
+        pending = self._resubmit.pop(index, None)
+        queues = self._queues
+        if pending is None or queues is None:
+            return
+        ring = queues.ring(index)
+        if ring is None:
+            return
+        heads, next_avail = pending
+        try:
+            chains = ring.resubmit(heads, next_avail)
+        except (RingError, ValueError) as e:
+            log.warning("queue %d: resubmission failed: %s", index, e)
+            queues.ring_broken(index, str(e))
+            return
+        if not chains:
+            return
+        log.info("queue %d: resubmitting %d requests", index, len(chains))
+        self.resubmitted += len(chains)
+        for chain in chains:
+            self._handle_chain(index, chain, True)
+        self.flush_completions(index, notify=True)
+
+    # -- the data path -----------------------------------------------------------------------
+    def handle_burst(
+        self, index: int, chains: Sequence[Any], enabled: bool
+    ) -> list[tuple[int, int]]:
+        """Track, parse and submit every chain; publish what completed. Returns ``[]``:
+        completions are pushed by :meth:`flush_completions` (around the inflight
+        tracker's bookkeeping), and the burst loop then decides on the notification."""
+        self._handle_chains(index, chains, enabled)
+        return []
+
+    def _handle_chains(self, index: int, chains: Sequence[Any], enabled: bool) -> None:
+        tracker = self._trackers.get(index)
+        if tracker is not None:
+            tracker.popped([c.head for c in chains])
+        for chain in chains:
+            self._handle_chain(index, chain, enabled)
+        self.flush_completions(index, notify=False)
+
+    def _handle_chain(self, index: int, chain: Any, enabled: bool) -> None:
+        writable_len: int = chain.writable_len
+        if writable_len == 0:
+            # No byte to put a status in: nothing can be reported. qemu-storage-daemon
+            # drops such a request (the driver never gets its descriptors back); we return
+            # it with nothing written so the driver at least gets them back.
+            log.warning("queue %d: request at head %d has no writable status byte",
+                        index, chain.head)
+            self.stats["no-status"] += 1
+            self.complete_head(index, chain.head, 0)
+            return
+        if chain.readable_len < REQ_HEADER.size:
+            self._finish(index, chain, VIRTIO_BLK_S_IOERR, "short-header")
+            return
+        rtype, _reserved, sector = REQ_HEADER.unpack(_gather(chain.readable, 0, REQ_HEADER.size))
+        rtype &= ~VIRTIO_BLK_T_BARRIER
+        req = BlkRequest(index, chain, rtype, sector)
+        if not enabled:
+            # Started but disabled (not reachable while consumes() holds the ring): no
+            # side effect on the disk.
+            self.complete(req, VIRTIO_BLK_S_IOERR)
+            return
+        try:
+            self.submit(req)
+        except Exception:  # a device bug must not take the queue down with it
+            log.exception("queue %d: request %r failed unexpectedly", index, req)
+            if req.status is None:
+                self.complete(req, VIRTIO_BLK_S_IOERR)
+
+    def submit(self, req: BlkRequest) -> None:
+        """Carry out ``req`` and :meth:`complete` it (now, or later from the same thread).
+
+        Override to defer completion; the default does the I/O synchronously.
+        """
+        self.complete(req, self.execute(req))
+
+    def execute(self, req: BlkRequest) -> int:
+        """Do the I/O of one request; return its status (never raises for guest input).
+
+        Raises:
+            Only what the backend raises other than ``OSError`` (a bug).
+        """
+        t = req.type
+        chain = req.chain
+        try:
+            if t == VIRTIO_BLK_T_IN:
+                return self._rw(req, chain, write=False)
+            if t == VIRTIO_BLK_T_OUT:
+                return self._rw(req, chain, write=True)
+            if t == VIRTIO_BLK_T_FLUSH:
+                self.backend.flush()
+                return VIRTIO_BLK_S_OK
+            if t == VIRTIO_BLK_T_GET_ID:
+                return self._get_id(chain)
+            if t in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+                return self._discard_write_zeroes(req, chain)
+        except OSError as e:
+            log.warning("queue %d: %s at sector %d failed: %s", req.queue,
+                        _type_name(t), req.sector, e)
+            return VIRTIO_BLK_S_IOERR
+        # virtio 1.2 §5.2.6.1: unknown types (and GET_LIFETIME, SECURE_ERASE, which we do
+        # not offer) get VIRTIO_BLK_S_UNSUPP.
+        return VIRTIO_BLK_S_UNSUPP
+
+    def _range_ok(self, sector: int, nbytes: int) -> bool:
+        """As qemu-storage-daemon's virtio_blk_sect_range_ok: whole sectors, aligned to
+        the logical block size, inside the capacity."""
+        if nbytes % SECTOR_SIZE:
+            return False
+        if (sector * SECTOR_SIZE) % self.blk_size:
+            return False
+        cap = self.capacity
+        return sector <= cap and nbytes // SECTOR_SIZE <= cap - sector
+
+    def _rw(self, req: BlkRequest, chain: Any, *, write: bool) -> int:
+        if write:
+            if self.read_only:
+                # virtio 1.2 §5.2.6.1: "MUST set the status byte to VIRTIO_BLK_S_IOERR for a
+                # write request if the VIRTIO_BLK_F_RO feature if offered".
+                return VIRTIO_BLK_S_IOERR
+            nbytes = chain.readable_len - REQ_HEADER.size
+            if not self._range_ok(req.sector, nbytes):
+                return VIRTIO_BLK_S_IOERR
+            if nbytes:
+                self.backend.writev(req.sector * SECTOR_SIZE,
+                                    _slice(chain.readable, REQ_HEADER.size, nbytes))
+            return VIRTIO_BLK_S_OK
+        nbytes = chain.writable_len - 1  # the last writable byte is the status
+        if not self._range_ok(req.sector, nbytes):
+            return VIRTIO_BLK_S_IOERR
+        if nbytes:
+            self.backend.readv(req.sector * SECTOR_SIZE, _slice(chain.writable, 0, nbytes))
+        return VIRTIO_BLK_S_OK
+
+    def _get_id(self, chain: Any) -> int:
+        room = min(chain.writable_len - 1, VIRTIO_BLK_ID_BYTES)
+        # virtio 1.2 §5.2.6: a NUL-padded string, unterminated if 20 bytes long.
+        chain.write_bytes(self.serial[:room].ljust(room, b"\0"))
+        return VIRTIO_BLK_S_OK
+
+    def _discard_write_zeroes(self, req: BlkRequest, chain: Any) -> int:
+        t = req.type
+        if self.read_only:
+            return VIRTIO_BLK_S_IOERR  # as qemu-storage-daemon
+        wz = t == VIRTIO_BLK_T_WRITE_ZEROES
+        feature = BlkFeature.WRITE_ZEROES if wz else BlkFeature.DISCARD
+        if not self._acked & self.virtio_features & feature:
+            return VIRTIO_BLK_S_UNSUPP
+        nbytes = chain.readable_len - REQ_HEADER.size
+        if nbytes <= 0 or nbytes % DWZ_SEGMENT.size:
+            return VIRTIO_BLK_S_IOERR
+        nseg = nbytes // DWZ_SEGMENT.size
+        max_seg = self.max_write_zeroes_seg if wz else self.max_discard_seg
+        max_sectors = self.max_write_zeroes_sectors if wz else self.max_discard_sectors
+        if nseg > max_seg:
+            return VIRTIO_BLK_S_UNSUPP
+        raw = _gather(chain.readable, REQ_HEADER.size, nbytes)
+        segments = list(DWZ_SEGMENT.iter_unpack(raw))
+        # Validate every segment before touching the disk.
+        for sector, num, flags in segments:
+            # virtio 1.2 §5.2.6.1: UNSUPP "if any unknown flag is set", and for discard
+            # "if the unmap flag is set".
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                return VIRTIO_BLK_S_UNSUPP
+            if not wz and flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                return VIRTIO_BLK_S_UNSUPP
+            if num > max_sectors or not self._range_ok(sector, num * SECTOR_SIZE):
+                return VIRTIO_BLK_S_IOERR
+        for sector, num, flags in segments:
+            if wz:
+                self.backend.write_zeroes(sector * SECTOR_SIZE, num * SECTOR_SIZE,
+                                          unmap=bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+            else:
+                self.backend.discard(sector * SECTOR_SIZE, num * SECTOR_SIZE)
+        return VIRTIO_BLK_S_OK
+
+    # -- completion --------------------------------------------------------------------------
+    def _finish(self, index: int, chain: Any, status: int, why: str) -> None:
+        self.stats[why] += 1
+        chain.writable[-1][-1] = status
+        self.complete_head(index, chain.head, chain.writable_len)
+
+    def complete(self, req: BlkRequest, status: int) -> None:
+        """Write ``req``'s status byte and queue it for :meth:`flush_completions`.
+
+        The used length is the whole writable part, as qemu-storage-daemon reports it (the
+        status byte is its last byte, so it is covered by the dirty-page report).
+
+        Raises:
+            ValueError: ``req`` was already completed (a device bug).
+        """
+        if req.status is not None:
+            raise ValueError(f"{req!r} completed twice")
+        req.status = status
+        chain = req.chain
+        chain.writable[-1][-1] = status
+        self.stats[f"{_type_name(req.type)} {STATUS_NAMES.get(status, status)}"] += 1
+        self.complete_head(req.queue, req.head, chain.writable_len)
+
+    def complete_head(self, index: int, head: int, written: int) -> None:
+        """Queue ``(head, written)`` of queue ``index`` for the next publication."""
+        self._done[index].append((head, written))
+        self._done_heads[index].append(head)
+
+    def flush_completions(self, index: int, *, notify: bool = True) -> int:
+        """Publish the completions queued for queue ``index``; return how many.
+
+        With a tracker, in the spec's order: link the batch (``completing``), push (one
+        ``used.idx`` store), clear the in-flight flags (``completed``). With ``notify``
+        the driver is signalled if the ring says so (pass False from inside a burst: the
+        burst loop notifies). If the ring is gone (stopped, broken) the completions are
+        dropped: the requests stay in flight in the inflight area.
+
+        Raises:
+            ValueError: a head was not in flight on the ring (a device bug).
+        """
+        done = self._done[index]
+        if not done:
+            return 0
+        heads = self._done_heads[index]
+        self._done[index] = []
+        self._done_heads[index] = []
+        queues = self._queues
+        ring = queues.ring(index) if queues is not None else None
+        if ring is None:
+            log.warning("queue %d: ring gone; %d completions not published", index, len(done))
+            return 0
+        tracker = self._trackers.get(index)
+        if tracker is not None:
+            tracker.completing(heads)
+        ring.push(done)
+        if tracker is not None:
+            tracker.completed(heads, ring.used_idx)
+        if notify and queues is not None and ring.should_notify():
+            queues.notify(index)
+        return len(done)
+
+
+def _type_name(t: int) -> str:
+    return _TYPE_NAMES.get(t, f"type{t}")
+
+
+_TYPE_NAMES: Final = {
+    VIRTIO_BLK_T_IN: "IN", VIRTIO_BLK_T_OUT: "OUT", VIRTIO_BLK_T_FLUSH: "FLUSH",
+    VIRTIO_BLK_T_GET_ID: "GET_ID", VIRTIO_BLK_T_GET_LIFETIME: "GET_LIFETIME",
+    VIRTIO_BLK_T_DISCARD: "DISCARD", VIRTIO_BLK_T_WRITE_ZEROES: "WRITE_ZEROES",
+    VIRTIO_BLK_T_SECURE_ERASE: "SECURE_ERASE",
+}

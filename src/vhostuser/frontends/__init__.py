@@ -3,3 +3,7 @@
 Each front-end owns its guest RAM (a memfd) and its driver rings and talks to the back-end
 through :class:`vhostuser.io.frontend.FrontendClient`.
 """
+
+from .blk import BlkError, BlkOp, VirtioBlkFrontend
+
+__all__ = ["BlkError", "BlkOp", "VirtioBlkFrontend"]
