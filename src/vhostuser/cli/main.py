@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from .. import __version__
-from . import blk, blkbench, demo, probe, serve
+from . import blk, blkbench, demo, pktgen, probe, serve
+from . import switch as switch_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     probe.add_parser(sub)
     serve.add_parser(sub)
+    switch_cmd.add_parser(sub)
+    pktgen.add_parser(sub)
     blk.add_parser(sub)
     blkbench.add_parser(sub)
     demo.add_parser(sub)

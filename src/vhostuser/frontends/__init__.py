@@ -5,5 +5,6 @@ through :class:`vhostuser.io.frontend.FrontendClient`.
 """
 
 from .blk import BlkError, BlkOp, VirtioBlkFrontend
+from .net import VirtioNetFrontend
 
-__all__ = ["BlkError", "BlkOp", "VirtioBlkFrontend"]
+__all__ = ["BlkError", "BlkOp", "VirtioBlkFrontend", "VirtioNetFrontend"]

@@ -1,0 +1,346 @@
+"""``vhost-user pktgen``: send and count frames through any vhost-user net back-end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..devices.net import parse_mac
+from ..errors import VhostUserError
+from ..frontends.net import (
+    PROBE_MIN_FRAME,
+    VirtioNetFrontend,
+    probe_template,
+    read_probe,
+    stamp_probe,
+)
+
+DESCRIPTION = """\
+Connect to a vhost-user net back-end as a virtio-net driver (no VM), send UDP probe frames
+(sequence number and send time inside) and count what comes back. Against an echo port,
+a switch port looped back, or DPDK testpmd in macswap/io mode, every frame should return:
+the summary gives the rates, the frames lost, duplicated or reordered, and the round-trip
+latency. Against a sink (DPDK rxonly) use --tx-only; to only count what arrives (e.g. from
+DPDK txonly through a switch) use --rx-only.
+"""
+
+EPILOG = """\
+examples:
+  vhost-user pktgen /tmp/echo.sock --count 100000                 # as fast as possible
+  vhost-user pktgen /tmp/echo.sock --rate 20000 --duration 10 --size 1500 --flows 8
+  vhost-user pktgen /tmp/dpdk-vhost.sock --count 1000000 --json   # testpmd macswap
+  vhost-user pktgen /tmp/sw-port.sock --rx-only --duration 5       # count arrivals
+
+exit status: 0 when every frame expected back came back (or --tx-only/--rx-only), 1 when
+frames were lost, 2 on a usage or connection error.
+"""
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``pktgen`` on the top-level subparsers."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "pktgen",
+        help="send and count frames through a vhost-user net back-end",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("socket", metavar="SOCKET", help="the back-end's vhost-user socket")
+    t = p.add_argument_group("traffic")
+    t.add_argument("--size", type=int, default=64, metavar="BYTES",
+                   help=f"frame size without FCS, {PROBE_MIN_FRAME}..MTU+14 (default 64)")
+    t.add_argument("--count", type=int, default=None, metavar="N",
+                   help="frames to send (default: unlimited with --duration, else 10000)")
+    t.add_argument("--rate", type=float, default=0.0, metavar="PPS",
+                   help="frames per second (default 0: as fast as possible)")
+    t.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="stop sending after this long")
+    t.add_argument("--flows", type=int, default=1, metavar="N",
+                   help="distinct flows (IPv4 source + UDP port), round robin (default 1)")
+    t.add_argument("--burst", type=int, default=32, metavar="N",
+                   help="frames per kick (default 32)")
+    t.add_argument("--src-mac", default="02:00:00:00:00:01", metavar="MAC",
+                   help="source MAC (default 02:00:00:00:00:01)")
+    t.add_argument("--dst-mac", default="02:00:00:00:00:02", metavar="MAC",
+                   help="destination MAC (default 02:00:00:00:00:02)")
+    t.add_argument("--drain", type=float, default=1.0, metavar="SECONDS",
+                   help="after sending, wait this long for frames still coming (default 1)")
+    m = p.add_argument_group("mode")
+    x = m.add_mutually_exclusive_group()
+    x.add_argument("--tx-only", action="store_true",
+                   help="do not expect frames back (a sink such as DPDK rxonly)")
+    x.add_argument("--rx-only", action="store_true",
+                   help="send nothing; count every frame that arrives (needs --duration)")
+    d = p.add_argument_group("device")
+    d.add_argument("--packed", action="store_true", help="packed virtqueues")
+    d.add_argument("--no-mrg-rxbuf", action="store_true",
+                   help="do not negotiate mergeable receive buffers")
+    d.add_argument("--no-event-idx", action="store_true", help="do not negotiate EVENT_IDX")
+    d.add_argument("--queue-size", type=int, default=256, metavar="N",
+                   help="descriptors per virtqueue (default 256)")
+    d.add_argument("--mtu", type=int, default=1500, metavar="N", help="MTU (default 1500)")
+    d.add_argument("--listen", action="store_true",
+                   help="listen on SOCKET for a back-end in client mode (DPDK client=1)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print the summary as JSON")
+    o.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Result:
+    """What a pktgen run measured."""
+
+    sent: int = 0
+    received: int = 0
+    ours: int = 0
+    foreign: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    tx_seconds: float = 0.0
+    rx_seconds: float = 0.0
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+
+    def summary(self, expect_back: bool) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        tx_pps = self.sent / self.tx_seconds if self.tx_seconds > 0 else 0.0
+        rx_pps = self.received / self.rx_seconds if self.rx_seconds > 0 else 0.0
+        out: dict[str, Any] = {
+            "sent": self.sent,
+            "received": self.received,
+            "received_ours": self.ours,
+            "received_foreign": self.foreign,
+            "tx_pps": round(tx_pps, 1),
+            "rx_pps": round(rx_pps, 1),
+            "tx_mbps": round(self.tx_bytes * 8 / self.tx_seconds / 1e6, 3)
+            if self.tx_seconds > 0 else 0.0,
+            "rx_mbps": round(self.rx_bytes * 8 / self.rx_seconds / 1e6, 3)
+            if self.rx_seconds > 0 else 0.0,
+            "duplicates": self.duplicates,
+            "reordered": self.reordered,
+        }
+        if expect_back:
+            out["lost"] = max(0, self.sent - self.ours)
+        lat = sorted(self.latencies_ns)
+        if lat:
+            def pct(q: float) -> float:
+                return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000, 1)
+            out["latency_us"] = {
+                "min": round(lat[0] / 1000, 1), "avg": round(sum(lat) / len(lat) / 1000, 1),
+                "p50": pct(0.5), "p99": pct(0.99), "max": round(lat[-1] / 1000, 1),
+                "samples": len(lat),
+            }
+        return out
+
+
+class Pktgen:
+    """The send/receive loop (usable from tests as well as from the command line)."""
+
+    def __init__(self, nic: VirtioNetFrontend, *, size: int, flows: int, src_mac: bytes,
+                 dst_mac: bytes, magic: int | None = None) -> None:
+        self.nic = nic
+        self.magic = magic if magic is not None else random.randrange(0x100, 0xFFFF)
+        self.templates = [
+            probe_template(size, src_mac=src_mac, dst_mac=dst_mac, flow=k, magic=self.magic)
+            for k in range(flows)
+        ]
+        self.result = Result()
+        self._seen = bytearray()
+        self._last_seq = [-1] * flows
+        self._lat_every = 1
+
+    def _account(self, frames: list[bytes], now_ns: int) -> None:
+        r = self.result
+        flows = len(self.templates)
+        for f in frames:
+            r.received += 1
+            r.rx_bytes += len(f)
+            got = read_probe(f, self.magic)
+            if got is None:
+                r.foreign += 1
+                continue
+            seq, t = got
+            seen = self._seen
+            if seq >= len(seen):
+                seen.extend(bytes(seq + 1 - len(seen) + 4096))
+            if seen[seq]:
+                r.duplicates += 1
+                continue
+            seen[seq] = 1
+            r.ours += 1
+            k = seq % flows
+            if seq < self._last_seq[k]:
+                r.reordered += 1
+            else:
+                self._last_seq[k] = seq
+            if seq % self._lat_every == 0:
+                r.latencies_ns.append(now_ns - t)
+
+    def receive(self) -> int:
+        """Take whatever arrived; how many frames."""
+        frames = self.nic.recv()
+        if frames:
+            self._account(frames, time.monotonic_ns())
+        return len(frames)
+
+    def run(self, *, count: int | None, rate: float, duration: float | None, burst: int,
+            drain: float, send: bool = True, expect_back: bool = True,
+            progress: Any = None) -> Result:
+        """Send ``count`` frames (or for ``duration`` s) at ``rate`` pps, counting arrivals.
+
+        ``progress(result, elapsed)`` is called about every second.
+        """
+        r = self.result
+        nic = self.nic
+        templates = self.templates
+        nflows = len(templates)
+        if count is not None and count > 100_000:
+            self._lat_every = max(1, count // 100_000)
+        t0 = time.monotonic()
+        next_progress = t0 + 1.0
+        seq = 0
+        size = len(templates[0])
+        pool = [bytearray(size) for _ in range(burst)]
+        while send:
+            now = time.monotonic()
+            elapsed = now - t0
+            if (count is not None and seq >= count) or (duration is not None
+                                                         and elapsed >= duration):
+                break
+            n = burst
+            if count is not None:
+                n = min(n, count - seq)
+            if rate > 0:
+                due = int(elapsed * rate) + 1 - seq
+                if due <= 0:
+                    self.receive()
+                    wait = (seq + 1) / rate - elapsed
+                    if wait > 0.0005:
+                        nic.wait(min(wait, 0.01))
+                    continue
+                n = min(n, due)
+            tns = time.monotonic_ns()
+            for k in range(n):
+                b = pool[k]
+                b[:] = templates[(seq + k) % nflows]
+                stamp_probe(b, seq + k, tns, self.magic)
+            got = nic.send(pool[:n])
+            seq += got
+            r.sent = seq
+            r.tx_bytes += got * size
+            if got < n:
+                # The ring is full: take what came back and give the back-end a moment.
+                self.receive()
+                nic.wait(0.001)
+            if expect_back:
+                self.receive()
+            if progress is not None and now >= next_progress:
+                progress(r, now - t0)
+                next_progress = now + 1.0
+        r.tx_seconds = time.monotonic() - t0
+        # Receive what is still on its way.
+        end = time.monotonic() + (drain if send else (duration or 0.0))
+        last_got = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if send and expect_back and r.ours >= r.sent and now - last_got > 0.05:
+                break
+            got = self.receive()
+            if got:
+                last_got = now
+            else:
+                nic.wait(min(0.05, end - now))
+            if progress is not None and now >= next_progress:
+                progress(r, now - t0)
+                next_progress = now + 1.0
+        r.rx_seconds = time.monotonic() - t0
+        return r
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``vhost-user pktgen``."""
+    try:
+        src = parse_mac(args.src_mac)
+        dst = parse_mac(args.dst_mac)
+    except ValueError as e:
+        print(f"vhost-user pktgen: {e}", file=sys.stderr)
+        return 2
+    if args.size < PROBE_MIN_FRAME or args.size > args.mtu + 14:
+        print(f"vhost-user pktgen: --size {args.size} is outside {PROBE_MIN_FRAME}.."
+              f"{args.mtu + 14}", file=sys.stderr)
+        return 2
+    if args.flows < 1 or args.burst < 1:
+        print("vhost-user pktgen: --flows and --burst must be at least 1", file=sys.stderr)
+        return 2
+    if args.rx_only and args.duration is None:
+        print("vhost-user pktgen: --rx-only needs --duration", file=sys.stderr)
+        return 2
+    count = args.count
+    if count is None and args.duration is None:
+        count = 10000
+    kw: dict[str, Any] = {
+        "packed": args.packed, "mrg_rxbuf": not args.no_mrg_rxbuf,
+        "event_idx": not args.no_event_idx, "queue_size": args.queue_size, "mtu": args.mtu,
+        "mac": args.src_mac,
+    }
+    try:
+        nic = (VirtioNetFrontend.accept(args.socket, **kw) if args.listen
+               else VirtioNetFrontend.connect(args.socket, **kw))
+    except (VhostUserError, OSError, ValueError) as e:
+        print(f"vhost-user pktgen: {args.socket}: {e}", file=sys.stderr)
+        return 2
+    live = sys.stderr.isatty() and not args.quiet
+
+    def progress(r: Result, elapsed: float) -> None:
+        if not live:
+            return
+        rate = r.sent / elapsed if elapsed > 0 else 0.0
+        rx = r.received / elapsed if elapsed > 0 else 0.0
+        sys.stderr.write(f"\r{elapsed:6.1f}s  sent {r.sent:>10}  {rate:>10.0f} pps  "
+                         f"recv {r.received:>10}  {rx:>10.0f} pps  lost "
+                         f"{max(0, r.sent - r.ours) if not args.tx_only else '-':>8} ")
+        sys.stderr.flush()
+
+    expect = not (args.tx_only or args.rx_only)
+    with nic:
+        gen = Pktgen(nic, size=args.size, flows=args.flows, src_mac=src, dst_mac=dst)
+        try:
+            res = gen.run(count=count, rate=args.rate, duration=args.duration,
+                          burst=args.burst, drain=args.drain, send=not args.rx_only,
+                          expect_back=expect, progress=progress)
+        except KeyboardInterrupt:
+            res = gen.result
+        except VhostUserError as e:
+            print(f"\nvhost-user pktgen: {e}", file=sys.stderr)
+            return 2
+        summary = res.summary(expect)
+        summary["device"] = {"features": hex(nic.features), "packed": nic.packed,
+                             "mergeable": nic.mergeable, "header": nic.hdr_len}
+        summary["frontend"] = nic.stats.as_dict()
+    if live:
+        sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"sent      {summary['sent']} frames of {args.size} bytes in "
+              f"{res.tx_seconds:.2f} s: {summary['tx_pps']:.0f} pps, "
+              f"{summary['tx_mbps']:.1f} Mbit/s")
+        print(f"received  {summary['received']} frames ({summary['received_ours']} ours): "
+              f"{summary['rx_pps']:.0f} pps, {summary['rx_mbps']:.1f} Mbit/s")
+        if expect:
+            print(f"lost      {summary['lost']}   duplicated {summary['duplicates']}   "
+                  f"reordered {summary['reordered']}")
+        lat = summary.get("latency_us")
+        if lat:
+            print(f"latency   min {lat['min']} / avg {lat['avg']} / p50 {lat['p50']} / "
+                  f"p99 {lat['p99']} / max {lat['max']} us ({lat['samples']} samples)")
+    return 1 if expect and summary.get("lost") else 0
