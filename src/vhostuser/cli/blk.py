@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
-import socket
 import sys
 from typing import Any
 
@@ -14,6 +11,7 @@ from ..devices.blk import SECTOR_SIZE, BlkDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.blkfile import BlkFile
 from ..io.reactor import Reactor
+from ._signals import stop_on_signals
 
 EPILOG = """\
 examples:
@@ -112,41 +110,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"vhost-user blk: cannot serve on {args.socket}: {e}", file=sys.stderr)
         return 2
 
-    # A signal must wake the reactor out of epoll_wait: the C handler writes to this
-    # socket (signal.set_wakeup_fd) and the reactor sees it readable.
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-
-    def on_wake() -> None:
-        with contextlib.suppress(BlockingIOError):
-            wake_r.recv(64)
-
-    reactor.add_reader(wake_r.fileno(), on_wake)
-
-    def stop(signum: int, _frame: object) -> None:
-        reactor.stop()
-
-    old_int = signal.signal(signal.SIGINT, stop)
-    old_term = signal.signal(signal.SIGTERM, stop)
     where = "connecting to" if args.connect else "listening on"
     ro = ", read-only" if image.read_only or args.read_only else ""
     print(f"vhost-user blk: {args.image} ({image.size // SECTOR_SIZE} sectors{ro}, "
           f"{args.queues} queue(s)) {where} {args.socket}", flush=True)
-    try:
-        reactor.run()
-    finally:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        reactor.remove_reader(wake_r.fileno())
-        wake_r.close()
-        wake_w.close()
-        server.close()
-        reactor.close()
-        image.close()
-        print(f"vhost-user blk: stopped after {server.closed_sessions} session(s)"
-              + (f"; last: {server.last_close_reason}" if server.last_close_reason else ""),
-              flush=True)
+    with stop_on_signals(reactor):
+        try:
+            reactor.run()
+        finally:
+            server.close()
+    reactor.close()
+    image.close()
+    print(f"vhost-user blk: stopped after {server.closed_sessions} session(s)"
+          + (f"; last: {server.last_close_reason}" if server.last_close_reason else ""),
+          flush=True)
     return 0

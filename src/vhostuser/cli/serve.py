@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
-import socket
 import sys
 from typing import Any
 
@@ -15,6 +12,7 @@ from ..devices.base import Device
 from ..devices.net import NullNetDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.reactor import Reactor
+from ._signals import stop_on_signals
 
 DEVICES = {
     "null-net": "virtio-net that completes the handshake, reports link up and drops TX",
@@ -84,35 +82,14 @@ def run(args: argparse.Namespace) -> int:
         dialect=Dialect.DRAFT_2014 if args.draft else Dialect.CURRENT,
     )
 
-    # A signal must wake the reactor out of epoll_wait: the C handler writes to this
-    # socket (signal.set_wakeup_fd) and the reactor sees it readable.
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-
-    def on_wake() -> None:
-        with contextlib.suppress(BlockingIOError):
-            wake_r.recv(64)
-
-    reactor.add_reader(wake_r.fileno(), on_wake)
-
-    def stop(signum: int, _frame: object) -> None:
-        reactor.stop()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     where = "connecting to" if args.connect else "listening on"
     print(f"vhost-user serve: {args.device} {where} {args.socket}", flush=True)
-    try:
-        reactor.run()
-    finally:
-        signal.set_wakeup_fd(-1)
-        reactor.remove_reader(wake_r.fileno())
-        wake_r.close()
-        wake_w.close()
-        server.close()
-        reactor.close()
-        print(f"vhost-user serve: stopped after {server.closed_sessions} session(s)"
-              + (f"; last: {server.last_close_reason}" if server.last_close_reason else ""))
+    with stop_on_signals(reactor):
+        try:
+            reactor.run()
+        finally:
+            server.close()
+    reactor.close()
+    print(f"vhost-user serve: stopped after {server.closed_sessions} session(s)"
+          + (f"; last: {server.last_close_reason}" if server.last_close_reason else ""))
     return 0

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from typing import Any, TextIO
@@ -17,6 +16,7 @@ from ..devices.net import DEFAULT_MTU, parse_mac
 from ..devices.switch import DEFAULT_AGING, Switch
 from ..errors import VhostUserError
 from ..io.reactor import Reactor
+from ._signals import stop_on_signals
 
 DESCRIPTION = """\
 Run a learning Ethernet switch whose ports are vhost-user NICs (QEMU guests, DPDK
@@ -282,26 +282,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"vhost-user switch: {e}", file=sys.stderr)
         return 2
 
-    # A signal must wake the reactor out of epoll_wait: the C handler writes to this
-    # socket (signal.set_wakeup_fd) and the reactor sees it readable.
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-
-    def on_wake() -> None:
-        with contextlib.suppress(BlockingIOError):
-            wake_r.recv(64)
-
-    reactor.add_reader(wake_r.fileno(), on_wake)
-    got: list[int] = []
-
-    def stop(signum: int, _frame: object) -> None:
-        got.append(signum)
-        reactor.stop()
-
-    old_int = signal.signal(signal.SIGINT, stop)
-    old_term = signal.signal(signal.SIGTERM, stop)
     live = sys.stdout.isatty() and not args.quiet and args.stats_json != "-"
     output = StatsOutput(sw, json_target=args.stats_json, live=live, out=sys.stdout)
 
@@ -323,28 +303,23 @@ def run(args: argparse.Namespace) -> int:
                   f"{where}", flush=True)
         print(f"vhost-user switch: {'busy-polling' if args.busy_poll else 'running'}; "
               "SIGINT/SIGTERM to stop", flush=True)
-    try:
-        reactor.run()
-    finally:
-        # Our handler stays until the end: a second signal during clean-up is ignored
-        # rather than interrupting it (the sockets must be removed).
-        final = sw.stats()
-        sw.close()
-        reactor.remove_reader(wake_r.fileno())
-        reactor.close()
-        if args.stats_json == "-":
-            print(json.dumps(final), flush=True)
-        elif args.stats_json:
-            with contextlib.suppress(OSError), open(args.stats_json, "w") as f:
-                json.dump(final, f, indent=1)
-                f.write("\n")
-        if args.stats_json != "-":
-            print(render_table(final, None, 0.0), flush=True)
-            why = f"signal {signal.Signals(got[0]).name}" if got else "stopped"
-            print(f"vhost-user switch: {why}; sockets removed", flush=True)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        wake_r.close()
-        wake_w.close()
+    # Our handler stays until the end: a second signal during clean-up is absorbed
+    # rather than interrupting it (the sockets must be removed).
+    with stop_on_signals(reactor) as got:
+        try:
+            reactor.run()
+        finally:
+            final = sw.stats()
+            sw.close()
+    reactor.close()
+    if args.stats_json == "-":
+        print(json.dumps(final), flush=True)
+    elif args.stats_json:
+        with contextlib.suppress(OSError), open(args.stats_json, "w") as f:
+            json.dump(final, f, indent=1)
+            f.write("\n")
+    if args.stats_json != "-":
+        print(render_table(final, None, 0.0), flush=True)
+        why = f"signal {signal.Signals(got[0]).name}" if got else "stopped"
+        print(f"vhost-user switch: {why}; sockets removed", flush=True)
     return 0

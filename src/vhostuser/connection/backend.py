@@ -154,11 +154,12 @@ def default_ring_factory(mem: RegionTable, vring: VringControl[Any], features: i
             base |= (base & 0xFFFF) << 16
         return PackedDeviceRing(
             mem, vring.num, desc, avail, used,
-            event_idx=event_idx, indirect=indirect, base=base,
+            event_idx=event_idx, indirect=indirect, base=base, name=f"ring {vring.index}",
         )
     return SplitDeviceRing(
         mem, vring.num, desc, avail, used,
         event_idx=event_idx, indirect=indirect, next_avail=vring.base & 0xFFFF,
+        name=f"ring {vring.index}",
     )
 
 

@@ -104,6 +104,10 @@ class Device:
         """The inflight area (INFLIGHT_SHMFD): ``fresh`` for a new zeroed one from
         GET_INFLIGHT_FD, False for one adopted with SET_INFLIGHT_FD after a reconnect."""
 
+    def close(self) -> None:
+        """The session ends: drop every view of guest memory (chains held, cached rings),
+        so the shell can unmap at once instead of deferring."""
+
     def on_event(self, event: Event) -> None:
         """Any connection event (started/stopped/enabled rings, status, RARP, MTU...)."""
 

@@ -409,6 +409,10 @@ class BackendSession:
             self.reactor.remove_poller(self._poll)
         self._close_channel()
         self.reactor.remove_reader(self.sock.fileno())
+        try:
+            self.device.close()
+        except Exception:  # a device bug must not keep fds and mappings alive
+            log.exception("%s: device close failed", self.name)
         self.conn.close()
         # Tell the owner before the peer can see the socket close, so whoever watches
         # both (a test, a supervisor) finds the reason already recorded.
