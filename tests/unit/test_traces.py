@@ -35,19 +35,16 @@ R = FrontendRequest
 
 
 def _traces_dir() -> Path:
+    """The recorded traces: a copy of shared/traces kept in tests/data/traces."""
     env = os.environ.get("VHOSTUSER_TRACES")
     if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    for base in (here.parents[2] / "shared" / "traces", here.parents[3] / "shared" / "traces",
-                 Path("/work/shared/traces")):
-        if base.is_dir():
-            return base
-    return Path("/work/shared/traces")
+    return Path(__file__).resolve().parents[1] / "data" / "traces"
 
 
 TRACES_DIR = _traces_dir()
 TRACE_FILES = sorted(TRACES_DIR.glob("vhost-user-trace-*.txt"))
+assert TRACE_FILES, f"no traces in {TRACES_DIR}"  # a missing copy must fail, not skip
 
 LINE = re.compile(
     r"^\s*(?P<time>[\d.]+)\s+(?P<dir>FE->BE|BE->FE)\s+(?P<name>\w+)"
