@@ -32,20 +32,16 @@ No syscalls here: sockets, eventfds and taps are done by ``vhostuser.io``.
 from __future__ import annotations
 
 import logging
-import queue
 import struct
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from ..io.backend import BackendServer, BackendSession
-from ..io.eventfd import EventFd
 from ..io.mapping import reap_deferred
 from ..io.reactor import Reactor, Timer
 from ..io.tap import TapDevice
+from ..io.thread import ReactorThread
 from .net import (
     DEFAULT_MTU,
     ETH_HLEN,
@@ -76,7 +72,6 @@ TAP_BURST: Final = 64
 TAP_SLOT: Final = 65536 + ETH_HLEN + 4
 """Bytes per tap read slot: the largest frame a tap can hand us."""
 
-T = TypeVar("T")
 
 
 class Port:
@@ -684,7 +679,7 @@ class Switch:
         self.macs.clear()
 
 
-class SwitchThread:
+class SwitchThread(ReactorThread):
     """A :class:`Switch` on its own reactor thread, for tests and embedding.
 
     ``setup(switch)`` runs on the reactor thread before the loop starts (add ports there).
@@ -692,66 +687,24 @@ class SwitchThread:
     manager; leaving it closes every port and joins the thread.
     """
 
+    thread_name = "vhost-user switch"
+
     def __init__(self, setup: Callable[[Switch], object] | None = None, **switch_kw: Any) -> None:
+        super().__init__()
         self.setup = setup
         self.switch_kw = switch_kw
         self.switch: Switch | None = None
-        self.reactor: Reactor | None = None
-        self.errors: list[BaseException] = []
-        self._queue: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
-        self._wake = EventFd()
-        self._stop = False
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vhost-user switch", daemon=True)
 
-    def _run(self) -> None:
-        reactor = Reactor(on_error=lambda exc, cb: self.errors.append(exc))
-        self.reactor = reactor
+    def _build(self, reactor: Reactor) -> Callable[[], None]:
+        sw = Switch(reactor, **self.switch_kw)
+        self.switch = sw
         try:
-            sw = Switch(reactor, **self.switch_kw)
-            self.switch = sw
             if self.setup is not None:
                 self.setup(sw)
-        except BaseException as e:
-            self.errors.append(e)
-            if self.switch is not None:
-                self.switch.close()
-            self._ready.set()
-            reactor.close()
-            return
-        reactor.add_reader(self._wake.fd, self._on_wake)
-        self._ready.set()
-        try:
-            reactor.run(until=lambda: self._stop)
-        finally:
+        except BaseException:
             sw.close()
-            reactor.remove_reader(self._wake.fd)
-            reactor.close()
-
-    def _on_wake(self) -> None:
-        self._wake.drain()
-        while True:
-            try:
-                fn, fut = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
-        """Run ``fn`` on the reactor thread and return its result.
-
-        Raises:
-            Whatever ``fn`` raises; TimeoutError if the reactor does not run it in time.
-        """
-        if not self._thread.is_alive():
-            return fn()
-        fut: Future[T] = Future()
-        self._queue.put((fn, fut))
-        self._wake.notify()
-        return fut.result(timeout)
+            raise
+        return sw.close
 
     def stats(self) -> dict[str, Any]:
         """:meth:`Switch.stats`, taken on the reactor thread."""
@@ -760,32 +713,3 @@ class SwitchThread:
             return {}
         return self.call(sw.stats)
 
-    def start(self) -> SwitchThread:
-        """Start the thread; wait until the setup ran.
-
-        Raises:
-            Whatever creating the switch or ``setup`` raised.
-        """
-        self._thread.start()
-        self._ready.wait(30)
-        if self.errors:
-            self._thread.join(10)
-            self._wake.close()
-            raise self.errors[0]
-        return self
-
-    def stop(self) -> None:
-        """Close every port, stop the reactor and join the thread. Idempotent."""
-        if self._thread.is_alive():
-            self._stop = True
-            self._wake.notify()
-            self._thread.join(30)
-        if not self._wake.closed:
-            self._wake.close()
-
-    def __enter__(self) -> SwitchThread:
-        return self.start()
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
