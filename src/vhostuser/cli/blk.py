@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -11,7 +10,7 @@ from ..devices.blk import SECTOR_SIZE, BlkDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.blkfile import BlkFile
 from ..io.reactor import Reactor
-from ._signals import stop_on_signals
+from ._common import add_verbose, octal_mode, setup_logging, stop_on_signals
 
 EPILOG = """\
 examples:
@@ -64,17 +63,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-write-zeroes", action="store_true", help="do not offer WRITE_ZEROES")
     p.add_argument("--no-inflight", action="store_true",
                    help="do not offer INFLIGHT_SHMFD (no resubmission after a crash)")
-    p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600,
+    p.add_argument("--mode", type=octal_mode, default=0o600,
                    help="socket file mode in octal (default 600)")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log sessions and recoveries (-v) and every message (-vv)")
+    add_verbose(p, "sessions and recoveries")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vhost-user blk``; returns the exit status."""
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         image = BlkFile.open(args.image, read_only=args.read_only)
     except (OSError, ValueError) as e:

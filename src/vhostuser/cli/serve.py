@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -12,7 +11,7 @@ from ..devices.base import Device
 from ..devices.net import NullNetDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.reactor import Reactor
-from ._signals import stop_on_signals
+from ._common import add_verbose, octal_mode, setup_logging, stop_on_signals
 
 DEVICES = {
     "null-net": "virtio-net that completes the handshake, reports link up and drops TX",
@@ -55,17 +54,15 @@ def add_parser(sub: Any) -> None:
                    help="net queue pairs (default 1)")
     p.add_argument("--draft", action="store_true",
                    help="speak the 2014 draft dialect of the seed thread (ECHO = 1)")
-    p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600,
+    p.add_argument("--mode", type=octal_mode, default=0o600,
                    help="socket file mode in octal (default 600)")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log sessions (-v) and every message (-vv)")
+    add_verbose(p, "sessions")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vhost-user serve``."""
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         make_device(args.device, args.queue_pairs)
     except ValueError as e:

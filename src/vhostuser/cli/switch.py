@@ -16,7 +16,7 @@ from ..devices.net import DEFAULT_MTU, parse_mac
 from ..devices.switch import DEFAULT_AGING, Switch
 from ..errors import VhostUserError
 from ..io.reactor import Reactor
-from ._signals import stop_on_signals
+from ._common import add_verbose, octal_mode, setup_logging, stop_on_signals
 
 DESCRIPTION = """\
 Run a learning Ethernet switch whose ports are vhost-user NICs (QEMU guests, DPDK
@@ -144,7 +144,7 @@ def add_parser(sub: Any) -> None:
     o.add_argument("--offloads", action="store_true",
                    help="offer checksum and TSO offloads (passed between ports that both "
                         "negotiate them; completed in software or dropped otherwise)")
-    o.add_argument("--mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL",
+    o.add_argument("--mode", type=octal_mode, default=0o600, metavar="OCTAL",
                    help="mode of the sockets we listen on (default 600)")
     s = p.add_argument_group("output")
     s.add_argument("--stats-json", metavar="FILE|-",
@@ -154,8 +154,7 @@ def add_parser(sub: Any) -> None:
                    help="how often counters are shown or written (default 1)")
     s.add_argument("--quiet", "-q", action="store_true",
                    help="no live counters even on a terminal")
-    s.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log connections (-v) and every vhost-user message (-vv)")
+    add_verbose(s, "connections")
     p.set_defaults(func=run)
 
 
@@ -265,8 +264,7 @@ def build_switch(reactor: Reactor, args: argparse.Namespace) -> Switch:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vhost-user switch``."""
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     if not (args.port or args.connect or args.tap or args.echo):
         print("vhost-user switch: give at least one --port, --connect, --tap or --echo",
               file=sys.stderr)

@@ -1,14 +1,44 @@
-"""Stop a reactor cleanly on SIGINT/SIGTERM (shared by the long-running commands)."""
+"""What the long-running commands share: socket-mode and verbosity options, logging set-up,
+and a clean stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import logging
 import signal
 import socket
 from collections.abc import Iterator
 from types import FrameType
 
 from ..io.reactor import Reactor
+
+
+def octal_mode(text: str) -> int:
+    """argparse type for a socket file mode such as ``600`` or ``0o660``.
+
+    Raises:
+        argparse.ArgumentTypeError: not an octal number in 0..0o777 (names the value).
+    """
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"mode {text!r} is not an octal number") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text!r} is outside 0..777")
+    return mode
+
+
+def add_verbose(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    """Add ``-v/--verbose`` (counted): ``-v`` logs ``what``, ``-vv`` every message too."""
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help=f"log {what} (-v) and every vhost-user message (-vv)")
+
+
+def setup_logging(verbose: int) -> None:
+    """Log at WARNING, INFO (-v) or DEBUG (-vv) with timestamps."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
 
 
 @contextlib.contextmanager
