@@ -109,15 +109,16 @@ class Rig:
         """GET_INFLIGHT_FD (fresh) or SET_INFLIGHT_FD of ``area_buf``."""
         n = len(self.layouts)
         if area_buf is None:
-            area_buf = bytearray(inflight_area_bytes(n, self.queue_size, False))
+            area_buf = bytearray(inflight_area_bytes(n, self.queue_size, self.packed))
         self.area_buf = area_buf
-        self.area = InflightArea(memoryview(area_buf), n, self.queue_size, False)
+        self.area = InflightArea(memoryview(area_buf), n, self.queue_size, self.packed)
         self.dev.on_inflight(self.area, fresh=fresh)
 
     def restart(self, device_factory: Any | None = None) -> None:
         """The back-end crashed and a new one starts: a new device on the same disk, the
         same guest RAM and inflight area (SET_INFLIGHT_FD), rings restarted at used.idx as
-        QEMU does (virtio_queue_restore_last_avail_idx)."""
+        QEMU does (virtio_queue_restore_last_avail_idx); packed rings at the initial base,
+        as stale as QEMU's (it restores nothing for them: the area says where to resume)."""
         factory = device_factory or self.factory
         self.dev = factory(self.disk)
         self.queues = FakeQueues()
@@ -125,7 +126,7 @@ class Rig:
         if self.area is not None:
             self.give_inflight(fresh=False, area_buf=self.area_buf)
         for i, drv in enumerate(self.drivers):
-            self.start_ring(i, drv.used_idx())
+            self.start_ring(i, 0 if self.packed else drv.used_idx())
 
     @property
     def driver(self) -> BlkQueue:

@@ -303,8 +303,9 @@ class Holding(BlkDevice):
         self.held.append(req)
 
 
-def test_device_resubmits_in_original_order_after_a_crash() -> None:
-    r = Rig(Holding, inflight=True, queue_size=32, depth=8)
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_device_resubmits_in_original_order_after_a_crash(packed: bool) -> None:
+    r = Rig(Holding, inflight=True, queue_size=32, depth=8, packed=packed)
     ops = [BlkOp("write", 512 * i, data=bytes([i + 1]) * 512) for i in range(6)]
     r.submit(*ops)
     r.process()
@@ -352,11 +353,12 @@ def test_resubmission_waits_for_the_ring_to_be_enabled() -> None:
     assert op.ok
 
 
-def test_randomized_crashes_complete_every_request_exactly_once() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_randomized_crashes_complete_every_request_exactly_once(packed: bool) -> None:
     rnd = random.Random(5)
     resubmitted = 0
     for _trial in range(30):
-        r = Rig(Holding, inflight=True, queue_size=32, depth=8, disk=64 * 512)
+        r = Rig(Holding, inflight=True, queue_size=32, depth=8, disk=64 * 512, packed=packed)
         model = bytearray(64 * 512)
         completed: dict[int, int] = {}
         submitted = 0

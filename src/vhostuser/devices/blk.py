@@ -3,9 +3,9 @@
 :class:`BlkConfig` decodes config space for tools; :class:`BlkDevice` is the back-end
 device: it parses requests out of descriptor chains, checks each against the disk and the
 negotiated features, and hands the data views to a :class:`BlockBackend`
-(``vhostuser.io.blkfile.BlkFile`` does the syscalls). With INFLIGHT_SHMFD every split
-queue is tracked in the shared inflight area so that a restarted back-end resubmits what
-was in flight (:mod:`vhostuser.virtq.inflight`).
+(``vhostuser.io.blkfile.BlkFile`` does the syscalls). With INFLIGHT_SHMFD every queue,
+split or packed, is tracked in the shared inflight area so that a restarted back-end
+resubmits what was in flight (:mod:`vhostuser.virtq.inflight`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import errno
 import logging
 import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -22,10 +22,15 @@ from ..connection.events import DeviceReset, VringEnabled, VringStarted, VringSt
 from ..errors import RingError
 from ..protocol.enums import BlkFeature, DeviceType, ProtocolFeature
 from ..virtq.inflight import (
+    InflightError,
+    PackedInflightTracker,
     SplitInflightTracker,
+    check_packed_region,
     check_split_region,
     prepare_fresh_area,
+    prepare_fresh_packed_area,
 )
+from ..virtq.packed import PackedDeviceRing
 from ..virtq.split import SplitDeviceRing
 from .base import Device
 
@@ -328,9 +333,9 @@ class BlkDevice(Device):
 
     Requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES (virtio 1.2 §5.2.6); every
     check of a guest request ends in a status byte (IOERR or UNSUPP), never an exception.
-    With an inflight area (INFLIGHT_SHMFD) every split queue is tracked, and requests in
-    flight when a previous back-end died are resubmitted, in their original order, when
-    the ring starts.
+    With an inflight area (INFLIGHT_SHMFD) every queue (split or packed) is tracked, and
+    requests in flight when a previous back-end died are resubmitted, in their original
+    order, when the ring starts.
 
     Completion is decoupled from pop: :meth:`submit` may keep a request and call
     :meth:`complete` later (from the same reactor thread); :meth:`flush_completions`
@@ -427,11 +432,10 @@ class BlkDevice(Device):
         self._acked = self.virtio_features
         self._queues: QueueAccess | None = None
         self._area: InflightArea | None = None
-        self._trackers: dict[int, SplitInflightTracker] = {}
-        self._resubmit: dict[int, tuple[tuple[int, ...], int]] = {}
+        self._trackers: dict[int, SplitInflightTracker | PackedInflightTracker] = {}
+        self._resubmit: dict[int, Callable[[], list[Any]]] = {}
         self._done: list[list[tuple[int, int]]] = [[] for _ in range(num_queues)]
         self._done_heads: list[list[int]] = [[] for _ in range(num_queues)]
-        self._warned_packed = False
         self.stats: Counter[str] = Counter()
         """Requests handled per type name and status (for tools and tests)."""
         self.resubmitted = 0
@@ -485,18 +489,21 @@ class BlkDevice(Device):
         """
         self._drop_trackers()
         self._area = None
-        if not area.packed:
-            if fresh:
-                prepare_fresh_area(area)
+        if fresh:
+            if area.packed:
+                prepare_fresh_packed_area(area)
             else:
-                for i in range(area.num_queues):
-                    region = area.queue(i)
-                    try:
-                        n = check_split_region(region, area.queue_size, f"inflight queue {i}")
-                    finally:
-                        region.release()
-                    if n:
-                        log.info("inflight queue %d: %d requests were in flight", i, n)
+                prepare_fresh_area(area)
+        else:
+            check = check_packed_region if area.packed else check_split_region
+            for i in range(area.num_queues):
+                region = area.queue(i)
+                try:
+                    n = check(region, area.queue_size, f"inflight queue {i}")
+                finally:
+                    region.release()
+                if n:
+                    log.info("inflight queue %d: %d requests were in flight", i, n)
         self._area = area
 
     def _drop_trackers(self) -> None:
@@ -529,27 +536,37 @@ class BlkDevice(Device):
         if ring is None:
             return
         name = f"inflight queue {index}"
-        if area.packed or not isinstance(ring, SplitDeviceRing):
-            if not self._warned_packed:
-                log.warning("%s: inflight tracking is implemented for split rings only; "
-                            "requests in flight at a crash of this back-end would be lost",
-                            name)
-                self._warned_packed = True
-            return
         try:
-            tracker = SplitInflightTracker(area, index, ring.size, name=name)
-            avail_idx = (ring.next_avail + ring.pending()) & 0xFFFF
-            rec = tracker.recover(ring.used_idx, avail_idx)
+            if isinstance(ring, PackedDeviceRing):
+                resubmit = self._recover_packed(area, index, ring, name)
+            elif isinstance(ring, SplitDeviceRing):
+                resubmit = self._recover_split(area, index, ring, name)
+            else:
+                raise InflightError(f"{name}: {type(ring).__name__} rings are not tracked")
         except (RingError, ValueError) as e:
             log.warning("%s: %s", name, e)
             queues.ring_broken(index, str(e))
             return
+        if resubmit is None:
+            return
+        # The requests are put back on the ring (and its position moved) only when the
+        # ring is enabled: a disabled ring is not popped, and holding no chain until then
+        # keeps no view of guest memory alive (and survives the ring being rebuilt).
+        self._resubmit[index] = resubmit
+        if queues.enabled(index):
+            self._run_resubmits(index)
+
+    def _recover_split(self, area: InflightArea, index: int, ring: SplitDeviceRing,
+                       name: str) -> Callable[[], list[Any]] | None:
+        tracker = SplitInflightTracker(area, index, ring.size, name=name)
+        avail_idx = (ring.next_avail + ring.pending()) & 0xFFFF
+        rec = tracker.recover(ring.used_idx, avail_idx)
         self._trackers[index] = tracker
         if rec.cleared:
             log.info("%s: %d requests of the last batch had completed before the crash",
                      name, rec.cleared)
         if rec.next_avail is None:
-            return
+            return None
         if rec.next_avail != ring.next_avail:
             log.info("%s: resuming at avail index %d (used.idx %d + %d in flight), not the "
                      "base %d", name, rec.next_avail, ring.used_idx, len(rec.heads),
@@ -557,12 +574,30 @@ class BlkDevice(Device):
         if rec.heads:
             log.info("%s: %d requests were in flight (heads %s)", name, len(rec.heads),
                      list(rec.heads))
-        # The heads are put back on the ring (and next_avail moved) only when the ring is
-        # enabled: a disabled ring is not popped, and holding no chain until then keeps no
-        # view of guest memory alive (and survives the ring being rebuilt meanwhile).
-        self._resubmit[index] = (rec.heads, rec.next_avail)
-        if queues.enabled(index):
-            self._run_resubmits(index)
+        heads, next_avail = rec.heads, rec.next_avail
+        return lambda: ring.resubmit(heads, next_avail)
+
+    def _recover_packed(self, area: InflightArea, index: int, ring: PackedDeviceRing,
+                        name: str) -> Callable[[], list[Any]] | None:
+        tracker = PackedInflightTracker(area, index, ring.size, name=name)
+        rec = tracker.recover(ring)
+        self._trackers[index] = tracker
+        if rec.initialized:
+            return None
+        if rec.committed:
+            log.info("%s: the last batch had been published before the crash", name)
+        if (rec.next_avail, rec.avail_wrap, rec.used_idx, rec.used_wrap) != (
+                ring.next_avail, ring.avail_wrap, ring.used_idx, ring.used_wrap):
+            log.info("%s: resuming at avail %d/%d, used %d/%d (from the inflight area), not "
+                     "the base %d/%d, %d/%d", name, rec.next_avail, rec.avail_wrap,
+                     rec.used_idx, rec.used_wrap, ring.next_avail, ring.avail_wrap,
+                     ring.used_idx, ring.used_wrap)
+        if rec.buffers:
+            log.info("%s: %d requests were in flight (ids %s)", name, len(rec.buffers),
+                     [b[-1][2] for b in rec.buffers])
+        return lambda: ring.resubmit(rec.buffers, next_avail=rec.next_avail,
+                                     avail_wrap=rec.avail_wrap, used_idx=rec.used_idx,
+                                     used_wrap=rec.used_wrap)
 
     def _run_resubmits(self, index: int) -> None:
         """Resubmit what was in flight, in the original order, and resume popping at
@@ -572,12 +607,10 @@ class BlkDevice(Device):
         queues = self._queues
         if pending is None or queues is None:
             return
-        ring = queues.ring(index)
-        if ring is None:
+        if queues.ring(index) is None:
             return
-        heads, next_avail = pending
         try:
-            chains = ring.resubmit(heads, next_avail)
+            chains = pending()
         except (RingError, ValueError) as e:
             log.warning("queue %d: resubmission failed: %s", index, e)
             queues.ring_broken(index, str(e))
@@ -603,6 +636,7 @@ class BlkDevice(Device):
     def _handle_chains(self, index: int, chains: Sequence[Any], enabled: bool) -> None:
         tracker = self._trackers.get(index)
         if tracker is not None:
+            # Before any side effect (vhost-user.rst: tracked as soon as it is fetched).
             tracker.popped([c.head for c in chains])
         for chain in chains:
             self._handle_chain(index, chain, enabled)
@@ -799,8 +833,10 @@ class BlkDevice(Device):
         if tracker is not None:
             tracker.completing(heads)
         ring.push(done)
-        if tracker is not None:
+        if isinstance(tracker, SplitInflightTracker):
             tracker.completed(heads, ring.used_idx)
+        elif tracker is not None:
+            tracker.completed(heads)
         if notify and queues is not None and ring.should_notify():
             queues.notify(index)
         return len(done)

@@ -8,8 +8,10 @@ the back-end resubmits what was in flight. Split queues:
 used_idx u16, then ``DescStateSplit[desc_num]`` of 16 bytes (inflight u8, padding[5],
 next u16, counter u64).
 
-Packed queues: a 32-byte ``QueueRegionPacked`` header then 32-byte ``DescStatePacked``.
-Each queue's region is rounded up to 64 bytes, as libvhost-user does.
+Packed queues: a 32-byte ``QueueRegionPacked`` header then 32-byte ``DescStatePacked``
+entries, a pool linked into a free list that holds a copy of every ring descriptor in
+flight (a packed ring overwrites its slots with used descriptors, so the copies are what a
+successor resubmits). Each queue's region is rounded up to 64 bytes, as libvhost-user does.
 
 :class:`SplitInflightTracker` keeps one split queue's region in step with its ring,
 following the spec's algorithm step by step so that a crash between any two stores is
@@ -17,6 +19,8 @@ recoverable, and :meth:`SplitInflightTracker.recover` repairs the region and lis
 resubmit when the ring starts again. Every field it reads from the area (which the
 front-end can write) is checked against our own queue size and ring first. Resubmission
 goes through ``SplitDeviceRing.resubmit``, which walks each chain exactly as a pop does.
+:class:`PackedInflightTracker` does the same for packed queues, with
+``PackedDeviceRing.resubmit`` walking the copied descriptors.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import RingError
 
@@ -508,3 +512,596 @@ def prepare_fresh_area(area: InflightArea) -> None:
             region.release()
 
 
+
+
+# ---------------------------------------------------------------------------------------
+# Packed-ring tracking (vhost-user.rst "Inflight I/O tracking", packed virtqueue algorithm)
+# ---------------------------------------------------------------------------------------
+
+#: ``QueueRegionPacked`` header: features u64, version u16, desc_num u16, free_head u16,
+#: old_free_head u16, used_idx u16, old_used_idx u16, used_wrap_counter u8,
+#: old_used_wrap_counter u8, padding[7]; the 8-byte aligned ``desc[]`` starts at byte 32.
+PACKED_HEADER_STRUCT: Final = struct.Struct("<QHHHHHHBB")
+#: ``DescStatePacked``: inflight u8, padding u8, next u16, last u16, num u16, counter u64,
+#: id u16, flags u16, len u32, addr u64.
+PACKED_DESC_STRUCT: Final = struct.Struct("<BxHHHQHHIQ")
+#: The descriptor copy at the end of a ``DescStatePacked`` (id, flags, len, addr).
+_PACKED_COPY: Final = struct.Struct("<HHIQ")
+
+# Header fields in 16-bit units (free_head..old_used_idx) and bytes (the wrap counters).
+_P_VERSION: Final = 4
+_P_DESC_NUM: Final = 5
+_P_FREE_HEAD: Final = 6
+_P_OLD_FREE_HEAD: Final = 7
+_P_USED_IDX: Final = 8
+_P_OLD_USED_IDX: Final = 9
+_P_USED_WRAP_BYTE: Final = 20
+_P_OLD_USED_WRAP_BYTE: Final = 21
+
+_AVAIL_BIT: Final = 1 << 7
+_USED_BIT: Final = 1 << 15
+
+
+def _pd(i: int) -> int:
+    """Byte offset of ``desc[i]`` in a packed queue region."""
+    return PACKED_HEADER + PACKED_DESC * i
+
+
+@dataclass(frozen=True, slots=True)
+class PackedRecovery:
+    """What :meth:`PackedInflightTracker.recover` found.
+
+    Attributes:
+        buffers: the buffers still in flight, in the order they were first popped
+            (ascending counter), each as its ring descriptors ``(addr, len, id, flags)``
+            copied when it was popped: hand them to ``PackedDeviceRing.resubmit``.
+        next_avail, avail_wrap: where popping resumes (``used_idx`` plus the descriptors
+            in flight).
+        used_idx, used_wrap: where the next used descriptor goes.
+        committed: the last batch had been published before the crash and its update of
+            the region was completed; False when there was nothing to commit or it was
+            rolled back.
+        initialized: the region was uninitialized (version 0) and has now been set up
+            from the ring's own position; nothing is resubmitted.
+    """
+
+    buffers: tuple[tuple[tuple[int, int, int, int], ...], ...]
+    next_avail: int
+    avail_wrap: bool
+    used_idx: int
+    used_wrap: bool
+    committed: bool = False
+    initialized: bool = False
+
+
+class PackedInflightTracker:
+    """Keeps one packed queue's region of the inflight area in step with the ring.
+
+    The region is a pool of ``desc_num`` entries linked into a free list
+    (``free_head``/``next``). Popping a buffer takes one entry per ring descriptor from the
+    free list and copies the descriptor into it (a packed ring reuses its slots for used
+    descriptors, so the copies are what a successor resubmits); the first entry is the
+    buffer's head entry (``inflight``, ``counter``, ``num``, ``last``). Completing a batch
+    gives the entries back and advances ``used_idx``; the ``old_*`` fields are the last
+    consistent state, which recovery rolls back to unless the ring shows the batch was
+    published.
+
+    The device calls, per request: :meth:`popped` right after the pop (before any side
+    effect), then for each batch of completions :meth:`completing`, the ring's ``push``,
+    and :meth:`completed`. The tracker keeps a private copy of the free list and of each
+    buffer's entries; it reads the area once, in :meth:`recover`, from a snapshot whose
+    every field is checked against our queue size and the ring.
+
+    Args:
+        area: the whole inflight area (packed layout).
+        index: the queue this tracker serves.
+        queue_size: our negotiated queue size.
+        name: used in error messages.
+
+    Raises:
+        InflightError: ``index`` is not in the area, the area has the split layout, or it
+            was made for another queue size.
+    """
+
+    __slots__ = (
+        "_area", "_counter", "_entry_of", "_free_head", "_index", "_last", "_name", "_next",
+        "_num", "_ring", "_size", "_used_idx", "_used_wrap", "in_flight",
+    )
+
+    def __init__(
+        self, area: InflightArea, index: int, queue_size: int, *, name: str = "inflight"
+    ) -> None:
+        if not 0 <= index < area.num_queues:
+            raise InflightError(
+                f"{name}: queue {index} is not in the area ({area.num_queues} queues)"
+            )
+        if not area.packed:
+            raise InflightError(f"{name}: the area has the split layout, the ring is packed")
+        if queue_size != area.queue_size:
+            raise InflightError(
+                f"{name}: the area was made for queue size {area.queue_size}, the ring has "
+                f"{queue_size}"
+            )
+        self._area = area
+        self._index = index
+        self._size = queue_size
+        self._name = name
+        self._ring: Any = None
+        self._counter = 0
+        self._next: list[int] = []
+        self._free_head = 0
+        self._used_idx = 0
+        self._used_wrap = 1
+        self._entry_of: dict[int, int] = {}  # buffer id -> head entry
+        self._last: dict[int, int] = {}  # head entry -> last entry of the buffer
+        self._num: dict[int, int] = {}  # head entry -> ring descriptors of the buffer
+        self.in_flight = 0
+        """Buffers this tracker has marked in flight and not completed."""
+
+    @property
+    def counter(self) -> int:
+        """The counter the next popped buffer gets."""
+        return self._counter
+
+    def _region(self) -> memoryview:
+        mv = self._area.queue(self._index)
+        return mv if mv.format == "B" else mv.cast("B")
+
+    # -- recovery ----------------------------------------------------------------------------
+    def recover(self, ring: Any) -> PackedRecovery:
+        """Bring the region in line with ``ring`` (a started ``PackedDeviceRing``) and say
+        what to resubmit.
+
+        vhost-user.rst, "When reconnecting" (packed): if ``used_idx`` differs from
+        ``old_used_idx``, the descriptor at ``old_used_idx`` tells whether the last batch
+        was published (it no longer looks available in the lap of
+        ``old_used_wrap_counter``): then commit (``old_*`` := current), else roll back
+        (current := ``old_*``); clear ``inflight`` of every entry on the free list;
+        resubmit the in-flight buffers in counter order.
+
+        The position in an initialized area is authoritative, whatever SET_VRING_BASE
+        said: after a crash QEMU cannot learn a packed ring's position (it restores nothing
+        for packed rings), so its base is stale; after a clean stop the two agree. A
+        front-end that resets the device must hand over a fresh area (QEMU gets a new one
+        with GET_INFLIGHT_FD after every reset). An uninitialized region (version 0) is
+        set up from the ring's position.
+
+        Raises:
+            InflightError: a field is out of range, the free list loops or leaves the
+                pool, buffers' entries overlap or disagree with ``num``/``last``, the
+                entries do not add up to ``desc_num``, counters repeat, or the ring's
+                slots where the area says buffers are in flight are not available. Nothing
+                has been written to the region then.
+            ValueError: the area was released.
+        """
+        size = self._size
+        name = self._name
+        b = self._region()
+        try:
+            snap = b.tobytes()
+            need = _pd(size)
+            if len(snap) < need:
+                raise InflightError(
+                    f"{name}: region of {len(snap)} bytes is smaller than the {need} bytes a "
+                    f"queue of size {size} needs"
+                )
+            (features, version, desc_num, free_head, old_free_head, used_idx, old_used_idx,
+             used_wrap, old_used_wrap) = PACKED_HEADER_STRUCT.unpack_from(snap, 0)
+            if version == 0:
+                self._initialize(b, ring.used_idx, int(ring.used_wrap))
+                self._ring = ring
+                return PackedRecovery((), ring.next_avail, bool(ring.avail_wrap),
+                                      ring.used_idx, bool(ring.used_wrap), initialized=True)
+            self._check_header(features, version, desc_num, free_head, old_free_head,
+                               used_idx, old_used_idx, used_wrap, old_used_wrap)
+            entries = list(PACKED_DESC_STRUCT.iter_unpack(snap[PACKED_HEADER:need]))
+            committed = False
+            if (used_idx, used_wrap) != (old_used_idx, old_used_wrap):
+                f = ring.descriptor_flags(old_used_idx)
+                avail = _AVAIL_BIT if old_used_wrap else _USED_BIT
+                if f & (_AVAIL_BIT | _USED_BIT) != avail:
+                    # Published before the crash: commit the in-progress update.
+                    old_free_head, old_used_idx, old_used_wrap = free_head, used_idx, used_wrap
+                    committed = True
+            # Roll back whatever is still in progress (a pop or an unpublished batch).
+            free_head, used_idx, used_wrap = old_free_head, old_used_idx, old_used_wrap
+            nxt = [e[1] for e in entries]
+            free = self._walk_free_list(nxt, free_head)
+            heads = [i for i in range(size) if entries[i][0] and i not in free]
+            buffers, chains = self._collect(entries, nxt, heads, free)
+            ndesc = sum(len(c) for c in chains)
+            next_avail, avail_wrap = used_idx + ndesc, used_wrap
+            if next_avail >= size:
+                next_avail -= size
+                avail_wrap ^= 1
+            self._check_ring(ring, used_idx, used_wrap, ndesc)
+            # Apply, in the spec's order: commit or roll back the header, then clear the
+            # in-flight flags on the free list.
+            h16 = b.cast("H")
+            try:
+                h16[_P_OLD_FREE_HEAD] = free_head
+                h16[_P_OLD_USED_IDX] = used_idx
+                b[_P_OLD_USED_WRAP_BYTE] = used_wrap
+                h16[_P_FREE_HEAD] = free_head
+                h16[_P_USED_IDX] = used_idx
+                b[_P_USED_WRAP_BYTE] = used_wrap
+            finally:
+                h16.release()
+            for i in free:
+                if entries[i][0]:
+                    b[_pd(i)] = 0
+        finally:
+            b.release()
+        self._ring = ring
+        self._next = nxt
+        self._free_head = free_head
+        self._used_idx = used_idx
+        self._used_wrap = used_wrap
+        self._entry_of.clear()
+        self._last.clear()
+        self._num.clear()
+        order = sorted(range(len(heads)), key=lambda k: entries[heads[k]][4])
+        for h, chain in zip(heads, chains, strict=True):
+            self._entry_of[entries[chain[-1]][5]] = h
+            self._last[h] = chain[-1]
+            self._num[h] = len(chain)
+        self._counter = max((entries[h][4] for h in heads), default=-1) + 1
+        self.in_flight = len(heads)
+        return PackedRecovery(
+            tuple(buffers[k] for k in order), next_avail, bool(avail_wrap), used_idx,
+            bool(used_wrap), committed,
+        )
+
+    def _check_header(self, features: int, version: int, desc_num: int, free_head: int,
+                      old_free_head: int, used_idx: int, old_used_idx: int, used_wrap: int,
+                      old_used_wrap: int) -> None:
+        _check_packed_header(self._size, self._name, features, version, desc_num, free_head,
+                             old_free_head, used_idx, old_used_idx, used_wrap, old_used_wrap)
+
+    def _walk_free_list(self, nxt: list[int], free_head: int) -> set[int]:
+        return _packed_free_list(self._size, self._name, nxt, free_head)
+
+    def _collect(
+        self, entries: list[tuple[int, ...]], nxt: list[int], heads: list[int], free: set[int]
+    ) -> tuple[list[tuple[tuple[int, int, int, int], ...]], list[list[int]]]:
+        return _packed_buffers(self._size, self._name, entries, nxt, heads, free)
+
+    def _check_ring(self, ring: Any, used_idx: int, used_wrap: int, ndesc: int) -> None:
+        """The slots the area says hold buffers in flight must still look available: the
+        driver cannot reuse them, and the device writes used descriptors only from
+        ``used_idx`` on."""
+        size = self._size
+        slot, wrap = used_idx, used_wrap
+        for k in range(ndesc):
+            f = ring.descriptor_flags(slot)
+            want = _AVAIL_BIT if wrap else _USED_BIT
+            if f & (_AVAIL_BIT | _USED_BIT) != want:
+                raise InflightError(
+                    f"{self._name}: the area has {ndesc} descriptors in flight from slot "
+                    f"{used_idx} (wrap {used_wrap}), but slot {slot} (descriptor {k}) has "
+                    f"flags {f:#x}, not available in lap {wrap}"
+                )
+            slot += 1
+            if slot == size:
+                slot = 0
+                wrap ^= 1
+
+    def _initialize(self, b: memoryview, used_idx: int, used_wrap: int) -> None:
+        """Set up an uninitialized region: a free list of every entry, the ring's used
+        position, then ``version`` last."""
+        size = self._size
+        b[:] = bytes(len(b))
+        for i in range(size):
+            struct.pack_into("<H", b, _pd(i) + 2, i + 1)
+        h16 = b.cast("H")
+        try:
+            h16[_P_DESC_NUM] = size
+            h16[_P_USED_IDX] = h16[_P_OLD_USED_IDX] = used_idx
+            b[_P_USED_WRAP_BYTE] = b[_P_OLD_USED_WRAP_BYTE] = used_wrap
+            h16[_P_VERSION] = INFLIGHT_VERSION
+        finally:
+            h16.release()
+        self._next = list(range(1, size + 1))
+        self._free_head = 0
+        self._used_idx = used_idx
+        self._used_wrap = used_wrap
+        self._counter = 0
+        self._entry_of.clear()
+        self._last.clear()
+        self._num.clear()
+        self.in_flight = 0
+
+    # -- normal operation ---------------------------------------------------------------------
+    def popped(self, buffer_ids: Sequence[int]) -> None:
+        """Record buffers just popped from the ring, in pop order.
+
+        vhost-user.rst (packed, "When receiving available buffers"): the head entry
+        (``old_free_head``) gets ``num``, ``counter`` and ``inflight``; each ring
+        descriptor is copied into the next free entry; ``free_head`` follows; ``last`` and
+        finally ``old_free_head`` commit the buffer.
+
+        Raises:
+            ValueError: a buffer is not in flight on the ring, or the pool has no free
+                entry left (caller bugs: the ring bounds descriptors in flight by the
+                queue size), or the area was released.
+        """
+        if not buffer_ids:
+            return
+        ring = self._ring
+        size = self._size
+        nxt = self._next
+        b = self._region()
+        h16 = b.cast("H")
+        q = b.cast("Q")
+        try:
+            for bid in buffer_ids:
+                descs = ring.descriptors(bid)
+                head = self._free_head
+                if head == size or bid in self._entry_of:
+                    raise ValueError(
+                        f"{self._name}: no free entry for buffer {bid}"
+                        if head == size else f"{self._name}: buffer {bid} is already tracked"
+                    )
+                hoff = _pd(head)
+                h16[(hoff >> 1) + 3] = 0  # num
+                q[(hoff >> 3) + 1] = self._counter  # counter
+                b[hoff] = 1  # inflight
+                self._counter += 1
+                fh = head
+                last = head
+                for addr, ln, did, fl in descs:
+                    if fh == size:
+                        raise ValueError(f"{self._name}: the pool ran out of entries")
+                    last = fh
+                    _PACKED_COPY.pack_into(b, _pd(fh) + 16, did, fl, ln, addr)
+                    fh = nxt[fh]
+                    h16[_P_FREE_HEAD] = fh
+                h16[(hoff >> 1) + 2] = last  # last
+                h16[(hoff >> 1) + 3] = len(descs)  # num
+                h16[_P_OLD_FREE_HEAD] = fh  # the buffer is recorded
+                self._free_head = fh
+                self._entry_of[bid] = head
+                self._last[head] = last
+                self._num[head] = len(descs)
+                self.in_flight += 1
+        finally:
+            q.release()
+            h16.release()
+            b.release()
+
+    def completing(self, buffer_ids: Sequence[int]) -> None:
+        """Give a batch's entries back and advance ``used_idx``, before the ring's push.
+
+        vhost-user.rst (packed, "When supplying used buffers"): ``desc[e.last].next =
+        free_head; free_head = e`` per buffer, then ``used_idx`` (and the wrap counter)
+        moves by the batch's descriptors.
+
+        Raises:
+            ValueError: a buffer is not tracked (a caller bug), or the area was released.
+        """
+        if not buffer_ids:
+            return
+        size = self._size
+        nxt = self._next
+        b = self._region()
+        h16 = b.cast("H")
+        try:
+            fh = self._free_head
+            used, wrap = self._used_idx, self._used_wrap
+            for bid in buffer_ids:
+                e = self._entry_of.get(bid)
+                if e is None:
+                    raise ValueError(f"{self._name}: buffer {bid} is not tracked")
+                last = self._last[e]
+                nxt[last] = fh
+                h16[(_pd(last) >> 1) + 1] = fh  # desc[last].next
+                fh = e
+                h16[_P_FREE_HEAD] = fh
+                used += self._num[e]
+                if used >= size:
+                    used -= size
+                    wrap ^= 1
+            h16[_P_USED_IDX] = used
+            b[_P_USED_WRAP_BYTE] = wrap
+            self._free_head = fh
+            self._used_idx, self._used_wrap = used, wrap
+        finally:
+            h16.release()
+            b.release()
+
+    def completed(self, buffer_ids: Sequence[int]) -> None:
+        """The batch is published: clear its in-flight flags, then make the state the new
+        consistent one (``old_free_head``, ``old_used_idx``, ``old_used_wrap_counter``).
+
+        Raises:
+            InflightError: the ring's used position disagrees with ours (a device bug).
+            ValueError: a buffer is not tracked (a caller bug), or the area was released.
+        """
+        ring = self._ring
+        if (ring.used_idx, int(ring.used_wrap)) != (self._used_idx, self._used_wrap):
+            raise InflightError(
+                f"{self._name}: the ring's used position {ring.used_idx}/{int(ring.used_wrap)} "
+                f"is not the tracked {self._used_idx}/{self._used_wrap}"
+            )
+        b = self._region()
+        h16 = b.cast("H")
+        try:
+            for bid in buffer_ids:
+                e = self._entry_of.pop(bid, None)
+                if e is None:
+                    raise ValueError(f"{self._name}: buffer {bid} is not tracked")
+                b[_pd(e)] = 0
+                del self._last[e]
+                del self._num[e]
+                self.in_flight -= 1
+            h16[_P_OLD_FREE_HEAD] = self._free_head
+            h16[_P_OLD_USED_IDX] = self._used_idx
+            b[_P_OLD_USED_WRAP_BYTE] = self._used_wrap
+        finally:
+            h16.release()
+            b.release()
+
+
+def prepare_fresh_packed_area(area: InflightArea) -> None:
+    """Set up every queue region of a new packed area as a full free list (``desc_num``,
+    ``next = i + 1``, both used wrap counters 1, as DPDK does on GET_INFLIGHT_FD);
+    ``version`` stays 0 until a ring starts on the region."""
+    size = area.queue_size
+    for q in range(area.num_queues):
+        region = area.queue(q)
+        try:
+            struct.pack_into("<H", region, 2 * _P_DESC_NUM, size)
+            region[_P_USED_WRAP_BYTE] = region[_P_OLD_USED_WRAP_BYTE] = 1
+            for i in range(size):
+                struct.pack_into("<H", region, _pd(i) + 2, i + 1)
+        finally:
+            region.release()
+
+
+def _check_packed_header(size: int, name: str, features: int, version: int, desc_num: int,
+                         free_head: int, old_free_head: int, used_idx: int, old_used_idx: int,
+                         used_wrap: int, old_used_wrap: int) -> None:
+    """Check a version-1 ``QueueRegionPacked`` header against our queue size."""
+    if version != INFLIGHT_VERSION:
+        raise InflightError(f"{name}: version {version} is not {INFLIGHT_VERSION}")
+    if features != 0:
+        raise InflightError(f"{name}: features {features:#x} are unknown (expected 0)")
+    if desc_num != size:
+        raise InflightError(f"{name}: desc_num {desc_num} is not the queue size {size}")
+    # free_head == desc_num: every entry is in use (the list's end marker).
+    for what, v, top in (("free_head", free_head, size),
+                         ("old_free_head", old_free_head, size),
+                         ("used_idx", used_idx, size - 1),
+                         ("old_used_idx", old_used_idx, size - 1),
+                         ("used_wrap_counter", used_wrap, 1),
+                         ("old_used_wrap_counter", old_used_wrap, 1)):
+        if v > top:
+            raise InflightError(f"{name}: {what} {v} is outside 0..{top}")
+
+
+def _packed_free_list(size: int, name: str, nxt: list[int], free_head: int) -> set[int]:
+    """The entries on the free list from ``free_head`` (``desc_num`` ends it)."""
+    free: set[int] = set()
+    i = free_head
+    while i != size:
+        if i > size:
+            raise InflightError(
+                f"{name}: the free list leaves the pool: an entry links to {i} "
+                f"(desc_num {size})"
+            )
+        if i in free:
+            raise InflightError(
+                f"{name}: the free list from free_head {free_head} loops back to "
+                f"desc[{i}] after {len(free)} entries"
+            )
+        free.add(i)
+        i = nxt[i]
+    return free
+
+
+def _packed_buffers(
+    size: int, name: str, entries: list[tuple[int, ...]], nxt: list[int], heads: list[int],
+    free: set[int]
+) -> tuple[list[tuple[tuple[int, int, int, int], ...]], list[list[int]]]:
+    """Each in-flight buffer's descriptor copies and entry list; validates the pool."""
+    owner: dict[int, int] = {}
+    counters: dict[int, int] = {}
+    ids: dict[int, int] = {}
+    buffers: list[tuple[tuple[int, int, int, int], ...]] = []
+    chains: list[list[int]] = []
+    for h in heads:
+        _flag, _n, last, num, counter = entries[h][:5]
+        if entries[h][0] != 1:
+            raise InflightError(f"{name}: desc[{h}].inflight is {entries[h][0]}, not 0 or 1")
+        if counter >= MAX_SANE_COUNTER:
+            raise InflightError(f"{name}: desc[{h}].counter {counter:#x} is not sane")
+        if counter in counters:
+            raise InflightError(
+                f"{name}: desc[{counters[counter]}] and desc[{h}] are both in flight with "
+                f"counter {counter}: their order is unknown"
+            )
+        counters[counter] = h
+        if not 1 <= num <= size:
+            raise InflightError(f"{name}: desc[{h}].num {num} is outside 1..{size}")
+        chain = [h]
+        i = h
+        for _ in range(num - 1):
+            i = nxt[i]
+            if i >= size:
+                raise InflightError(
+                    f"{name}: buffer at desc[{h}] links to entry {i}, outside the pool "
+                    f"(desc_num {size})"
+                )
+            chain.append(i)
+        if chain[-1] != last:
+            raise InflightError(
+                f"{name}: buffer at desc[{h}] ends at entry {chain[-1]} after {num} "
+                f"entries, but its last is {last}"
+            )
+        for i in chain:
+            if i in free or i in owner:
+                other = "the free list" if i in free else f"the buffer at desc[{owner[i]}]"
+                raise InflightError(
+                    f"{name}: entry {i} of the buffer at desc[{h}] is also on {other}"
+                )
+            owner[i] = h
+        bid = entries[last][5]
+        if bid >= size:
+            raise InflightError(
+                f"{name}: buffer at desc[{h}] has id {bid}, not below the queue size {size}"
+            )
+        if bid in ids:
+            raise InflightError(
+                f"{name}: buffers at desc[{ids[bid]}] and desc[{h}] both have id {bid}"
+            )
+        ids[bid] = h
+        buffers.append(tuple((entries[i][8], entries[i][7], entries[i][5], entries[i][6])
+                             for i in chain))
+        chains.append(chain)
+    used = len(free) + len(owner)
+    if used != size:
+        raise InflightError(
+            f"{name}: {len(free)} free entries and {len(owner)} entries of {len(heads)} "
+            f"in-flight buffers do not add up to desc_num {size}"
+        )
+    return buffers, chains
+
+
+def check_packed_region(region: memoryview | bytes, queue_size: int,
+                        name: str = "inflight") -> int:
+    """Validate what can be validated of a packed queue region without its ring.
+
+    Used when SET_INFLIGHT_FD adopts an area: the header is checked against our queue
+    size, and the pool (free list plus in-flight buffers) must be consistent in the state
+    recovery will roll back to, or, if the last batch was published, in the state it will
+    commit (which one only the ring can tell). Returns how many buffers are in flight in
+    the first consistent state (0 for an uninitialized region).
+
+    Raises:
+        InflightError: the region is too small, or a field is out of range, or neither
+            state is consistent (the error of the rolled-back state is raised).
+    """
+    snap = bytes(region)
+    need = _pd(queue_size)
+    if len(snap) < need:
+        raise InflightError(
+            f"{name}: region of {len(snap)} bytes is smaller than the {need} bytes a queue of "
+            f"size {queue_size} needs"
+        )
+    hdr = PACKED_HEADER_STRUCT.unpack_from(snap, 0)
+    if hdr[1] == 0:
+        return 0
+    _check_packed_header(queue_size, name, *hdr)
+    entries = list(PACKED_DESC_STRUCT.iter_unpack(snap[PACKED_HEADER:need]))
+    nxt = [e[1] for e in entries]
+    first: InflightError | None = None
+    for free_head in (hdr[4], hdr[3]):  # old_free_head (roll back), free_head (commit)
+        try:
+            free = _packed_free_list(queue_size, name, nxt, free_head)
+            heads = [i for i in range(queue_size) if entries[i][0] and i not in free]
+            _packed_buffers(queue_size, name, entries, nxt, heads, free)
+            return len(heads)
+        except InflightError as e:
+            first = first or e
+    assert first is not None
+    raise first

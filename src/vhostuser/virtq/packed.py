@@ -179,6 +179,7 @@ class PackedDeviceRing:
         "_signalled_valid",
         "_since_signal",
         "_size",
+        "_slot_of",
         "_used_idx",
         "_used_wrap",
         "_walked",
@@ -229,6 +230,8 @@ class PackedDeviceRing:
         self._used_idx = b.used_idx
         self._used_wrap = int(b.used_wrap)
         self._ids: list[Chain | None] = [None] * size
+        # Where each in-flight buffer starts: slot | avail wrap counter << 15 (descriptors()).
+        self._slot_of: list[int] = [0] * size
         self._in_flight = 0
         self._inflight_descs = 0
         self._broken: str | None = None
@@ -336,15 +339,27 @@ class PackedDeviceRing:
             out.append(walk(slot, f))
         return out
 
-    def _walk(self, slot: int, f: int) -> Chain:
-        """Walk, validate and translate the buffer starting at ``slot`` with flags ``f``."""
+    def _walk(
+        self, slot: int, f: int, src: tuple[memoryview, memoryview] | None = None
+    ) -> Chain:
+        """Walk, validate and translate the buffer starting at ``slot`` with flags ``f``.
+
+        ``src`` (resubmission only): ``(desc, desc_h)`` views of a copy of the buffer's
+        descriptors laid out from slot 0 with the AVAIL/USED bits of wrap counter 1; the
+        ring position is then not moved (the caller sets it).
+        """
         size = self._size
-        desc = self._desc
-        desc_h = self._desc_h
         segments = self._mem.segments
         view = self._mem.view
-        wrap = self._avail_wrap
+        if src is None:
+            desc = self._desc
+            desc_h = self._desc_h
+            wrap = self._avail_wrap
+        else:
+            desc, desc_h = src
+            wrap = 1
         head_slot = slot
+        head_wrap = wrap
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         wgpas: list[tuple[int, int]] = []
@@ -494,6 +509,11 @@ class PackedDeviceRing:
         self._walked += n
         chain = Chain(bid, readable, writable, rlen, wlen, wgpas, n)
         ids[bid] = chain
+        self._slot_of[bid] = head_slot | (head_wrap << 15)
+        self._in_flight += 1
+        self._inflight_descs += n
+        if src is not None:
+            return chain
         slot += 1
         if slot == size:
             slot = 0
@@ -502,9 +522,117 @@ class PackedDeviceRing:
         if wrap != self._avail_wrap:
             self._avail_wrap = wrap
             self._avail_pat = _avail_pattern(wrap)
-        self._in_flight += 1
-        self._inflight_descs += n
         return chain
+
+    # -- inflight tracking (vhost-user.rst "Inflight I/O tracking", packed) ----------------
+    def descriptors(self, buffer_id: int) -> list[tuple[int, int, int, int]]:
+        """The ring descriptors of in-flight buffer ``buffer_id``: ``(addr, len, id, flags)``
+        each, read from the ring now.
+
+        For the inflight tracker, which copies them into the shared area right after the
+        buffer is popped and before anything is pushed: until then nothing can have
+        overwritten those slots (the device writes used descriptors only at ``used_idx``,
+        which stays behind every buffer still in flight, and the driver may not touch
+        them). For an indirect buffer this is the one descriptor naming the table.
+
+        Raises:
+            ValueError: ``buffer_id`` is not in flight (a caller bug).
+        """
+        size = self._size
+        if not 0 <= buffer_id < size or self._ids[buffer_id] is None:
+            raise ValueError(f"{self._name}: buffer id {buffer_id} is not in flight")
+        chain = self._ids[buffer_id]
+        assert chain is not None
+        where = self._slot_of[buffer_id]
+        slot = where & 0x7FFF
+        out: list[tuple[int, int, int, int]] = []
+        desc = self._desc
+        for _ in range(chain.ring_descs):
+            out.append(_PDESC_UNPACK(desc, slot << 4))
+            slot += 1
+            if slot == size:
+                slot = 0
+        return [(a, ln, i, f) for a, ln, i, f in out]
+
+    def descriptor_flags(self, slot: int) -> int:
+        """The flags of the descriptor at ``slot``, one aligned 16-bit load (for inflight
+        recovery: has the device marked it used?).
+
+        Raises:
+            ValueError: ``slot`` is outside the ring.
+        """
+        if not 0 <= slot < self._size:
+            raise ValueError(f"{self._name}: slot {slot} is outside the ring (size {self._size})")
+        f: int = self._desc_h[(slot << 3) + 7]
+        return f
+
+    def resubmit(
+        self,
+        buffers: Sequence[Sequence[tuple[int, int, int, int]]],
+        *,
+        next_avail: int,
+        avail_wrap: bool,
+        used_idx: int,
+        used_wrap: bool,
+    ) -> list[Chain]:
+        """Put buffers a previous back-end had popped back in flight; resume at the given
+        position.
+
+        For INFLIGHT_SHMFD recovery. A packed ring's slots are reused as used descriptors,
+        so the buffers come from the copies the tracker kept: ``(addr, len, id, flags)``
+        per ring descriptor, in chain order. Each buffer is walked and validated exactly as
+        :meth:`pop` does (translation, lengths, order of readable and writable parts,
+        indirect tables, ids not already in flight) and returned in the given order. Then
+        popping resumes at ``next_avail``/``avail_wrap`` and used descriptors are written
+        from ``used_idx``/``used_wrap``.
+
+        Raises:
+            RingError: a buffer is invalid (its NEXT flags do not end where its list ends,
+                or :meth:`pop` would refuse it); the ring is then broken.
+            ValueError: an index is not below the queue size, or buffers are already in
+                flight (caller bugs).
+        """
+        size = self._size
+        for what, v in (("next avail", next_avail), ("used index", used_idx)):
+            if not 0 <= v < size:
+                raise ValueError(f"{self._name}: resubmit: {what} {v} is not below {size}")
+        if self._in_flight:
+            raise ValueError(f"{self._name}: resubmit with {self._in_flight} buffers in flight")
+        if self._broken is not None:
+            return []
+        out: list[Chain] = []
+        for k, descs in enumerate(buffers):
+            n = len(descs)
+            label = f"resubmitted buffer {k} ({n} descriptors)"
+            if not 1 <= n <= size:
+                self._fail(f"{label}: a buffer has 1..{size} descriptors")
+            tbl = bytearray(16 * n)
+            for j, (addr, ln, bid, fl) in enumerate(descs):
+                has_next = bool(fl & DESC_F_NEXT)
+                if has_next != (j < n - 1):
+                    self._fail(
+                        f"{label}: descriptor {j} has flags {fl:#x}: NEXT must be set on all "
+                        "but the last"
+                    )
+                # Laid out from slot 0 as available in a lap with wrap counter 1.
+                _PDESC_PACK(tbl, j << 4, addr, ln, bid,
+                            (fl & ~_AU & 0xFFFF) | PACKED_DESC_F_AVAIL)
+            t = memoryview(tbl)
+            th = t.cast("H")
+            try:
+                out.append(self._walk(0, th[7], (t, th)))
+            except RingError as e:
+                raise RingError(f"{self._name}: {label}: {e}") from e
+            finally:
+                th.release()
+                t.release()
+        self._next_avail = next_avail
+        self._avail_wrap = int(avail_wrap)
+        self._avail_pat = _avail_pattern(self._avail_wrap)
+        self._used_idx = used_idx
+        self._used_wrap = int(used_wrap)
+        self._signalled_valid = False
+        return out
 
     # -- returning used buffers ---------------------------------------------------------
     def push(self, elems: Sequence[tuple[int, int]]) -> None:
