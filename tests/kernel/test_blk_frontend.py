@@ -149,7 +149,7 @@ def test_packed_rings(no_leaks: Any, workdir: Path) -> None:
             VirtioBlkFrontend(sock, packed=True, queue_size=64, depth=16,
                               max_io=256 * 1024) as disk:
         assert disk.features & (1 << 34)  # VIRTIO_F_RING_PACKED
-        assert not disk.has_inflight  # tracking is for split rings
+        assert disk.has_inflight  # packed rings are tracked too
         ops = random_ops(random.Random(5), size, 40)
         apply_ops(disk, model, [(k, o, min(n, 256 * 1024)) for k, o, n in ops], seed=8)
         assert disk.read(0, size) == model
@@ -209,7 +209,9 @@ class Holding(BlkDevice):
         self.stats["held"] += 1
 
 
-def test_reconnect_resubmits_what_was_in_flight(no_leaks: Any, workdir: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_reconnect_resubmits_what_was_in_flight(no_leaks: Any, workdir: Path,
+                                                packed: bool) -> None:
     """The back-end goes away with requests in flight; a new one on the same socket gets
     the inflight area back and completes them, each exactly once."""
     img = make_image(workdir / "disk.raw", 4 * MiB)
@@ -217,7 +219,9 @@ def test_reconnect_resubmits_what_was_in_flight(no_leaks: Any, workdir: Path) ->
     with BlkFile.open(str(img)) as image:
         first = ServerThread(sock, lambda: Holding(image)).start()
         try:
-            with VirtioBlkFrontend(sock, depth=16, reconnect_timeout=10.0) as disk:
+            with VirtioBlkFrontend(sock, depth=16, reconnect_timeout=10.0,
+                                   packed=packed) as disk:
+                assert disk.has_inflight
                 ops = [BlkOp("write", i * 4096, data=bytes([i + 1]) * 4096) for i in range(12)]
                 disk.submit_many(ops)
                 deadline = time.monotonic() + 5

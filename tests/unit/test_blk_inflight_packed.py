@@ -126,7 +126,7 @@ def test_tracker_stores_follow_the_spec() -> None:
     ring, tr = started(r)
     r.offer([2, 1])
     chains = ring.pop(8)
-    tr.popped([c.head for c in chains])
+    tr.popped(ring, [c.head for c in chains])
     h = hdr(r.area_buf)
     assert (h["free_head"], h["old_free_head"]) == (3, 3)
     e0, e1, e2 = (ent(r.area_buf, i) for i in range(3))
@@ -142,7 +142,7 @@ def test_tracker_stores_follow_the_spec() -> None:
     assert (hdr(r.area_buf)["free_head"], ent(r.area_buf, 2)["next"]) == (2, 3)
     assert (hdr(r.area_buf)["used_idx"], hdr(r.area_buf)["old_used_idx"]) == (1, 0)
     ring.push([(chains[1].head, 0)])
-    tr.completed([chains[1].head])
+    tr.completed(ring, [chains[1].head])
     h = hdr(r.area_buf)
     assert (h["old_free_head"], h["old_used_idx"], ent(r.area_buf, 2)["inflight"]) == (2, 1, 0)
     assert [tok for tok, _ in r.drv.reap()] == [1]
@@ -160,13 +160,13 @@ def _scenario(point: int) -> tuple[Ring, list[int], list[int]]:
     ids = [c.head for c in ring.pop(8)]
     if point == 0:
         return r, toks, ids  # popped, untracked
-    tr.popped(ids[:2])
+    tr.popped(ring, ids[:2])
     if point == 1:
         # The third buffer half-recorded: head entry flagged, free_head moved, not committed.
         put_ent(r.area_buf, 4, inflight=1, counter=2, num=0)
         put_hdr(r.area_buf, free_head=5)
         return r, toks, ids
-    tr.popped(ids[2:])
+    tr.popped(ring, ids[2:])
     if point == 2:
         return r, toks, ids  # all tracked
     batch = [ids[2], ids[0]]
@@ -179,7 +179,7 @@ def _scenario(point: int) -> tuple[Ring, list[int], list[int]]:
     if point == 5:
         put_ent(r.area_buf, 4, inflight=0)  # one flag of the batch cleared
         return r, toks, ids
-    tr.completed(batch)
+    tr.completed(ring, batch)
     return r, toks, ids  # done
 
 
@@ -216,11 +216,11 @@ def test_crash_at_every_step_resubmits_exactly_the_unpublished(
         assert ch.ring_descs == ndesc[i]
     rest = ring.pop(8)  # buffers popped but never recorded come again from the ring
     for ch in rest:
-        tr.popped([ch.head])
+        tr.popped(ring, [ch.head])
     all_ids = [ch.head for ch in chains] + [ch.head for ch in rest]
     tr.completing(all_ids)
     ring.push([(i, 0) for i in all_ids])
-    tr.completed(all_ids)
+    tr.completed(ring, all_ids)
     after = [t for t, _ in c.drv.reap()]
     assert sorted(reaped_before + after) == toks  # every request exactly once
     assert not any(ent(c.area_buf, i)["inflight"] for i in range(SIZE))
@@ -244,13 +244,13 @@ def test_wrap_around_many_laps() -> None:
             inflight.add(tok)
             tok += 1
             got = ring.pop(8)
-            tr.popped([ch.head for ch in got])
+            tr.popped(ring, [ch.head for ch in got])
         elif ring.in_flight:
             ids = [i for i in range(SIZE) if ring._ids[i] is not None]
             batch = rnd.sample(ids, rnd.randint(1, len(ids)))
             tr.completing(batch)
             ring.push([(i, 0) for i in batch])
-            tr.completed(batch)
+            tr.completed(ring, batch)
             for t, _ in r.drv.reap():
                 inflight.remove(t)
                 done.append(t)
@@ -305,7 +305,7 @@ def hostile() -> Ring:
     r = Ring()
     ring, tr = started(r)
     r.offer([2, 1])
-    tr.popped([c.head for c in ring.pop(8)])
+    tr.popped(ring, [c.head for c in ring.pop(8)])
     return r
 
 
@@ -382,7 +382,7 @@ def test_fuzzed_areas_never_escape_as_other_errors() -> None:
         r = Ring()
         ring, tr = started(r)
         r.offer([rnd.randint(1, 2) for _ in range(rnd.randint(0, 4))])
-        tr.popped([c.head for c in ring.pop(8)])
+        tr.popped(ring, [c.head for c in ring.pop(8)])
         for _ in range(rnd.randrange(1, 6)):
             pos = rnd.randrange(len(r.area_buf))
             r.area_buf[pos] = rnd.choice([0, 1, 2, 7, 8, 0xFF, rnd.randrange(256)])

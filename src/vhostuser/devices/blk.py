@@ -506,6 +506,15 @@ class BlkDevice(Device):
                     log.info("inflight queue %d: %d requests were in flight", i, n)
         self._area = area
 
+    def close(self) -> None:
+        """The session ended: forget the inflight area and the trackers (they hold no
+        view of it between calls, but must not outlive the session's rings)."""
+        self._drop_trackers()
+        self._area = None
+        for q in range(self.num_queues):
+            self._done[q].clear()
+            self._done_heads[q].clear()
+
     def _drop_trackers(self) -> None:
         self._trackers.clear()
         self._resubmit.clear()
@@ -637,7 +646,13 @@ class BlkDevice(Device):
         tracker = self._trackers.get(index)
         if tracker is not None:
             # Before any side effect (vhost-user.rst: tracked as soon as it is fetched).
-            tracker.popped([c.head for c in chains])
+            heads = [c.head for c in chains]
+            if isinstance(tracker, SplitInflightTracker):
+                tracker.popped(heads)
+            else:
+                ring = self._queues.ring(index) if self._queues is not None else None
+                if ring is not None:  # (a ring broken meanwhile pushes nothing either)
+                    tracker.popped(ring, heads)
         for chain in chains:
             self._handle_chain(index, chain, enabled)
         self.flush_completions(index, notify=False)
@@ -836,7 +851,7 @@ class BlkDevice(Device):
         if isinstance(tracker, SplitInflightTracker):
             tracker.completed(heads, ring.used_idx)
         elif tracker is not None:
-            tracker.completed(heads)
+            tracker.completed(ring, heads)
         if notify and queues is not None and ring.should_notify():
             queues.notify(index)
         return len(done)

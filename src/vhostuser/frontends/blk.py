@@ -64,7 +64,14 @@ from ..errors import (
 from ..memory import FlatMemory, GuestMemory
 from ..protocol import payloads as P
 from ..protocol.enums import BlkFeature, FrontendRequest, ProtocolFeature, VirtioFeature
-from ..virtq import INITIAL_BASE, PackedDriverRing, SplitDriverRing, packed_layout, split_layout
+from ..virtq import (
+    INITIAL_BASE,
+    PackedDriverRing,
+    SplitDriverRing,
+    encode_base,
+    packed_layout,
+    split_layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +393,7 @@ class VirtioBlkFrontend:
             as QEMU does, which is only right for a back-end that completes in order).
         reconnect_timeout: how long to keep trying to reconnect.
         inflight: negotiate INFLIGHT_SHMFD when offered.
-        packed: use packed rings (VIRTIO_F_RING_PACKED; the back-end must offer it). No
-            reconnect then: the inflight area and ring resumption are for split rings.
+        packed: use packed rings (VIRTIO_F_RING_PACKED; the back-end must offer it).
 
     Raises:
         VhostUserError: the handshake failed (``RemoteProtocolError``,
@@ -420,7 +426,7 @@ class VirtioBlkFrontend:
         self.max_io = max_io
         self.timeout = timeout
         self.packed = packed
-        self.reconnect_enabled = reconnect and not packed
+        self.reconnect_enabled = reconnect
         self.reconnect_timeout = reconnect_timeout
         self.want_inflight = inflight
         self.want_queues = num_queues
@@ -503,7 +509,7 @@ class VirtioBlkFrontend:
             raise
 
     def _handshake(self, fe: Any, *, first: bool) -> None:
-        pf = _protocol_features(self.want_inflight and not self.packed)
+        pf = _protocol_features(self.want_inflight)
         want = WANTED_FEATURES | (int(VF.RING_PACKED) if self.packed else 0)
         n = fe.negotiate(features=want, protocol_features=pf, backend_channel=False)
         if not n.features & VF.VERSION_1:
@@ -557,9 +563,18 @@ class VirtioBlkFrontend:
             lay = q.layout
             # QEMU after a back-end crash: last_avail_idx = used.idx
             # (virtio_queue_restore_last_avail_idx); the back-end adds what is in flight.
-            base = 0 if first or self.packed else q.used_idx()
+            # For a packed ring QEMU restores nothing; we send the used position the
+            # driver has reaped up to (reconnect() reaps first) as both positions, which
+            # is right for a back-end without inflight tracking that completes in order,
+            # and a tracking back-end takes its position from the inflight area.
             if self.packed:
                 base = INITIAL_BASE  # both wrap counters set (virtio 1.2 §2.8.1)
+                if not first:
+                    assert isinstance(q.ring, PackedDriverRing)
+                    idx, wrap = q.ring.used_position
+                    base = encode_base(idx, wrap, idx, wrap)
+            else:
+                base = 0 if first else q.used_idx()
             fe.setup_vring(q.index, lay.size, desc=lay.desc, avail=lay.avail, used=lay.used,
                            base=base)
         fe.driver_ok()
@@ -612,6 +627,8 @@ class VirtioBlkFrontend:
             VhostUserError, OSError: no working back-end within ``reconnect_timeout``.
         """
         self._drop_session()
+        # Whatever the old back-end published is ours: take it before re-basing the rings.
+        self._ready.extend(self.poll())
         deadline = time.monotonic() + self.reconnect_timeout
         while True:
             left = deadline - time.monotonic()

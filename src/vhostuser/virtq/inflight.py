@@ -588,9 +588,11 @@ class PackedInflightTracker:
 
     The device calls, per request: :meth:`popped` right after the pop (before any side
     effect), then for each batch of completions :meth:`completing`, the ring's ``push``,
-    and :meth:`completed`. The tracker keeps a private copy of the free list and of each
-    buffer's entries; it reads the area once, in :meth:`recover`, from a snapshot whose
-    every field is checked against our queue size and the ring.
+    and :meth:`completed`. The ring is passed in each time, never kept: the connection
+    may rebuild it, and a kept reference would keep its views of guest memory alive. The
+    tracker keeps a private copy of the free list and of each buffer's entries; it reads
+    the area once, in :meth:`recover`, from a snapshot whose every field is checked
+    against our queue size and the ring.
 
     Args:
         area: the whole inflight area (packed layout).
@@ -605,7 +607,7 @@ class PackedInflightTracker:
 
     __slots__ = (
         "_area", "_counter", "_entry_of", "_free_head", "_index", "_last", "_name", "_next",
-        "_num", "_ring", "_size", "_used_idx", "_used_wrap", "in_flight",
+        "_num", "_size", "_used_idx", "_used_wrap", "in_flight",
     )
 
     def __init__(
@@ -626,7 +628,6 @@ class PackedInflightTracker:
         self._index = index
         self._size = queue_size
         self._name = name
-        self._ring: Any = None
         self._counter = 0
         self._next: list[int] = []
         self._free_head = 0
@@ -689,7 +690,6 @@ class PackedInflightTracker:
              used_wrap, old_used_wrap) = PACKED_HEADER_STRUCT.unpack_from(snap, 0)
             if version == 0:
                 self._initialize(b, ring.used_idx, int(ring.used_wrap))
-                self._ring = ring
                 return PackedRecovery((), ring.next_avail, bool(ring.avail_wrap),
                                       ring.used_idx, bool(ring.used_wrap), initialized=True)
             self._check_header(features, version, desc_num, free_head, old_free_head,
@@ -732,7 +732,6 @@ class PackedInflightTracker:
                     b[_pd(i)] = 0
         finally:
             b.release()
-        self._ring = ring
         self._next = nxt
         self._free_head = free_head
         self._used_idx = used_idx
@@ -812,8 +811,8 @@ class PackedInflightTracker:
         self.in_flight = 0
 
     # -- normal operation ---------------------------------------------------------------------
-    def popped(self, buffer_ids: Sequence[int]) -> None:
-        """Record buffers just popped from the ring, in pop order.
+    def popped(self, ring: Any, buffer_ids: Sequence[int]) -> None:
+        """Record buffers just popped from ``ring``, in pop order.
 
         vhost-user.rst (packed, "When receiving available buffers"): the head entry
         (``old_free_head``) gets ``num``, ``counter`` and ``inflight``; each ring
@@ -827,7 +826,6 @@ class PackedInflightTracker:
         """
         if not buffer_ids:
             return
-        ring = self._ring
         size = self._size
         nxt = self._next
         b = self._region()
@@ -909,15 +907,15 @@ class PackedInflightTracker:
             h16.release()
             b.release()
 
-    def completed(self, buffer_ids: Sequence[int]) -> None:
-        """The batch is published: clear its in-flight flags, then make the state the new
-        consistent one (``old_free_head``, ``old_used_idx``, ``old_used_wrap_counter``).
+    def completed(self, ring: Any, buffer_ids: Sequence[int]) -> None:
+        """The batch is published on ``ring``: clear its in-flight flags, then make the
+        state the new consistent one (``old_free_head``, ``old_used_idx``,
+        ``old_used_wrap_counter``).
 
         Raises:
             InflightError: the ring's used position disagrees with ours (a device bug).
             ValueError: a buffer is not tracked (a caller bug), or the area was released.
         """
-        ring = self._ring
         if (ring.used_idx, int(ring.used_wrap)) != (self._used_idx, self._used_wrap):
             raise InflightError(
                 f"{self._name}: the ring's used position {ring.used_idx}/{int(ring.used_wrap)} "

@@ -1129,6 +1129,12 @@ class PackedDriverRing(Generic[T]):
             self._used_wrap = wrap
         return out
 
+    @property
+    def used_position(self) -> tuple[int, bool]:
+        """The slot and wrap counter of the next used descriptor :meth:`reap` looks at
+        (after reaping everything: where the device will write its next one)."""
+        return self._next_used, bool(self._used_wrap)
+
     def has_used(self) -> bool:
         """True if the descriptor at the next used slot has been marked used."""
         if self._broken is not None or not self._in_flight:
