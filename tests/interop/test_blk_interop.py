@@ -161,9 +161,18 @@ def _stopped(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
-def stop_mid_burst(pid: int, area: mmap.mmap, timeout: float = 5.0) -> bool:
-    """SIGSTOP the back-end; True if it stopped with heads marked in flight in the inflight
-    area (queue 0: ``DescStateSplit.inflight`` at byte 16 + 16 i), i.e. inside a burst.
+def any_in_flight(area: mmap.mmap, packed: bool) -> bool:
+    """Queue 0 of the inflight area has an entry marked in flight:
+    ``DescStateSplit.inflight`` at byte 16 + 16 i, ``DescStatePacked.inflight`` at byte
+    32 + 32 i (vhost-user.rst)."""
+    if packed:
+        return any(area[32 : 32 + 32 * QUEUE_SIZE : 32])
+    return any(area[16 : 16 + 16 * QUEUE_SIZE : 16])
+
+
+def stop_mid_burst(pid: int, area: mmap.mmap, packed: bool, timeout: float = 5.0) -> bool:
+    """SIGSTOP the back-end; True if it stopped with requests marked in flight in the
+    inflight area (:func:`any_in_flight`), i.e. inside a burst.
     Otherwise it is continued (SIGCONT) and False returned.
 
     Spinning on the area from here cannot see a burst when both processes share a CPU (the
@@ -174,7 +183,7 @@ def stop_mid_burst(pid: int, area: mmap.mmap, timeout: float = 5.0) -> bool:
     while not _stopped(pid):
         assert time.monotonic() < deadline, "the back-end did not stop"
         time.sleep(0.0005)
-    if any(area[16 : 16 + 16 * QUEUE_SIZE : 16]):
+    if any_in_flight(area, packed):
         return True
     os.kill(pid, signal.SIGCONT)
     return False
@@ -201,7 +210,7 @@ def apart(pid: int) -> Iterator[bool]:
             os.sched_setaffinity(pid, theirs)
 
 
-def catch_inside_burst(s: Stream, pid: int, area: mmap.mmap) -> bool:
+def catch_inside_burst(s: Stream, pid: int, area: mmap.mmap, packed: bool) -> bool:
     """Hand the back-end 32 writes at once and probe it (SIGSTOP, look, SIGCONT) until it
     is caught inside the burst, retrying with new bursts; True if caught (left stopped)."""
     with apart(pid):
@@ -209,7 +218,7 @@ def catch_inside_burst(s: Stream, pid: int, area: mmap.mmap) -> bool:
             s.drain()
             s.fill()
             for _probe in range(100):
-                if stop_mid_burst(pid, area):
+                if stop_mid_burst(pid, area, packed):
                     return True
                 if s.disk.queues[0].ring.has_used():
                     break  # that burst is over: try the next one
@@ -288,11 +297,13 @@ class Stream:
                 assert have in (old, op.data), f"block {blk}: torn or foreign data"
 
 
-def test_crash_consistency(no_leaks: Any, sock_dir: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_crash_consistency(no_leaks: Any, sock_dir: Path, packed: bool) -> None:
     """Stream writes at queue depth 32; SIGKILL the back-end mid-stream and restart it, a
     few times; the front-end reconnects and hands the inflight area back. Every write
     acknowledged before a kill is on disk, every write in flight completes exactly once,
-    and the final image is exactly what was written."""
+    and the final image is exactly what was written. Split and packed rings (each with
+    its own layout of the inflight area)."""
     kind = "ours"
     size = 16 * MiB
     image = make_raw_image(sock_dir / "disk.raw", size)
@@ -307,7 +318,7 @@ def test_crash_consistency(no_leaks: Any, sock_dir: Path) -> None:
         with contextlib.ExitStack() as stack:
             disk = stack.enter_context(VirtioBlkFrontend(
                 str(sock), depth=DEPTH, queue_size=QUEUE_SIZE, max_io=64 * 1024,
-                timeout=20.0, reconnect_timeout=30.0))
+                timeout=20.0, reconnect_timeout=30.0, packed=packed))
             assert disk.has_inflight and disk.inflight_fd is not None
             area = mmap.mmap(disk.inflight_fd, os.fstat(disk.inflight_fd).st_size,
                              mmap.MAP_SHARED, mmap.PROT_READ)
@@ -320,7 +331,7 @@ def test_crash_consistency(no_leaks: Any, sock_dir: Path) -> None:
                 # Every other kill lands inside a burst (requests popped, not completed);
                 # the others at a random moment (before, during or after a burst).
                 if kills % 2 == 0:
-                    caught += catch_inside_burst(s, peer.pid, area)
+                    caught += catch_inside_burst(s, peer.pid, area, packed)
                 else:
                     s.drain()
                     s.fill()
