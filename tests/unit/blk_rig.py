@@ -16,6 +16,8 @@ from vhostuser.memory import FlatMemory
 from vhostuser.virtq import INITIAL_BASE, PackedDeviceRing, SplitDeviceRing, run_burst
 from vhostuser.virtq.inflight import InflightArea, inflight_area_bytes
 
+from .fakes import ManualTimers
+
 
 class FakeQueues:
     """``QueueAccess`` over rings held in a dict."""
@@ -25,6 +27,7 @@ class FakeQueues:
         self.enabled_set: set[int] = set()
         self.notified: list[int] = []
         self.broken: dict[int, str] = {}
+        self.timers = ManualTimers()
 
     def ring(self, index: int) -> Any:
         r = self.rings.get(index)
@@ -40,6 +43,9 @@ class FakeQueues:
 
     def ring_broken(self, index: int, reason: str) -> None:
         self.broken.setdefault(index, reason)
+
+    def call_later(self, delay: float, callback: Any) -> ManualTimers.Handle:
+        return self.timers.call_later(delay, callback)
 
 
 class Rig:

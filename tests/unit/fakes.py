@@ -315,3 +315,43 @@ def configure_ring(conn: BackendConnection[int], fds: FdSource, index: int, num:
     if kick:
         feed(conn, req(R.SET_VRING_KICK, P.VringFile(index=index)), fds.take(1))
     conn.data_to_send()
+
+
+class ManualTimers:
+    """``QueueAccess.call_later`` for rigs without a reactor: callbacks run when the test
+    calls :meth:`advance` past their due time, in due order."""
+
+    class Handle:
+        def __init__(self, due: float, seq: int, callback: Any) -> None:
+            self.due = due
+            self.seq = seq
+            self.callback = callback
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pending: list[ManualTimers.Handle] = []
+        self._seq = itertools.count()
+
+    def call_later(self, delay: float, callback: Any) -> ManualTimers.Handle:
+        h = ManualTimers.Handle(self.now + delay, next(self._seq), callback)
+        self.pending.append(h)
+        return h
+
+    def advance(self, seconds: float) -> int:
+        """Move the clock on; run what falls due; return how many ran."""
+        self.now += seconds
+        ran = 0
+        while True:
+            due = [h for h in self.pending if h.due <= self.now and not h.cancelled]
+            if not due:
+                break
+            h = min(due, key=lambda x: (x.due, x.seq))
+            self.pending.remove(h)
+            h.callback()
+            ran += 1
+        self.pending = [h for h in self.pending if not h.cancelled]
+        return ran

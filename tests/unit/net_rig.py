@@ -26,6 +26,8 @@ from vhostuser.virtq import (
     split_layout,
 )
 
+from .fakes import ManualTimers
+
 MEM = 4 << 20
 RING_AREA = 0x10000  # per queue
 DATA = 0x100000
@@ -46,6 +48,7 @@ class Access:
         self.enabled_set: set[int] = set()
         self.notified: list[int] = []
         self.broken: dict[int, str] = {}
+        self.timers = ManualTimers()
         self.device: VirtioNetDevice | None = None
 
     def ring(self, index: int) -> Any:
@@ -65,6 +68,9 @@ class Access:
             self.broken[index] = reason
             if self.device is not None:
                 self.device.on_event(ev.VringBroken(index, reason))
+
+    def call_later(self, delay: float, callback: Any) -> ManualTimers.Handle:
+        return self.timers.call_later(delay, callback)
 
 
 class Rig:

@@ -570,3 +570,55 @@ def test_each_queue_has_its_own_region() -> None:
     assert len(r.drivers[1].reap()) == 2
     assert all(o.ok for o in a + b)
     assert r.disk.data[:1536] == b"a" * 512 + b"b" * 512 + b"c" * 512
+
+
+# -- latency (a slow disk): requests stay in flight, then complete; a crash meanwhile ----------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_latency_holds_requests_in_flight_then_completes_them(packed: bool) -> None:
+    r = Rig(lambda d: BlkDevice(d, latency=0.5), inflight=True, packed=packed)
+    ops = r.submit(*[BlkOp("write", 512 * i, data=bytes([i + 1]) * 512) for i in range(4)])
+    r.process()
+    assert r.driver.reap() == [] and r.disk.data[:512] == bytes(512)  # nothing carried out
+    assert r.queues.timers.advance(0.4) == 0
+    assert r.queues.timers.advance(0.2) == 1  # one burst, one timer
+    assert {id(o) for o in r.driver.reap()} == {id(o) for o in ops}
+    assert all(o.ok for o in ops) and r.queues.notified
+    assert r.disk.data[: 4 * 512] == b"".join(bytes([i + 1]) * 512 for i in range(4))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_crash_during_latency_resubmits_each_request_once(packed: bool) -> None:
+    r = Rig(lambda d: BlkDevice(d, latency=2.0), inflight=True, packed=packed)
+    ops = r.submit(*[BlkOp("write", 512 * i, data=bytes([9 - i]) * 512) for i in range(3)])
+    r.process()
+    old = r.queues
+    r.restart(lambda d: BlkDevice(d))  # the slow back-end dies; a new one takes over
+    assert r.dev.resubmitted == 3
+    assert {id(o) for o in r.driver.reap()} == {id(o) for o in ops}
+    assert old.timers.pending  # the dead one's timers never fire (its process is gone)
+    assert r.driver.reap() == []
+
+
+def test_stopping_or_rebuilding_the_ring_drops_delayed_requests() -> None:
+    from vhostuser.connection import events as ev
+
+    r = Rig(lambda d: BlkDevice(d, latency=1.0), inflight=True)
+    r.submit(BlkOp("write", 0, data=b"a" * 512))
+    r.process()
+    r.dev.on_event(ev.VringStopped(0, 0))
+    assert r.queues.timers.advance(2.0) == 0  # cancelled
+    assert r.disk.data[:512] == bytes(512)
+    # A ring rebuilt while a batch waits: the batch belongs to the old ring, dropped.
+    r2 = Rig(lambda d: BlkDevice(d, latency=1.0))
+    r2.submit(BlkOp("write", 0, data=b"b" * 512))
+    r2.process()
+    r2.queues.rings[0] = r2.device_ring(0)
+    assert r2.queues.timers.advance(2.0) == 1
+    assert r2.disk.data[:512] == bytes(512) and r2.driver.reap() == []
+
+
+def test_latency_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"latency -1 s is outside 0\.\.3600"):
+        BlkDevice(MemoryBackend(4096), latency=-1)

@@ -28,7 +28,26 @@ holds (INFLIGHT_SHMFD); a restarted back-end resubmits them when the front-end r
 (QEMU: chardev reconnect=1) and hands the area back. Writes go through the page cache; a
 FLUSH request makes them durable (fdatasync). SIGINT or SIGTERM stops the back-end and
 removes the socket.
+
+Testing a front-end's recovery: with --latency 2000 every request stays in flight for two
+seconds; kill -9 this process meanwhile and start it again, and the front-end's requests
+are resubmitted ("resubmitting N requests" with -v) and complete exactly once.
 """
+
+
+def _latency_ms(text: str) -> float:
+    """``--latency``: milliseconds (0..3600000) as seconds.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number in range.
+    """
+    try:
+        ms = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"latency {text!r} is not a number of ms") from None
+    if not 0 <= ms <= 3_600_000:
+        raise argparse.ArgumentTypeError(f"latency {text} ms is outside 0..3600000")
+    return ms / 1000.0
 
 
 def add_parser(sub: Any) -> None:
@@ -63,6 +82,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-write-zeroes", action="store_true", help="do not offer WRITE_ZEROES")
     p.add_argument("--no-inflight", action="store_true",
                    help="do not offer INFLIGHT_SHMFD (no resubmission after a crash)")
+    p.add_argument("--latency", type=_latency_ms, default=0.0, metavar="MS",
+                   help="carry out and complete each request MS milliseconds after it "
+                        "arrives: a slow disk, for testing a front-end's timeouts and its "
+                        "reconnection with requests in flight (default 0)")
     p.add_argument("--mode", type=octal_mode, default=0o600,
                    help="socket file mode in octal (default 600)")
     add_verbose(p, "sessions and recoveries")
@@ -83,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             image, num_queues=args.queues, read_only=args.read_only, serial=args.serial,
             blk_size=args.blk_size, discard=not args.no_discard,
             write_zeroes=not args.no_write_zeroes, inflight=not args.no_inflight,
+            latency=args.latency,
         )
 
     try:

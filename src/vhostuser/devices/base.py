@@ -7,7 +7,7 @@ smallest device is a subclass that sets ``device_type`` and overrides :meth:`han
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..protocol.enums import DeviceType
@@ -35,6 +35,19 @@ class QueueAccess(Protocol):
 
     def ring_broken(self, index: int, reason: str) -> None:
         """Report that the guest broke ring ``index``."""
+        ...
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Cancellable:
+        """Run ``callback`` on the session's thread after ``delay`` seconds (for devices
+        that complete requests later); the returned handle cancels it."""
+        ...
+
+
+class Cancellable(Protocol):
+    """A scheduled callback (``QueueAccess.call_later``)."""
+
+    def cancel(self) -> None:
+        """Do not run it (nothing happens if it already ran)."""
         ...
 
 

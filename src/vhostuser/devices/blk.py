@@ -354,6 +354,10 @@ class BlkDevice(Device):
         max_discard_sectors, max_discard_seg, max_write_zeroes_sectors,
         max_write_zeroes_seg: the limits advertised in config space (and enforced).
         inflight: offer INFLIGHT_SHMFD.
+        latency: seconds each request waits before it is carried out and completed (a slow
+            disk, for testing a front-end: its timeouts, and reconnection with requests in
+            flight). The requests stay popped, and tracked in the inflight area, meanwhile.
+            0 (the default): at once, inside the burst.
 
     Kicks are re-armed by the shell after each burst and when a ring starts
     (``BackendSession._process``: ``avail_event`` / NO_NOTIFY), which also covers a ring
@@ -382,6 +386,7 @@ class BlkDevice(Device):
         max_write_zeroes_sectors: int = DEFAULT_MAX_WRITE_ZEROES_SECTORS,
         max_write_zeroes_seg: int = 16,
         inflight: bool = True,
+        latency: float = 0.0,
     ) -> None:
         if not 1 <= num_queues <= 256:
             raise ValueError(f"num_queues {num_queues} is outside 1..256")
@@ -399,6 +404,8 @@ class BlkDevice(Device):
                             ("max_write_zeroes_seg", max_write_zeroes_seg)):
             if not 1 <= value <= 0xFFFF_FFFF:
                 raise ValueError(f"{what} {value} is outside 1..2^32-1")
+        if not 0.0 <= latency <= 3600.0:
+            raise ValueError(f"latency {latency} s is outside 0..3600")
         if backend.size % SECTOR_SIZE:
             raise ValueError(f"disk size {backend.size} is not a multiple of 512")
         self.backend = backend
@@ -440,6 +447,10 @@ class BlkDevice(Device):
         """Requests handled per type name and status (for tools and tests)."""
         self.resubmitted = 0
         """Requests resubmitted from an adopted inflight area."""
+        self.latency = latency
+        # Per queue: the timers of requests waiting out the latency (cancelled when the
+        # ring stops: the requests then stay in flight in the inflight area).
+        self._delayed: list[set[Any]] = [set() for _ in range(num_queues)]
 
     # -- what the device offers --------------------------------------------------------------
     @property
@@ -514,6 +525,16 @@ class BlkDevice(Device):
         for q in range(self.num_queues):
             self._done[q].clear()
             self._done_heads[q].clear()
+            self._cancel_delayed(q)
+
+    def _cancel_delayed(self, index: int) -> None:
+        timers = self._delayed[index]
+        if timers:
+            log.info("queue %d: %d delayed batches dropped (the requests stay in flight)",
+                     index, len(timers))
+        for t in timers:
+            t.cancel()
+        timers.clear()
 
     def _drop_trackers(self) -> None:
         self._trackers.clear()
@@ -529,12 +550,15 @@ class BlkDevice(Device):
             if 0 <= event.index < self.num_queues:
                 self._done[event.index].clear()
                 self._done_heads[event.index].clear()
+                self._cancel_delayed(event.index)
         elif isinstance(event, VringEnabled):
             if event.enabled:
                 self._run_resubmits(event.index)
         elif isinstance(event, DeviceReset):
             self._drop_trackers()
             self._area = None
+            for q in range(self.num_queues):
+                self._cancel_delayed(q)
 
     def _ring_started(self, index: int) -> None:
         area = self._area
@@ -653,9 +677,35 @@ class BlkDevice(Device):
                 ring = self._queues.ring(index) if self._queues is not None else None
                 if ring is not None:  # (a ring broken meanwhile pushes nothing either)
                     tracker.popped(ring, heads)
+        if self.latency > 0 and enabled and chains and self._queues is not None:
+            self._delay(index, list(chains))
+            return
         for chain in chains:
             self._handle_chain(index, chain, enabled)
         self.flush_completions(index, notify=False)
+
+    def _delay(self, index: int, chains: list[Any]) -> None:
+        """Carry the burst out after ``latency`` seconds, on the same ring."""
+        queues = self._queues
+        assert queues is not None
+        ring = queues.ring(index)
+        timers = self._delayed[index]
+        timer: Any = None
+
+        def fire() -> None:
+            timers.discard(timer)
+            if queues.ring(index) is not ring:
+                # The ring was rebuilt or broken meanwhile: these chains belong to the old
+                # one. They stay in flight in the inflight area.
+                log.warning("queue %d: ring changed during the latency; %d requests not "
+                            "completed", index, len(chains))
+                return
+            for chain in chains:
+                self._handle_chain(index, chain, True)
+            self.flush_completions(index, notify=True)
+
+        timer = queues.call_later(self.latency, fire)
+        timers.add(timer)
 
     def _handle_chain(self, index: int, chain: Any, enabled: bool) -> None:
         writable_len: int = chain.writable_len

@@ -187,6 +187,10 @@ class BackendSession:
         if not self.closed and self.conn.vrings[index].broken is None:
             self._on_event(self.conn.ring_broken(index, reason))
 
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
+        """Run ``callback`` on this session's reactor after ``delay`` seconds."""
+        return self.reactor.call_later(delay, callback)
+
     # -- control socket ---------------------------------------------------------------------
     def _on_readable(self) -> None:
         if self.closed:
