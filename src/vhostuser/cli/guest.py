@@ -788,6 +788,8 @@ class BlkDisk:
     num_queues: int = 1
     server: bool = False
     reconnect: int | None = None
+    packed: bool = False
+    """Offer VIRTIO_F_RING_PACKED (QEMU ``packed=on``; the guest's driver then uses it)."""
 
 
 _vm_ids = itertools.count(1)
@@ -927,7 +929,8 @@ class GuestVM:
                      "-netdev", netdev, "-device", device]
         for i, b in enumerate(self.blks):
             argv += ["-chardev", _chardev(f"blkc{i}", b.socket, b.server, b.reconnect),
-                     "-device", f"vhost-user-blk-pci,chardev=blkc{i},num-queues={b.num_queues}"]
+                     "-device", f"vhost-user-blk-pci,chardev=blkc{i},num-queues={b.num_queues}"
+                     + (",packed=on" if b.packed else "")]
         return [*argv, *self.extra_args]
 
     # ---------------------------------------------------------------- lifecycle
