@@ -327,6 +327,15 @@ def test_blkbench_json_and_verify(workdir: Path) -> None:
             timeout=60)
         assert r.returncode == 0, r.stderr
         assert "IOPS" in r.stdout and "p999" in r.stdout and "\r" not in r.stdout
+        for extra in (["--packed"], ["--packed", "--no-inflight"]):
+            r = subprocess.run(
+                [sys.executable, "-m", "vhostuser.cli.main", "blkbench", sock, "--rw",
+                 "randwrite", "--iodepth", "4",
+                 "--time", "0.3", "--size", "1m", "--verify", "--json", *extra],
+                capture_output=True, text=True, env=_env(), timeout=60)
+            assert r.returncode == 0, r.stderr
+            res = json.loads(r.stdout)
+            assert res["ops"] > 0 and res["verify_mismatches"] == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)

@@ -80,6 +80,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="random seed (offsets, data)")
     p.add_argument("--verify", action="store_true",
                    help="after the run, write a pattern over --size, read it back, compare")
+    p.add_argument("--packed", action="store_true",
+                   help="use packed rings (VIRTIO_F_RING_PACKED; the back-end must offer it)")
+    p.add_argument("--no-inflight", action="store_true",
+                   help="do not negotiate INFLIGHT_SHMFD (measures the cost of tracking)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long a request may take before the run fails (default 10)")
@@ -125,9 +129,10 @@ def _next_pow2(n: int) -> int:
     return p
 
 
-def open_frontend(path: str, *, bs: int, iodepth: int, queues: int,
-                  timeout: float) -> VirtioBlkFrontend:
-    """A front-end sized for ``iodepth`` requests of ``bs`` bytes.
+def open_frontend(path: str, *, bs: int, iodepth: int, queues: int, timeout: float,
+                  packed: bool = False, inflight: bool = True) -> VirtioBlkFrontend:
+    """A front-end sized for ``iodepth`` requests of ``bs`` bytes (packed rings and
+    INFLIGHT_SHMFD as asked).
 
     Raises:
         VhostUserError, OSError: connecting or the handshake failed.
@@ -135,7 +140,8 @@ def open_frontend(path: str, *, bs: int, iodepth: int, queues: int,
     per_queue = max(1, -(-iodepth // queues))
     size = min(32768, max(128, _next_pow2(3 * per_queue)))
     return VirtioBlkFrontend(path, queue_size=size, depth=per_queue, num_queues=queues,
-                             max_io=max(bs, 4096), timeout=timeout)
+                             max_io=max(bs, 4096), timeout=timeout, packed=packed,
+                             inflight=inflight)
 
 
 class Runner:
@@ -289,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         disk = open_frontend(args.socket, bs=args.bs, iodepth=args.iodepth,
-                             queues=args.queues, timeout=args.timeout)
+                             queues=args.queues, timeout=args.timeout, packed=args.packed,
+                             inflight=not args.no_inflight)
     except (VhostUserError, OSError, ValueError) as e:
         print(f"vhost-user blkbench: cannot drive {args.socket}: {e}", file=sys.stderr)
         return 2
