@@ -248,6 +248,42 @@ def test_reconnect_resubmits_what_was_in_flight(no_leaks: Any, workdir: Path,
             first.stop()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_memory_table_change_while_requests_wait(no_leaks: Any, workdir: Path,
+                                                 packed: bool) -> None:
+    """A region is added (ADD_MEM_REG, as on memory hotplug) while the back-end holds
+    requests (--latency): the rings are rebuilt on the new table, keep what they had in
+    flight, and the held requests complete when their time comes."""
+    from vhostuser.io.guestram import GuestRam
+    from vhostuser.protocol import payloads as P
+    from vhostuser.protocol.enums import FrontendRequest
+
+    img = make_image(workdir / "disk.raw", 1 * MiB)
+    sock = str(workdir / "blk.sock")
+    with BlkFile.open(str(img)) as image, \
+            serve(sock, image, latency=0.4) as server, \
+            VirtioBlkFrontend(sock, depth=8, packed=packed) as disk, \
+            GuestRam.memfd(1 * MiB, name="hotplug") as extra:
+        ops = [BlkOp("write", i * 4096, data=bytes([i + 7]) * 4096) for i in range(6)]
+        disk.submit_many(ops)
+        time.sleep(0.1)  # popped and waiting
+        assert disk.poll() == []
+        fe = disk._session.fe if disk._session is not None else None
+        assert fe is not None and fe.conn.has(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        region = P.MemoryRegion(guest_phys_addr=1 << 40, memory_size=extra.size,
+                                userspace_addr=extra.uva, mmap_offset=0)
+        fe.send(FrontendRequest.ADD_MEM_REG, P.SingleRegion(region=region), [extra.fd])
+        got: list[BlkOp] = []
+        while len(got) < len(ops):
+            more = disk.wait(5.0)
+            assert more, "held requests never completed after the memory change"
+            got.extend(more)
+        assert all(o.ok for o in ops)
+        assert disk.read(0, 6 * 4096) == b"".join(bytes([i + 7]) * 4096 for i in range(6))
+        assert len(server.sessions_seen) == 1  # the same session throughout
+        disk.close()
+
+
 # -- the commands ----------------------------------------------------------------------------
 
 

@@ -601,22 +601,34 @@ def test_crash_during_latency_resubmits_each_request_once(packed: bool) -> None:
     assert r.driver.reap() == []
 
 
-def test_stopping_or_rebuilding_the_ring_drops_delayed_requests() -> None:
+def test_delayed_requests_across_ring_stop_rebuild_and_breakage() -> None:
     from vhostuser.connection import events as ev
 
+    # Stopped: the batch is cancelled; the requests stay in flight in the inflight area.
     r = Rig(lambda d: BlkDevice(d, latency=1.0), inflight=True)
     r.submit(BlkOp("write", 0, data=b"a" * 512))
     r.process()
     r.dev.on_event(ev.VringStopped(0, 0))
     assert r.queues.timers.advance(2.0) == 0  # cancelled
     assert r.disk.data[:512] == bytes(512)
-    # A ring rebuilt while a batch waits: the batch belongs to the old ring, dropped.
+    # Rebuilt on a new memory table (the core's _rebuild_engine): the new ring adopts the
+    # chains in flight and the batch completes on it.
     r2 = Rig(lambda d: BlkDevice(d, latency=1.0))
-    r2.submit(BlkOp("write", 0, data=b"b" * 512))
+    (op,) = r2.submit(BlkOp("write", 0, data=b"b" * 512))
     r2.process()
-    r2.queues.rings[0] = r2.device_ring(0)
+    old = r2.queues.rings[0]
+    new = r2.device_ring(0, old.next_avail)
+    new.adopt_in_flight(old)
+    r2.queues.rings[0] = new
     assert r2.queues.timers.advance(2.0) == 1
-    assert r2.disk.data[:512] == bytes(512) and r2.driver.reap() == []
+    assert r2.disk.data[:512] == b"b" * 512 and r2.driver.reap() == [op] and op.ok
+    # Broken meanwhile: nothing is carried out.
+    r3 = Rig(lambda d: BlkDevice(d, latency=1.0))
+    r3.submit(BlkOp("write", 0, data=b"c" * 512))
+    r3.process()
+    r3.queues.ring_broken(0, "test")
+    assert r3.queues.timers.advance(2.0) == 1
+    assert r3.disk.data[:512] == bytes(512)
 
 
 def test_latency_out_of_range_is_refused() -> None:

@@ -645,10 +645,18 @@ class BackendConnection(Generic[FdT]):
         self.device.on_memory(self.mem)
         for v in self.vrings:
             if v.engine is not None:
-                state = v.engine
-                v.engine = None
-                v.base = state.base() if hasattr(state, "base") else v.base
-                self._build_engine(v)
+                self._rebuild_engine(v)
+
+    def _rebuild_engine(self, v: VringControl[FdT]) -> None:
+        """Rebuild a running ring's engine at its current position, keeping what it has
+        in flight (a device may complete those later)."""
+        old = v.engine
+        v.engine = None
+        v.base = old.base() if hasattr(old, "base") else v.base
+        self._build_engine(v)
+        new = v.engine
+        if new is not None and type(new) is type(old) and hasattr(new, "adopt_in_flight"):
+            new.adopt_in_flight(old)
 
     def _build_engine(self, v: VringControl[FdT]) -> None:
         try:
@@ -712,9 +720,7 @@ class BackendConnection(Generic[FdT]):
                 ) from None
         v.addr = p
         if v.engine is not None:  # address change on a running ring: rebuild
-            v.base = v.engine.base()
-            v.engine = None
-            self._build_engine(v)
+            self._rebuild_engine(v)
         return [ev.VringConfigured(p.index)]
 
     def _set_vring_base(self, p: P.VringState, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:

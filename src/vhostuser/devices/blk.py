@@ -450,7 +450,7 @@ class BlkDevice(Device):
         self.latency = latency
         # Per queue: the timers of requests waiting out the latency (cancelled when the
         # ring stops: the requests then stay in flight in the inflight area).
-        self._delayed: list[set[Any]] = [set() for _ in range(num_queues)]
+        self._delayed: list[dict[Any, list[Any]]] = [{} for _ in range(num_queues)]
 
     # -- what the device offers --------------------------------------------------------------
     @property
@@ -532,8 +532,9 @@ class BlkDevice(Device):
         if timers:
             log.info("queue %d: %d delayed batches dropped (the requests stay in flight)",
                      index, len(timers))
-        for t in timers:
+        for t, chains in timers.items():
             t.cancel()
+            chains.clear()  # no view of guest memory may outlive the session's mappings
         timers.clear()
 
     def _drop_trackers(self) -> None:
@@ -688,24 +689,27 @@ class BlkDevice(Device):
         """Carry the burst out after ``latency`` seconds, on the same ring."""
         queues = self._queues
         assert queues is not None
-        ring = queues.ring(index)
         timers = self._delayed[index]
         timer: Any = None
 
         def fire() -> None:
-            timers.discard(timer)
-            if queues.ring(index) is not ring:
-                # The ring was rebuilt or broken meanwhile: these chains belong to the old
-                # one. They stay in flight in the inflight area.
-                log.warning("queue %d: ring changed during the latency; %d requests not "
-                            "completed", index, len(chains))
+            # The chains hold views of guest memory: drop every reference when done (the
+            # timer and this closure refer to each other).
+            batch = timers.pop(timer, [])
+            # A ring stopped meanwhile cancelled this timer; one rebuilt by a memory-table
+            # change adopted the chains in flight; a broken one takes nothing back.
+            if queues.ring(index) is None:
+                log.warning("queue %d: ring broken during the latency; %d requests not "
+                            "completed", index, len(batch))
+                batch.clear()
                 return
-            for chain in chains:
+            for chain in batch:
                 self._handle_chain(index, chain, True)
+            batch.clear()
             self.flush_completions(index, notify=True)
 
         timer = queues.call_later(self.latency, fire)
-        timers.add(timer)
+        timers[timer] = chains
 
     def _handle_chain(self, index: int, chain: Any, enabled: bool) -> None:
         writable_len: int = chain.writable_len

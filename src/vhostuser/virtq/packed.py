@@ -287,6 +287,21 @@ class PackedDeviceRing:
         if self._broken is None:
             self._broken = reason
 
+    def adopt_in_flight(self, old: PackedDeviceRing) -> None:
+        """Take over the buffers ``old`` had in flight (``old``: this queue as built before
+        the memory table or the ring addresses changed), so that a device completing them
+        later still can; the ring position comes from the base it was built with.
+
+        Raises:
+            ValueError: ``old`` has another queue size (a caller bug).
+        """
+        if old._size != self._size:
+            raise ValueError(f"{self._name}: cannot adopt a ring of size {old._size}")
+        self._ids = list(old._ids)
+        self._slot_of = list(old._slot_of)
+        self._in_flight = old._in_flight
+        self._inflight_descs = old._inflight_descs
+
     def _fail(self, msg: str) -> NoReturn:
         reason = f"{self._name}: {msg}"
         self.mark_broken(reason)

@@ -209,6 +209,20 @@ class SplitDeviceRing:
         if self._broken is None:
             self._broken = reason
 
+    def adopt_in_flight(self, old: SplitDeviceRing) -> None:
+        """Take over the chains ``old`` had in flight: ``old`` is this queue as it was
+        built before the memory table or the ring addresses changed (vhost-user.rst: the
+        table may change while rings run), so that a device completing them later still
+        can. Their views keep the old mappings alive until they are pushed.
+
+        Raises:
+            ValueError: ``old`` has another queue size (a caller bug).
+        """
+        if old._size != self._size:
+            raise ValueError(f"{self._name}: cannot adopt a ring of size {old._size}")
+        self._chains = list(old._chains)
+        self._in_flight = old._in_flight
+
     def _fail(self, msg: str) -> NoReturn:
         reason = f"{self._name}: {msg}"
         self.mark_broken(reason)
