@@ -137,6 +137,26 @@ class InflightError(RingError, ValueError):
     """
 
 
+def _check_geometry(area: InflightArea, index: int, queue_size: int, name: str, *,
+                    packed: bool) -> None:
+    """A tracker for queue ``index`` of ``queue_size`` fits ``area``.
+
+    Raises:
+        InflightError: the queue is not in the area, the layouts differ, or the area was
+            made for another queue size.
+    """
+    if not 0 <= index < area.num_queues:
+        raise InflightError(f"{name}: queue {index} is not in the area ({area.num_queues} queues)")
+    if area.packed != packed:
+        have, ring = ("packed", "split") if area.packed else ("split", "packed")
+        raise InflightError(f"{name}: the area has the {have} layout, the ring is {ring}")
+    if queue_size != area.queue_size:
+        raise InflightError(
+            f"{name}: the area was made for queue size {area.queue_size}, the ring has "
+            f"{queue_size}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class SplitRecovery:
     """What :meth:`SplitInflightTracker.recover` found.
@@ -263,17 +283,7 @@ class SplitInflightTracker:
     def __init__(
         self, area: InflightArea, index: int, queue_size: int, *, name: str = "inflight"
     ) -> None:
-        if not 0 <= index < area.num_queues:
-            raise InflightError(
-                f"{name}: queue {index} is not in the area ({area.num_queues} queues)"
-            )
-        if area.packed:
-            raise InflightError(f"{name}: the area has the packed layout, the ring is split")
-        if queue_size != area.queue_size:
-            raise InflightError(
-                f"{name}: the area was made for queue size {area.queue_size}, the ring has "
-                f"{queue_size}"
-            )
+        _check_geometry(area, index, queue_size, name, packed=False)
         self._area = area
         self._index = index
         self._size = queue_size
@@ -528,9 +538,8 @@ PACKED_DESC_STRUCT: Final = struct.Struct("<BxHHHQHHIQ")
 #: The descriptor copy at the end of a ``DescStatePacked`` (id, flags, len, addr).
 _PACKED_COPY: Final = struct.Struct("<HHIQ")
 
-# Header fields in 16-bit units (free_head..old_used_idx) and bytes (the wrap counters).
-_P_VERSION: Final = 4
-_P_DESC_NUM: Final = 5
+# Header fields in 16-bit units (free_head..old_used_idx) and bytes (the wrap counters);
+# features, version and desc_num sit where they sit in the split header (_H_VERSION ...).
 _P_FREE_HEAD: Final = 6
 _P_OLD_FREE_HEAD: Final = 7
 _P_USED_IDX: Final = 8
@@ -613,17 +622,7 @@ class PackedInflightTracker:
     def __init__(
         self, area: InflightArea, index: int, queue_size: int, *, name: str = "inflight"
     ) -> None:
-        if not 0 <= index < area.num_queues:
-            raise InflightError(
-                f"{name}: queue {index} is not in the area ({area.num_queues} queues)"
-            )
-        if not area.packed:
-            raise InflightError(f"{name}: the area has the split layout, the ring is packed")
-        if queue_size != area.queue_size:
-            raise InflightError(
-                f"{name}: the area was made for queue size {area.queue_size}, the ring has "
-                f"{queue_size}"
-            )
+        _check_geometry(area, index, queue_size, name, packed=True)
         self._area = area
         self._index = index
         self._size = queue_size
@@ -794,10 +793,10 @@ class PackedInflightTracker:
             struct.pack_into("<H", b, _pd(i) + 2, i + 1)
         h16 = b.cast("H")
         try:
-            h16[_P_DESC_NUM] = size
+            h16[_H_DESC_NUM] = size
             h16[_P_USED_IDX] = h16[_P_OLD_USED_IDX] = used_idx
             b[_P_USED_WRAP_BYTE] = b[_P_OLD_USED_WRAP_BYTE] = used_wrap
-            h16[_P_VERSION] = INFLIGHT_VERSION
+            h16[_H_VERSION] = INFLIGHT_VERSION
         finally:
             h16.release()
         self._next = list(range(1, size + 1))
@@ -948,7 +947,7 @@ def prepare_fresh_packed_area(area: InflightArea) -> None:
     for q in range(area.num_queues):
         region = area.queue(q)
         try:
-            struct.pack_into("<H", region, 2 * _P_DESC_NUM, size)
+            struct.pack_into("<H", region, 2 * _H_DESC_NUM, size)
             region[_P_USED_WRAP_BYTE] = region[_P_OLD_USED_WRAP_BYTE] = 1
             for i in range(size):
                 struct.pack_into("<H", region, _pd(i) + 2, i + 1)
