@@ -846,13 +846,16 @@ class PackedInflightTracker:
                 self._counter += 1
                 fh = head
                 last = head
+                pack = _PACKED_COPY.pack_into
                 for addr, ln, did, fl in descs:
                     if fh == size:
                         raise ValueError(f"{self._name}: the pool ran out of entries")
                     last = fh
-                    _PACKED_COPY.pack_into(b, _pd(fh) + 16, did, fl, ln, addr)
+                    pack(b, PACKED_HEADER + PACKED_DESC * fh + 16, did, fl, ln, addr)
                     fh = nxt[fh]
-                    h16[_P_FREE_HEAD] = fh
+                # The spec moves free_head per descriptor; once per buffer is the same to
+                # recovery, which rolls free_head back to old_free_head until the commit.
+                h16[_P_FREE_HEAD] = fh
                 h16[(hoff >> 1) + 2] = last  # last
                 h16[(hoff >> 1) + 3] = len(descs)  # num
                 h16[_P_OLD_FREE_HEAD] = fh  # the buffer is recorded

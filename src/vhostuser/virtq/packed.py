@@ -563,11 +563,11 @@ class PackedDeviceRing:
         out: list[tuple[int, int, int, int]] = []
         desc = self._desc
         for _ in range(chain.ring_descs):
-            out.append(_PDESC_UNPACK(desc, slot << 4))
+            out.append(_PDESC_UNPACK(desc, slot << 4))  # (addr, len, id, flags)
             slot += 1
             if slot == size:
                 slot = 0
-        return [(a, ln, i, f) for a, ln, i, f in out]
+        return out
 
     def descriptor_flags(self, slot: int) -> int:
         """The flags of the descriptor at ``slot``, one aligned 16-bit load (for inflight
