@@ -711,3 +711,46 @@ def test_pop_descriptor_budget_bounds_a_burst() -> None:
     assert dev.broken is None
     assert [c.ring_descs for c in dev.pop(8)] == [61, 60, 59]
     assert [c.ring_descs for c in dev.pop(100)] == [58, 57]
+
+
+# -- in-place fast path (peek_heads / complete_in_place) -------------------------------------
+
+
+def test_peek_heads_and_complete_in_place_wrap_and_report_dirty() -> None:
+    r = Ring(start=0xFFFE)  # used and avail indices wrap 16 bits during the test
+    log: list[tuple[int, int]] = []
+    r.mem.set_dirty_hook(lambda g, n: log.append((g, n)))
+    dev = r.device()
+    assert dev.peek_heads(8) == []
+    r.offer(5, 2, 7)
+    assert dev.peek_heads(2) == [5, 2] and dev.peek_heads(8) == [5, 2, 7]
+    assert dev.next_avail == 0xFFFE  # peeking takes nothing
+    assert bytes(dev.descriptor_table[:16]) == bytes(r.buf[r.desc : r.desc + 16])
+    dev.complete_in_place([5, 10, 2, 20], 2)  # slots 6 and 7 of the used ring
+    assert (r.used_elem(6), r.used_elem(7)) == ((5, 10), (2, 20))
+    assert r.u16(r.used + 2) == 0 and dev.used_idx == 0 and dev.next_avail == 0
+    assert log == [(r.used + 4 + 8 * 6, 16), (r.used + 2, 2)]
+    assert dev.peek_heads(8) == [7]
+    dev.complete_in_place([7, 0], 1)
+    assert r.used_elem(0) == (7, 0) and dev.used_idx == 1 and dev.should_notify()
+
+
+def test_peek_heads_leaves_faults_to_pop() -> None:
+    r = Ring()
+    dev = r.device()
+    r.set_avail_idx(SIZE + 1)  # more than the queue size ahead
+    assert dev.peek_heads(4) is None
+    r2 = Ring()
+    r2.offer(1, 1)  # the same head twice
+    assert r2.device().peek_heads(4) is None
+    r3 = Ring()
+    r3.offer(SIZE)  # outside the queue
+    assert r3.device().peek_heads(4) is None
+    r4 = Ring()
+    r4.d(1, DATA, 4)
+    r4.offer(1)
+    d4 = r4.device()
+    assert len(d4.pop(1)) == 1
+    struct.pack_into("<H", r4.buf, r4.avail + 2 + 2 * 2, 1)  # head 1 offered again
+    r4.set_avail_idx(2)
+    assert d4.peek_heads(4) is None  # head 1 is still in flight

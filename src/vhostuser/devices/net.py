@@ -352,15 +352,6 @@ class DropSink:
 _HDR_UNPACK = NET_HDR.unpack_from
 _DESC_UNPACK = struct.Struct("<QIHH").unpack_from  # virtio 1.2 2.7.5 struct virtq_desc
 _NO_REGION: tuple[int, int, memoryview, int] = (1, 0, memoryview(b""), 0)  # matches nothing
-_USED_STRUCTS: dict[int, struct.Struct] = {}
-
-
-def _used_struct(n: int) -> struct.Struct:
-    """The packer of ``n`` used elements (id u32, len u32 each; virtio 1.2 2.7.8)."""
-    st = _USED_STRUCTS.get(n)
-    if st is None:
-        st = _USED_STRUCTS[n] = struct.Struct(f"<{2 * n}I")
-    return st
 _MRG_PACK = NET_HDR_MRG.pack_into
 _LEGACY_PACK = NET_HDR.pack_into
 _NUM_BUFFERS = struct.Struct("<H")
@@ -775,69 +766,15 @@ class VirtioNetDevice(Device):
 
     # -- split-ring fast paths ------------------------------------------------------------
     #
-    # These read a SplitDeviceRing's state directly: the avail ring, the descriptor table,
-    # the used ring and the indices. They handle only the common layout - a chain of ONE
-    # descriptor with no NEXT/INDIRECT flag (and WRITE only on receive), whose buffer lies
-    # inside one memory region - and stop at the first chain that is anything else, leaving
-    # it (and everything after) to the ring engine, which validates every SECURITY.md case
-    # and breaks the ring where needed. Guarantees kept: avail.idx is read once per burst
-    # and never trusted beyond the queue size; each descriptor is read once (one struct
-    # call) into locals, checked, then used; heads are checked against the queue size and
-    # for duplicates in the burst (else the engine takes over and breaks the ring); used
-    # elements are written before used.idx (one aligned 16-bit store, x86-64 store->store
-    # order, virtq/barrier.py); written bytes are reported with mark_dirty.
-
-    def _avail_heads(self, ring: SplitDeviceRing, limit: int) -> list[int] | None:
-        """Up to ``limit`` heads the driver made available, or None if the engine must
-        take over (a guest fault it will report)."""
-        avail_h = ring._avail_h
-        nxt = ring._next_avail
-        # One aligned 16-bit load of avail.idx, before the entries it covers (load->load).
-        pending = (avail_h[1] - nxt) & 0xFFFF
-        size = ring._size
-        if pending > size:
-            return None
-        n = pending if pending < limit else limit
-        if not n:
-            return []
-        s = nxt & (size - 1)
-        if s + n <= size:
-            heads: list[int] = avail_h[2 + s : 2 + s + n].tolist()
-        else:
-            heads = avail_h[2 + s : 2 + size].tolist() + avail_h[2 : 2 + s + n - size].tolist()
-        if max(heads) >= size or len(set(heads)) != n:
-            return None
-        if ring._in_flight:
-            chains = ring._chains
-            if any(chains[h] is not None for h in heads):
-                return None
-        return heads
-
-    def _complete(self, ring: SplitDeviceRing, used: list[int], taken: int) -> None:
-        """Publish ``used`` (head, len, head, len...) as used elements; advance the ring."""
-        size = ring._size
-        mask = size - 1
-        start = ring._used_idx
-        s = start & mask
-        used_w = ring._used_w
-        # virtio 1.2 2.7.8.2: id and len are set before used.idx; one struct call stores the
-        # elements of a burst (two when it wraps).
-        first = size - s if s + taken > size else taken
-        _used_struct(first).pack_into(used_w, 4 + 8 * s, *used[: 2 * first])
-        if first < taken:
-            _used_struct(taken - first).pack_into(used_w, 4, *used[2 * first : 2 * taken])
-        u = (start + taken) & 0xFFFF
-        ring._used_h[1] = u  # one aligned 16-bit store, after the elements (store->store)
-        ring._used_idx = u
-        ring._next_avail = (ring._next_avail + taken) & 0xFFFF
-        ring._pushed = True
-        mark = self._mark_dirty
-        if mark is not None:
-            gpa = ring._used_gpa
-            mark(gpa + 4 + 8 * s, 8 * first)
-            if first < taken:
-                mark(gpa + 4, 8 * (taken - first))
-            mark(gpa + 2, 2)
+    # These use SplitDeviceRing's in-place API (peek_heads, descriptor_table,
+    # complete_in_place). They handle only the common layout - a chain of ONE descriptor
+    # with no NEXT/INDIRECT flag (and WRITE only on receive), whose buffer lies inside one
+    # memory region - and stop at the first chain that is anything else, leaving it (and
+    # everything after) to the ring engine, which validates every SECURITY.md case and
+    # breaks the ring where needed. Guarantees kept: avail.idx is read once per burst and
+    # never trusted beyond the queue size (peek_heads); each descriptor is read once (one
+    # struct call) into locals, checked, then used; the ring publishes the used elements
+    # before used.idx; the bytes written into buffers are reported with mark_dirty.
 
     def _region(self, addr: int, ln: int) -> tuple[int, int, memoryview, int] | None:
         """The region holding ``addr``..``addr+ln`` (remembered for the next lookup)."""
@@ -850,12 +787,12 @@ class VirtioNetDevice(Device):
     def _tx_fast(self, index: int, ring: SplitDeviceRing, budget: int) -> int:
         """Transmit fast path; chains completed, or -1 when the engine must take the next
         chain (see the comment above)."""
-        heads = self._avail_heads(ring, budget)
+        heads = ring.peek_heads(budget)
         if heads is None:
             return -1
         if not heads:
             return 0
-        desc = ring._desc
+        desc = ring.descriptor_table
         unpack = _DESC_UNPACK
         g0, g1, rbuf, mo = self._last_region
         hl = self.hdr_len
@@ -894,7 +831,7 @@ class VirtioNetDevice(Device):
             if taken:
                 used = [0] * (2 * taken)
                 used[0::2] = heads[:taken]
-                self._complete(ring, used, taken)
+                ring.complete_in_place(used, taken)
         return taken if taken else -1
 
     # -- receive (us -> guest) --------------------------------------------------------------
@@ -1061,12 +998,12 @@ class VirtioNetDevice(Device):
         frames: Sequence[memoryview | bytes | bytearray],
         hdrs: Sequence[bytes | None] | None,
     ) -> tuple[int, int]:
-        """Receive fast path (see the comment before :meth:`_avail_heads`): deliver a prefix
+        """Receive fast path (see the comment on the split-ring fast paths): deliver a prefix
         of ``frames`` into one-descriptor buffers; returns (frames delivered, bytes)."""
-        heads = self._avail_heads(ring, len(frames))
+        heads = ring.peek_heads(len(frames))
         if not heads:
             return 0, 0
-        desc = ring._desc
+        desc = ring.descriptor_table
         unpack = _DESC_UNPACK
         hl = self.hdr_len
         plain = self._plain_hdr
@@ -1100,7 +1037,7 @@ class VirtioNetDevice(Device):
             k += 1
             nbytes += n
         if k:
-            self._complete(ring, used, k)
+            ring.complete_in_place(used, k)
         return k, nbytes
 
     def _gather_chains(self, ring: Any, carry: list[Chain], pos: int, need: int) -> int:

@@ -79,6 +79,17 @@ def split_layout(size: int, base_gpa: int = 0) -> tuple[int, int, int, int]:
     return desc, avail, used, end - base_gpa
 
 
+_USED_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _used_struct(n: int) -> struct.Struct:
+    """The packer of ``n`` used elements (id u32, len u32 each; virtio 1.2 2.7.8)."""
+    st = _USED_STRUCTS.get(n)
+    if st is None:
+        st = _USED_STRUCTS[n] = struct.Struct(f"<{2 * n}I")
+    return st
+
+
 class SplitDeviceRing:
     """The back-end side of one split virtqueue over a :class:`GuestMemory`.
 
@@ -437,6 +448,79 @@ class SplitDeviceRing:
                 )
             idx = nxt
         return Chain(head, readable, writable, rlen, wlen, wgpas, ndesc)
+
+    # -- in-place fast path (device handlers that consume one-descriptor chains) ----------
+    #
+    # A device may consume simple chains without building Chain objects: peek_heads()
+    # gives the heads the driver made available, the device reads each head's descriptor
+    # from descriptor_table itself (once, into locals; it must stop at any chain it does
+    # not fully understand and leave it to pop(), which validates every SECURITY.md case),
+    # then complete_in_place() publishes the ones it took and moves the ring past them.
+    # Every store to the used ring stays in this class.
+
+    @property
+    def descriptor_table(self) -> memoryview:
+        """The descriptor table, 16 bytes per entry (virtio 1.2 2.7.5), read-only use."""
+        return self._desc
+
+    def peek_heads(self, limit: int) -> list[int] | None:
+        """Up to ``limit`` heads the driver made available from ``next_avail`` on, without
+        taking them; ``[]`` if none; None when the avail ring is not plausible (more than
+        the queue size ahead, a head outside the queue, repeated, or already in flight):
+        the caller must then :meth:`pop`, which reports the fault.
+        """
+        avail_h = self._avail_h
+        nxt = self._next_avail
+        # One aligned 16-bit load of avail.idx, before the entries it covers (load->load).
+        pending = (avail_h[1] - nxt) & 0xFFFF
+        size = self._size
+        if pending > size:
+            return None
+        n = pending if pending < limit else limit
+        if not n:
+            return []
+        s = nxt & (size - 1)
+        if s + n <= size:
+            heads: list[int] = avail_h[2 + s : 2 + s + n].tolist()
+        else:
+            heads = avail_h[2 + s : 2 + size].tolist() + avail_h[2 : 2 + s + n - size].tolist()
+        if max(heads) >= size or len(set(heads)) != n:
+            return None
+        if self._in_flight:
+            chains = self._chains
+            if any(chains[h] is not None for h in heads):
+                return None
+        return heads
+
+    def complete_in_place(self, used: Sequence[int], taken: int) -> None:
+        """The first ``taken`` heads of :meth:`peek_heads` were consumed in place:
+        publish ``used`` (head, len, head, len ...) as their used elements, in one or two
+        stores, then ``used.idx`` (virtio 1.2 2.7.8.2: elements before the index; x86-64
+        store->store order, barrier.py), and move ``next_avail`` past them. Written bytes
+        of the used ring are reported to ``mem.mark_dirty``; the caller reports the
+        buffer bytes it wrote.
+        """
+        if not taken:
+            return
+        size = self._size
+        start = self._used_idx
+        s = start & (size - 1)
+        used_w = self._used_w
+        first = size - s if s + taken > size else taken
+        _used_struct(first).pack_into(used_w, 4 + 8 * s, *used[: 2 * first])
+        if first < taken:
+            _used_struct(taken - first).pack_into(used_w, 4, *used[2 * first : 2 * taken])
+        u = (start + taken) & 0xFFFF
+        self._used_h[1] = u  # one aligned 16-bit store, after the elements (store->store)
+        self._used_idx = u
+        self._next_avail = (self._next_avail + taken) & 0xFFFF
+        self._pushed = True
+        mark = self._mem.mark_dirty
+        gpa = self._used_gpa
+        mark(gpa + 4 + 8 * s, 8 * first)
+        if first < taken:
+            mark(gpa + 4, 8 * (taken - first))
+        mark(gpa + 2, 2)
 
     # -- returning used buffers ---------------------------------------------------------
     def push(self, elems: Sequence[tuple[int, int]]) -> None:
