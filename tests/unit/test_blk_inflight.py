@@ -634,3 +634,37 @@ def test_delayed_requests_across_ring_stop_rebuild_and_breakage() -> None:
 def test_latency_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match=r"latency -1 s is outside 0\.\.3600"):
         BlkDevice(MemoryBackend(4096), latency=-1)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_resubmission_goes_to_the_ring_live_at_enable(packed: bool) -> None:
+    """The ring is rebuilt (memory-table change) between its start and SET_VRING_ENABLE:
+    the requests in flight are resubmitted on the ring that is live then."""
+    from .blk_rig import FakeQueues
+
+    r = Rig(Holding, inflight=True, packed=packed, queue_size=16, depth=8)
+    ops = r.submit(*[BlkOp("write", 512 * i, data=bytes([i + 1]) * 512) for i in range(3)])
+    r.process()
+    r.dev = BlkDevice(r.disk)
+    r.queues = FakeQueues()
+    r.dev.attach(r.queues)
+    r.give_inflight(fresh=False, area_buf=r.area_buf)
+    r.start_ring(0, 0 if packed else r.driver.used_idx(), enable=False)
+    old = r.queues.rings[0]
+    new = r.device_ring(0, old.next_avail)
+    new.adopt_in_flight(old)
+    r.queues.rings[0] = new
+    r.enable(0)
+    assert r.dev.resubmitted == 3 and old.in_flight == 0
+    assert {id(o) for o in r.driver.reap()} == {id(o) for o in ops}
+    assert all(o.ok for o in ops) and not r.queues.broken
+
+
+def test_a_device_bug_at_publication_breaks_the_queue_not_the_session() -> None:
+    r = Rig(Holding, inflight=True)
+    r.submit(BlkOp("write", 0, data=b"x" * 512))
+    r.process()
+    dev: Holding = r.dev
+    dev.complete_head(0, 5, 0)  # head 5 was never popped
+    assert dev.flush_completions(0) == 0
+    assert "publishing completions failed" in r.queues.broken[0]

@@ -228,6 +228,42 @@ def test_crash_at_every_step_resubmits_exactly_the_unpublished(
     assert again.buffers == () and (again.used_idx, again.next_avail) == (7, 7)
 
 
+@pytest.mark.parametrize("start", [0, SIZE - 2], ids=["no-wrap", "wrap"])
+def test_crash_inside_push_rolls_back_and_unmarks_the_half_written_batch(start: int) -> None:
+    """SIGKILL inside ``push``: every store of a two-buffer batch but the first used
+    descriptor's flags (stored last). The driver has seen nothing; recovery rolls the batch
+    back, makes its later used descriptor available again, and a different completion
+    order afterwards shows the driver exactly what was completed."""
+    r = Ring()
+    ring, tr = started(r)
+    if start:  # move both sides to slot ``start`` so the batch wraps the ring
+        r.offer([1] * start, 100)
+        pre = [c.head for c in ring.pop(8)]
+        tr.popped(ring, pre)
+        tr.completing(pre)
+        ring.push([(i, 0) for i in pre])
+        tr.completed(ring, pre)
+        assert len(r.drv.reap()) == start
+    toks = r.offer([1, 2, 1])  # A one slot, B two slots, C one slot
+    ids = [c.head for c in ring.pop(8)]
+    tr.popped(ring, ids)
+    tr.completing(ids[:2])
+    off = ring.used_idx * 16 + 14
+    saved = bytes(r.buf[off : off + 2])
+    ring.push([(i, 0) for i in ids[:2]])
+    r.buf[off : off + 2] = saved  # the crash: the commit store never happened
+    assert r.drv.reap() == []
+    ring2, tr2, rec = r.recover()
+    assert not rec.committed and [b[-1][2] for b in rec.buffers] == ids
+    ring2.resubmit(rec.buffers, next_avail=rec.next_avail, avail_wrap=rec.avail_wrap,
+                   used_idx=rec.used_idx, used_wrap=rec.used_wrap)
+    for bid, tok in ((ids[2], toks[2]), (ids[0], toks[0]), (ids[1], toks[1])):
+        tr2.completing([bid])
+        ring2.push([(bid, 0)])
+        tr2.completed(ring2, [bid])
+        assert [t for t, _ in r.drv.reap()] == [tok]  # exactly this one, nothing stale
+
+
 def test_wrap_around_many_laps() -> None:
     """Buffers of 1..3 descriptors completed out of order over many laps of a size-8 ring,
     a crash (a fresh tracker and ring on the same bytes) after every step."""

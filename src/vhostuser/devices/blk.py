@@ -440,7 +440,9 @@ class BlkDevice(Device):
         self._queues: QueueAccess | None = None
         self._area: InflightArea | None = None
         self._trackers: dict[int, SplitInflightTracker | PackedInflightTracker] = {}
-        self._resubmit: dict[int, Callable[[], list[Any]]] = {}
+        # Per queue: how to put back what was in flight, applied to the ring that is live
+        # when the queue is enabled (a memory-table change may have rebuilt it meanwhile).
+        self._resubmit: dict[int, Callable[[Any], list[Any]]] = {}
         self._done: list[list[tuple[int, int]]] = [[] for _ in range(num_queues)]
         self._done_heads: list[list[int]] = [[] for _ in range(num_queues)]
         self.stats: Counter[str] = Counter()
@@ -591,7 +593,7 @@ class BlkDevice(Device):
             self._run_resubmits(index)
 
     def _recover_split(self, area: InflightArea, index: int, ring: SplitDeviceRing,
-                       name: str) -> Callable[[], list[Any]] | None:
+                       name: str) -> Callable[[Any], list[Any]] | None:
         tracker = SplitInflightTracker(area, index, ring.size, name=name)
         avail_idx = (ring.next_avail + ring.pending()) & 0xFFFF
         rec = tracker.recover(ring.used_idx, avail_idx)
@@ -609,10 +611,10 @@ class BlkDevice(Device):
             log.info("%s: %d requests were in flight (heads %s)", name, len(rec.heads),
                      list(rec.heads))
         heads, next_avail = rec.heads, rec.next_avail
-        return lambda: ring.resubmit(heads, next_avail)
+        return lambda live: live.resubmit(heads, next_avail)
 
     def _recover_packed(self, area: InflightArea, index: int, ring: PackedDeviceRing,
-                        name: str) -> Callable[[], list[Any]] | None:
+                        name: str) -> Callable[[Any], list[Any]] | None:
         tracker = PackedInflightTracker(area, index, ring.size, name=name)
         rec = tracker.recover(ring)
         self._trackers[index] = tracker
@@ -629,9 +631,9 @@ class BlkDevice(Device):
         if rec.buffers:
             log.info("%s: %d requests were in flight (ids %s)", name, len(rec.buffers),
                      [b[-1][2] for b in rec.buffers])
-        return lambda: ring.resubmit(rec.buffers, next_avail=rec.next_avail,
-                                     avail_wrap=rec.avail_wrap, used_idx=rec.used_idx,
-                                     used_wrap=rec.used_wrap)
+        return lambda live: live.resubmit(rec.buffers, next_avail=rec.next_avail,
+                                          avail_wrap=rec.avail_wrap, used_idx=rec.used_idx,
+                                          used_wrap=rec.used_wrap)
 
     def _run_resubmits(self, index: int) -> None:
         """Resubmit what was in flight, in the original order, and resume popping at
@@ -641,10 +643,11 @@ class BlkDevice(Device):
         queues = self._queues
         if pending is None or queues is None:
             return
-        if queues.ring(index) is None:
+        ring = queues.ring(index)
+        if ring is None:
             return
         try:
-            chains = pending()
+            chains = pending(ring)
         except (RingError, ValueError) as e:
             log.warning("queue %d: resubmission failed: %s", index, e)
             queues.ring_broken(index, str(e))
@@ -653,6 +656,9 @@ class BlkDevice(Device):
             return
         log.info("queue %d: resubmitting %d requests", index, len(chains))
         self.resubmitted += len(chains)
+        if self.latency > 0:
+            self._delay(index, chains)
+            return
         for chain in chains:
             self._handle_chain(index, chain, True)
         self.flush_completions(index, notify=True)
@@ -884,8 +890,9 @@ class BlkDevice(Device):
         burst loop notifies). If the ring is gone (stopped, broken) the completions are
         dropped: the requests stay in flight in the inflight area.
 
-        Raises:
-            ValueError: a head was not in flight on the ring (a device bug).
+        A head that was not in flight, or a length past its buffer (device bugs), breaks
+        the queue (the ring and the inflight area could disagree from then on) instead of
+        raising.
         """
         done = self._done[index]
         if not done:
@@ -899,13 +906,22 @@ class BlkDevice(Device):
             log.warning("queue %d: ring gone; %d completions not published", index, len(done))
             return 0
         tracker = self._trackers.get(index)
-        if tracker is not None:
-            tracker.completing(heads)
-        ring.push(done)
-        if isinstance(tracker, SplitInflightTracker):
-            tracker.completed(heads, ring.used_idx)
-        elif tracker is not None:
-            tracker.completed(ring, heads)
+        try:
+            if tracker is not None:
+                tracker.completing(heads)
+            ring.push(done)
+            if isinstance(tracker, SplitInflightTracker):
+                tracker.completed(heads, ring.used_idx)
+            elif tracker is not None:
+                tracker.completed(ring, heads)
+        except (RingError, ValueError) as e:
+            # A device bug (a head completed twice, a length past the buffer): the ring and
+            # the inflight area may now disagree, so the queue cannot go on safely.
+            log.error("queue %d: publishing %d completions failed: %s", index, len(done), e)
+            self._trackers.pop(index, None)
+            if queues is not None:
+                queues.ring_broken(index, f"publishing completions failed: {e}")
+            return 0
         if notify and queues is not None and ring.should_notify():
             queues.notify(index)
         return len(done)

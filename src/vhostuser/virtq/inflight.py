@@ -25,6 +25,7 @@ goes through ``SplitDeviceRing.resubmit``, which walks each chain exactly as a p
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from ..errors import RingError
 
 if TYPE_CHECKING:
     pass
+
+log = logging.getLogger(__name__)
 
 INFLIGHT_ALIGNMENT = 64
 SPLIT_HEADER = 16
@@ -695,6 +698,7 @@ class PackedInflightTracker:
                                used_idx, old_used_idx, used_wrap, old_used_wrap)
             entries = list(PACKED_DESC_STRUCT.iter_unpack(snap[PACKED_HEADER:need]))
             committed = False
+            partial = 0  # descriptors of an unpublished batch push may have half-written
             if (used_idx, used_wrap) != (old_used_idx, old_used_wrap):
                 f = ring.descriptor_flags(old_used_idx)
                 avail = _AVAIL_BIT if old_used_wrap else _USED_BIT
@@ -702,6 +706,12 @@ class PackedInflightTracker:
                     # Published before the crash: commit the in-progress update.
                     old_free_head, old_used_idx, old_used_wrap = free_head, used_idx, used_wrap
                     committed = True
+                else:
+                    # Not published: the push may have stored the batch's other used
+                    # descriptors already (the first one's flags go last). Its slots are
+                    # in flight again after the roll back, and must look available again.
+                    partial = ((used_idx + used_wrap * size)
+                               - (old_used_idx + old_used_wrap * size)) % (2 * size)
             # Roll back whatever is still in progress (a pop or an unpublished batch).
             free_head, used_idx, used_wrap = old_free_head, old_used_idx, old_used_wrap
             nxt = [e[1] for e in entries]
@@ -713,7 +723,17 @@ class PackedInflightTracker:
             if next_avail >= size:
                 next_avail -= size
                 avail_wrap ^= 1
-            self._check_ring(ring, used_idx, used_wrap, ndesc)
+            if partial > ndesc:
+                raise InflightError(
+                    f"{name}: the unpublished batch spans {partial} descriptors from slot "
+                    f"{used_idx}, more than the {ndesc} in flight"
+                )
+            self._check_ring(ring, used_idx, used_wrap, ndesc, partial)
+            if partial:
+                n = ring.make_available(used_idx, bool(used_wrap), partial)
+                if n:
+                    log.info("%s: %d used descriptors of an unpublished batch made available "
+                             "again", name, n)
             # Apply, in the spec's order: commit or roll back the header, then clear the
             # in-flight flags on the free list.
             h16 = b.cast("H")
@@ -764,16 +784,19 @@ class PackedInflightTracker:
     ) -> tuple[list[tuple[tuple[int, int, int, int], ...]], list[list[int]]]:
         return _packed_buffers(self._size, self._name, entries, nxt, heads, free)
 
-    def _check_ring(self, ring: Any, used_idx: int, used_wrap: int, ndesc: int) -> None:
+    def _check_ring(self, ring: Any, used_idx: int, used_wrap: int, ndesc: int,
+                    partial: int = 0) -> None:
         """The slots the area says hold buffers in flight must still look available: the
         driver cannot reuse them, and the device writes used descriptors only from
-        ``used_idx`` on."""
+        ``used_idx`` on - except the first ``partial`` slots, which an interrupted push
+        may have marked used (in the same lap)."""
         size = self._size
         slot, wrap = used_idx, used_wrap
         for k in range(ndesc):
-            f = ring.descriptor_flags(slot)
+            f = ring.descriptor_flags(slot) & (_AVAIL_BIT | _USED_BIT)
             want = _AVAIL_BIT if wrap else _USED_BIT
-            if f & (_AVAIL_BIT | _USED_BIT) != want:
+            used = (_AVAIL_BIT | _USED_BIT) if wrap else 0
+            if f != want and not (k < partial and f == used):
                 raise InflightError(
                     f"{self._name}: the area has {ndesc} descriptors in flight from slot "
                     f"{used_idx} (wrap {used_wrap}), but slot {slot} (descriptor {k}) has "

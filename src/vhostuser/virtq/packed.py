@@ -581,6 +581,39 @@ class PackedDeviceRing:
         f: int = self._desc_h[(slot << 3) + 7]
         return f
 
+    def make_available(self, slot: int, wrap: bool, count: int) -> int:
+        """Turn used descriptors back into available ones: of the ``count`` slots from
+        ``slot`` (lap ``wrap``), each whose AVAIL/USED bits say "used in this lap" gets the
+        bits of "available in this lap"; returns how many changed.
+
+        For inflight recovery only: a back-end killed inside :meth:`push` leaves the
+        batch's later used descriptors written and the first one not (it is stored last),
+        so the driver has seen none of them; after the batch is rolled back its buffers are
+        in flight again and those slots must not look used when the driver gets there.
+
+        Raises:
+            ValueError: ``slot`` or ``count`` outside the ring.
+        """
+        size = self._size
+        if not 0 <= slot < size or not 0 <= count <= size:
+            raise ValueError(f"{self._name}: slots {slot}+{count} are outside the ring")
+        desc_h = self._desc_h
+        mark = self._mem.mark_dirty
+        w = int(wrap)
+        changed = 0
+        for _ in range(count):
+            i = (slot << 3) + 7
+            f: int = desc_h[i]
+            if f & _AU == (_AU if w else 0):
+                desc_h[i] = (f & ~_AU & 0xFFFF) | _avail_pattern(w)
+                mark(self._desc_gpa + (slot << 4) + 14, 2)
+                changed += 1
+            slot += 1
+            if slot == size:
+                slot = 0
+                w ^= 1
+        return changed
+
     def resubmit(
         self,
         buffers: Sequence[Sequence[tuple[int, int, int, int]]],
