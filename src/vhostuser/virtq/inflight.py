@@ -180,6 +180,23 @@ class SplitRecovery:
     initialized: bool = False
 
 
+def _check_common_header(size: int, name: str, features: int, version: int,
+                         desc_num: int) -> None:
+    """The fields both region layouts start with, for an initialized region.
+
+    Raises:
+        InflightError: a field disagrees with the spec or with our queue size.
+    """
+    if version != INFLIGHT_VERSION:
+        raise InflightError(f"{name}: version {version} is not {INFLIGHT_VERSION}")
+    if features != 0:
+        # vhost-user.rst: "The feature flags of this region. Now it's initialized to 0."
+        raise InflightError(f"{name}: features {features:#x} are unknown (expected 0)")
+    if desc_num != size:
+        # vhost-user.rst: desc_num "is equal to the virtqueue size".
+        raise InflightError(f"{name}: desc_num {desc_num} is not the queue size {size}")
+
+
 def _read_split(
     snap: bytes, queue_size: int, name: str
 ) -> tuple[int, int, int, list[tuple[int, int, int]]]:
@@ -202,14 +219,7 @@ def _read_split(
         # vhost-user.rst QueueRegionSplit.version: "Zero value indicates an uninitialized
         # buffer"; its other fields mean nothing yet.
         return 0, 0, 0, []
-    if version != INFLIGHT_VERSION:
-        raise InflightError(f"{name}: version {version} is not {INFLIGHT_VERSION}")
-    if features != 0:
-        # vhost-user.rst: "The feature flags of this region. Now it's initialized to 0."
-        raise InflightError(f"{name}: features {features:#x} are unknown (expected 0)")
-    if desc_num != queue_size:
-        # vhost-user.rst: desc_num "is equal to the virtqueue size".
-        raise InflightError(f"{name}: desc_num {desc_num} is not the queue size {queue_size}")
+    _check_common_header(queue_size, name, features, version, desc_num)
     if lbh >= queue_size:
         raise InflightError(
             f"{name}: last_batch_head {lbh} is outside the queue (size {queue_size})"
@@ -694,8 +704,9 @@ class PackedInflightTracker:
                 self._initialize(b, ring.used_idx, int(ring.used_wrap))
                 return PackedRecovery((), ring.next_avail, bool(ring.avail_wrap),
                                       ring.used_idx, bool(ring.used_wrap), initialized=True)
-            self._check_header(features, version, desc_num, free_head, old_free_head,
-                               used_idx, old_used_idx, used_wrap, old_used_wrap)
+            _check_packed_header(size, name, features, version, desc_num, free_head,
+                                 old_free_head, used_idx, old_used_idx, used_wrap,
+                                 old_used_wrap)
             entries = list(PACKED_DESC_STRUCT.iter_unpack(snap[PACKED_HEADER:need]))
             committed = False
             partial = 0  # descriptors of an unpublished batch push may have half-written
@@ -715,9 +726,9 @@ class PackedInflightTracker:
             # Roll back whatever is still in progress (a pop or an unpublished batch).
             free_head, used_idx, used_wrap = old_free_head, old_used_idx, old_used_wrap
             nxt = [e[1] for e in entries]
-            free = self._walk_free_list(nxt, free_head)
+            free = _packed_free_list(size, name, nxt, free_head)
             heads = [i for i in range(size) if entries[i][0] and i not in free]
-            buffers, chains = self._collect(entries, nxt, heads, free)
+            buffers, chains = _packed_buffers(size, name, entries, nxt, heads, free)
             ndesc = sum(len(c) for c in chains)
             next_avail, avail_wrap = used_idx + ndesc, used_wrap
             if next_avail >= size:
@@ -769,20 +780,6 @@ class PackedInflightTracker:
             tuple(buffers[k] for k in order), next_avail, bool(avail_wrap), used_idx,
             bool(used_wrap), committed,
         )
-
-    def _check_header(self, features: int, version: int, desc_num: int, free_head: int,
-                      old_free_head: int, used_idx: int, old_used_idx: int, used_wrap: int,
-                      old_used_wrap: int) -> None:
-        _check_packed_header(self._size, self._name, features, version, desc_num, free_head,
-                             old_free_head, used_idx, old_used_idx, used_wrap, old_used_wrap)
-
-    def _walk_free_list(self, nxt: list[int], free_head: int) -> set[int]:
-        return _packed_free_list(self._size, self._name, nxt, free_head)
-
-    def _collect(
-        self, entries: list[tuple[int, ...]], nxt: list[int], heads: list[int], free: set[int]
-    ) -> tuple[list[tuple[tuple[int, int, int, int], ...]], list[list[int]]]:
-        return _packed_buffers(self._size, self._name, entries, nxt, heads, free)
 
     def _check_ring(self, ring: Any, used_idx: int, used_wrap: int, ndesc: int,
                     partial: int = 0) -> None:
@@ -985,12 +982,7 @@ def _check_packed_header(size: int, name: str, features: int, version: int, desc
                          free_head: int, old_free_head: int, used_idx: int, old_used_idx: int,
                          used_wrap: int, old_used_wrap: int) -> None:
     """Check a version-1 ``QueueRegionPacked`` header against our queue size."""
-    if version != INFLIGHT_VERSION:
-        raise InflightError(f"{name}: version {version} is not {INFLIGHT_VERSION}")
-    if features != 0:
-        raise InflightError(f"{name}: features {features:#x} are unknown (expected 0)")
-    if desc_num != size:
-        raise InflightError(f"{name}: desc_num {desc_num} is not the queue size {size}")
+    _check_common_header(size, name, features, version, desc_num)
     # free_head == desc_num: every entry is in use (the list's end marker).
     for what, v, top in (("free_head", free_head, size),
                          ("old_free_head", old_free_head, size),
