@@ -12,7 +12,6 @@ import collections
 import gzip
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +46,21 @@ class CountingSink:
     def on_rarp(self, dev: VirtioNetDevice, mac: bytes) -> None:
         """Nothing to announce to."""
 
+    def commit(self, dev: VirtioNetDevice) -> None:
+        """Nothing was delivered."""
+
 
 class RecordingNet(VirtioNetDevice):
     """A virtio-net device that drops what the guest sends, recording connection events
-    and counting TX frames per ring. ``call_soon`` (the reactor's) lets it re-arm kicks
-    after each burst, as the switch's ports do.
+    and counting TX frames per ring.
 
     ``mem_slots=False`` withholds CONFIGURE_MEM_SLOTS, so QEMU sends SET_MEM_TABLE instead
     of ADD_MEM_REG.
     """
 
-    def __init__(self, call_soon: Callable[[Callable[[], object]], object], *,
-                 queue_pairs: int = 1, mem_slots: bool = True) -> None:
+    def __init__(self, *, queue_pairs: int = 1, mem_slots: bool = True) -> None:
         self.sink_counts = CountingSink()
-        super().__init__(self.sink_counts, queue_pairs=queue_pairs, call_soon=call_soon)
+        super().__init__(self.sink_counts, queue_pairs=queue_pairs)
         self.mem_slots = mem_slots
         self.seen: list[str] = []
         self.max_regions = 0
@@ -86,14 +86,8 @@ class RecordingNet(VirtioNetDevice):
 
 
 def _server(path: str, **kw: Any) -> ServerThread:
-    """A ServerThread whose devices are RecordingNet re-arming on its reactor."""
-
-    def make() -> RecordingNet:
-        assert srv.reactor is not None  # the factory runs on the reactor thread
-        return RecordingNet(srv.reactor.call_soon, **kw)
-
-    srv = ServerThread(path, make)
-    return srv
+    """A ServerThread whose devices are RecordingNet."""
+    return ServerThread(path, lambda: RecordingNet(**kw))
 
 
 def _device(srv: ServerThread) -> RecordingNet:

@@ -9,7 +9,7 @@ descriptors by hand the way a hostile guest would.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from vhostuser.connection import events as ev
@@ -25,6 +25,7 @@ from vhostuser.virtq import (
     packed_layout,
     split_layout,
 )
+from vhostuser.virtq.runner import QueueRunner
 
 from .fakes import ManualTimers
 
@@ -87,7 +88,6 @@ class Rig:
         offloads: bool = False,
         fast: bool = True,
         enabled_pairs: Sequence[int] | None = None,
-        call_soon: Callable[[Callable[[], object]], object] | None = None,
         mac: str = "52:54:00:00:00:01",
         mem_size: int = MEM,
     ) -> None:
@@ -100,7 +100,7 @@ class Rig:
         self.size = size
         self.access = Access()
         self.dev = VirtioNetDevice(sink, queue_pairs=pairs, mtu=mtu, offloads=offloads,
-                                   call_soon=call_soon, mac=mac)
+                                   mac=mac)
         self.dev.fast_path = fast
         self.access.device = self.dev
         self.dev.attach(self.access)
@@ -131,6 +131,15 @@ class Rig:
                 self.access.enabled_set.add(q)
                 self.dev.on_event(ev.VringEnabled(q, True))
         self._token = 0
+        # One runner per transmit queue, as the session has (the only scheduler).
+        self.runners = {
+            q: QueueRunner(q, self._burst_fn(q)) for q in range(1, 2 * pairs, 2)
+        }
+
+    def _burst_fn(self, q: int) -> Any:
+        def burst(ring: Any, budget: int) -> Any:
+            return self.dev.run_queue(q, ring, budget, self.access.enabled(q))
+        return burst
 
     # -- memory -------------------------------------------------------------------------
     def alloc(self, n: int) -> int:
@@ -182,14 +191,25 @@ class Rig:
             self.tx_chain([h + f], pair)
 
     def kick_tx(self, pair: int = 0) -> int:
-        """Drain the transmit queue as the reactor does after a kick (bursts until empty);
-        returns the chains taken."""
+        """Drain the transmit queue as the session does after a kick: the queue's runner
+        steps until it has re-armed kicks on an empty ring; returns the chains taken."""
+        q = 2 * pair + 1
+        runner = self.runners[q]
+        runner.kicked()
         total = 0
         while True:
-            n = self.dev.poll_queue(2 * pair + 1)
-            if n <= 0:
+            ring = self.access.ring(q)
+            if ring is None:
                 return total
-            total += n
+            res, again = runner.step(ring)
+            total += res.popped
+            if res.broken is not None:
+                self.access.ring_broken(q, res.broken)
+                return total
+            if res.notify:
+                self.access.notify(q)
+            if not again:
+                return total
 
     def reap_tx(self, pair: int = 0) -> list[tuple[int, int]]:
         return list(self.drivers[2 * pair + 1].reap())
@@ -271,6 +291,9 @@ class Collect:
     def on_rarp(self, dev: VirtioNetDevice, mac: bytes) -> None:
         self.rarps.append(mac)
 
+    def commit(self, dev: VirtioNetDevice) -> None:
+        pass
+
 
 class Wire:
     """A FrameSink that delivers into another device (a two-port cable)."""
@@ -281,7 +304,11 @@ class Wire:
     def on_frames(self, dev: VirtioNetDevice, pair: int, frames: list[memoryview],
                   hdrs: list[bytes | None] | None) -> None:
         assert self.peer is not None
-        self.peer.deliver(frames, hdrs, pair)
+        self.peer.deliver(frames, hdrs, pair, defer=True)
 
     def on_rarp(self, dev: VirtioNetDevice, mac: bytes) -> None:
         pass
+
+    def commit(self, dev: VirtioNetDevice) -> None:
+        assert self.peer is not None
+        self.peer.publish_rx()

@@ -4,13 +4,12 @@ config, RARP, offloads, and every malformed case dropped and counted (never rais
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from vhostuser.connection import events as ev
-from vhostuser.devices import net as netmod
+from vhostuser.devices import base as basemod
 from vhostuser.devices.net import (
     GSO_TCPV4,
     HDR_F_DATA_VALID,
@@ -175,13 +174,13 @@ def test_fast_path_handles_the_common_layout(fast: bool, monkeypatch: pytest.Mon
                                              ) -> None:
     """With the fast path on, one-descriptor chains never reach the ring engine."""
     calls: list[int] = []
-    real = getattr(netmod, "run_burst")  # noqa: B009 (not re-exported)
+    real = getattr(basemod, "run_burst")  # noqa: B009 (not re-exported)
 
     def spy(ring: Any, handler: Any, budget: int = 256) -> Any:
         calls.append(budget)
         return real(ring, handler, budget)
 
-    monkeypatch.setattr(netmod, "run_burst", spy)
+    monkeypatch.setattr(basemod, "run_burst", spy)
     rig = Rig(V1 | MRG, sink=EchoSink(), fast=fast)
     rig.post_rx(8)
     rig.tx([FRAME] * 8)
@@ -531,21 +530,20 @@ def test_device_reset_forgets_ring_state() -> None:
 
 @pytest.mark.parametrize("ring", RINGS)
 def test_event_mode_drains_then_rearms_kicks(ring: int) -> None:
-    """After a kicked burst the device stops kicks, drains from the reactor until the
-    ring is empty, then asks for kicks again - no lost wake-up with EVENT_IDX."""
-    soon: list[Callable[[], object]] = []
-    rig = Rig(V1 | MRG | EVENT_IDX | ring, sink=Collect(), call_soon=soon.append)
+    """After a kick the runner stops kicks and drains until the ring is empty, then asks
+    for kicks again - no lost wake-up with EVENT_IDX."""
+    rig = Rig(V1 | MRG | EVENT_IDX | ring, sink=Collect())
     drv = rig.drivers[1]
+    runner = rig.runners[1]
     rig.tx([FRAME])
     assert drv.should_kick()
-    chains = rig.access.rings[1].pop(256)
-    done = rig.dev.handle_burst(1, chains, True)  # what the session does on the kick
-    rig.access.rings[1].push(done)
-    assert len(soon) == 1
+    assert runner.kicked()
+    res, again = runner.step(rig.access.rings[1])  # the burst the kick asked for
+    assert res.popped == 1 and again
     rig.tx([FRAME])  # published while draining: no kick needed
     assert not drv.should_kick()
-    while soon:
-        soon.pop(0)()
+    while again:
+        res, again = runner.step(rig.access.rings[1])
     assert rig.dev.counters.rx_frames == 2
     rig.tx([FRAME])
     assert drv.should_kick()  # kicks are wanted again

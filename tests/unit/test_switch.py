@@ -218,9 +218,33 @@ def test_stats_and_names() -> None:
         Switch(FakeReactor(), aging=0)  # type: ignore[arg-type]
 
 
-def test_busy_poll_registers_a_poller() -> None:
-    sw, _ports, r = make(busy_poll=True)
-    assert r.pollers == [sw._poll]
-    assert sw._poll() is False
+class HoldingSink(Sink):
+    """A port that, like a vhost-user port, holds what it was sent until commit."""
+
+    def __init__(self, switch: Switch, name: str) -> None:
+        super().__init__(switch, name)
+        self.published: list[int] = []
+
+    def send(self, frames: list[memoryview], hdrs: list[bytes | None] | None,
+             pair: int) -> None:
+        super().send(frames, hdrs, pair)
+        self.switch.to_publish(self)
+
+    def publish(self) -> None:
+        self.published.append(len(self.got))
+
+
+def test_delivered_frames_are_published_only_at_commit() -> None:
+    """The switch publishes copies only when told the sources' buffers are back."""
+    sw = Switch(FakeReactor())  # type: ignore[arg-type]
+    a, b = HoldingSink(sw, "a"), HoldingSink(sw, "b")
+    sw.ports += [a, b]
+    sw._fabric += [a, b]
+    sw.forward(a, [memoryview(eth(BCAST, M1, b"x" * 50))], None)
+    sw.forward(a, [memoryview(eth(BCAST, M1, b"y" * 50))], None)
+    assert len(b.got) == 2 and b.published == []
+    sw.commit()
+    assert b.published == [2] and a.published == []
+    sw.commit()  # nothing new: no second publication
+    assert b.published == [2]
     sw.close()
-    assert r.pollers == []

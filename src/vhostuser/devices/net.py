@@ -46,7 +46,7 @@ from typing import Any, Final, Protocol
 from ..connection import events as ev
 from ..errors import RingError
 from ..protocol.enums import DeviceType, NetFeature, ProtocolFeature, VirtioFeature
-from ..virtq.burst import run_burst
+from ..virtq.burst import BurstResult
 from ..virtq.chain import DESC_F_WRITE, Chain
 from ..virtq.split import SplitDeviceRing
 from .base import Device, QueueAccess
@@ -313,6 +313,16 @@ class FrameSink(Protocol):
         """SEND_RARP: announce ``mac`` on behalf of the driver."""
         ...
 
+    def commit(self, dev: VirtioNetDevice) -> None:
+        """The transmit buffers of the frames handed over since the last commit have been
+        returned to ``dev``'s driver: publish what was delivered with ``defer=True``.
+
+        Publishing a copy only after its source buffer is back is what keeps a loop of
+        frames (A -> switch -> B -> A) from losing them at a full transmit ring: a frame
+        never reaches its receiver while its sender still counts the buffer as busy.
+        """
+        ...
+
 
 class EchoSink:
     """A :class:`FrameSink` that sends every frame back to its sender, unchanged, on the
@@ -325,12 +335,16 @@ class EchoSink:
         frames: list[memoryview],
         hdrs: list[bytes | None] | None,
     ) -> None:
-        """Reflect the frames (see :class:`FrameSink`)."""
-        dev.deliver(frames, hdrs, pair)
+        """Reflect the frames (see :class:`FrameSink`); published at :meth:`commit`."""
+        dev.deliver(frames, hdrs, pair, defer=True)
 
     def on_rarp(self, dev: VirtioNetDevice, mac: bytes) -> None:
         """Reflect the announcement too."""
         dev.deliver([memoryview(build_rarp(mac))], None, 0)
+
+    def commit(self, dev: VirtioNetDevice) -> None:
+        """Publish the reflected frames (after the transmit buffers went back)."""
+        dev.publish_rx()
 
 
 class DropSink:
@@ -347,6 +361,9 @@ class DropSink:
 
     def on_rarp(self, dev: VirtioNetDevice, mac: bytes) -> None:
         """Discard."""
+
+    def commit(self, dev: VirtioNetDevice) -> None:
+        """Nothing was delivered."""
 
 
 _HDR_UNPACK = NET_HDR.unpack_from
@@ -376,10 +393,6 @@ class VirtioNetDevice(Device):
             link status through it; QEMU's net front-end does not use it, so it is off by
             default).
         counters: the port counters to add to (shared across sessions of one port).
-        call_soon: schedules a callback on the reactor (``Reactor.call_soon``). After a
-            kicked burst the device turns kicks off and keeps draining the transmit queue
-            through it, then turns kicks on again when the queue is empty. Without it the
-            caller must poll the transmit queues (:meth:`poll_queue`).
         name: used in log and error messages.
 
     Raises:
@@ -398,7 +411,6 @@ class VirtioNetDevice(Device):
         offloads: bool = False,
         offer_config: bool = False,
         counters: NetCounters | None = None,
-        call_soon: Callable[[Callable[[], object]], object] | None = None,
         name: str = "net",
     ) -> None:
         if not 1 <= queue_pairs <= 128:
@@ -422,11 +434,8 @@ class VirtioNetDevice(Device):
         self.protocol_features = int(ProtocolFeature.RARP | ProtocolFeature.MTU
                                      | ProtocolFeature.MQ)
         self.counters = counters if counters is not None else NetCounters()
-        self.call_soon = call_soon
         self.mtu = mtu
         self.access: QueueAccess | None = None
-        self.polling = False
-        """True while a busy-poller drives the transmit queues (no kicks wanted)."""
         self.features = 0
         self.hdr_len = NET_HDR_LEGACY_LEN
         self.mergeable = False
@@ -438,7 +447,7 @@ class VirtioNetDevice(Device):
         self._rx_pairs: list[int] = []  # started and enabled receive pairs, ascending
         self._started: set[int] = set()
         self._enabled: set[int] = set()
-        self._draining = [False] * self.num_queues
+        self._unpublished: list[int] = []  # receive queues holding deferred used buffers
         self._frames: list[memoryview] = []
         self._hdrs: list[bytes | None] = []
         self._with_hdr = False
@@ -473,14 +482,9 @@ class VirtioNetDevice(Device):
         return NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, self.queue_pairs, self.mtu)
 
     def consumes(self, index: int) -> bool:
-        """Should the session run a burst on queue ``index`` when kicked?
-
-        Receive queues (even indices): never, their buffers wait for frames. Transmit
-        queues: yes, unless this device drives the queue itself - busy-polling, or
-        draining it after a kick (:meth:`_start_drain`) - so the session neither competes
-        for the chains nor turns kicks back on meanwhile.
-        """
-        return index % 2 == 1 and not self.polling and not self._draining[index]
+        """Transmit queues (odd indices) are consumed by bursts; receive queues never are:
+        their buffers wait for frames (:meth:`deliver`)."""
+        return index % 2 == 1
 
     def attach(self, queues: QueueAccess) -> None:
         """Remember the session's rings."""
@@ -503,10 +507,6 @@ class VirtioNetDevice(Device):
         if isinstance(event, ev.VringStarted):
             self._started.add(event.index)
             self._ring_changed(event.index)
-            if self.polling and event.index % 2 == 1 and self.access is not None:
-                ring = self.access.ring(event.index)
-                if ring is not None:
-                    ring.disable_notifications()
         elif isinstance(event, ev.VringStopped):
             self._started.discard(event.index)
             self._ring_changed(event.index)
@@ -594,8 +594,6 @@ class VirtioNetDevice(Device):
                 # Any other layout: gather (virtio 1.2 §2.6.4: no layout may be assumed).
                 take(memoryview(c.read_bytes()), None)
         self._flush_frames(index)
-        if not self.polling:
-            self._start_drain(index)
         return done
 
     def _take_frame(self, seg: memoryview, frame: memoryview | None) -> None:
@@ -679,90 +677,26 @@ class VirtioNetDevice(Device):
                 return None
         return NET_HDR.pack(flags, gso, hlen, gso_size, cstart, coff)
 
-    # -- the transmit burst and its scheduling ------------------------------------------
-    def poll_queue(self, index: int, budget: int = 256) -> int:
-        """The per-queue burst: take up to ``budget`` chains of transmit queue ``index``,
-        forward their frames, complete them, notify at most once; returns chains taken.
+    # -- the transmit burst -----------------------------------------------------------------
+    def run_queue(self, index: int, ring: Any, budget: int, enabled: bool) -> BurstResult:
+        """One transmit burst (called by the queue's runner, which decides when): take up
+        to ``budget`` chains, forward their frames, complete them, then let the sink
+        publish what it delivered (:meth:`FrameSink.commit`).
 
-        This is the one function a compiled implementation would replace. Split rings go
-        through :meth:`_tx_fast` (one-descriptor chains in one memory region, the layout
-        QEMU, Linux and DPDK use) and everything else through the ring engine
-        (:func:`~vhostuser.virtq.run_burst`), which validates every case of SECURITY.md.
-        A ring the guest broke is reported (``QueueAccess.ring_broken``); nothing is
-        raised for guest data.
+        Split rings go through :meth:`_tx_fast` (one-descriptor chains in one memory
+        region, the layout QEMU, Linux and DPDK use) and everything else through the ring
+        engine (:meth:`Device.run_queue`), which validates every case of SECURITY.md.
+        Guest faults come back in the result; nothing is raised for guest data.
         """
-        access = self.access
-        if access is None:
-            return 0
-        ring = access.ring(index)
-        if ring is None:
-            return 0
-        if self.fast_path and type(ring) is SplitDeviceRing and access.enabled(index):
-            n = self._tx_fast(index, ring, budget)
-            if n >= 0:
-                if n and ring.should_notify():
-                    access.notify(index)
-                return n
-        enabled = access.enabled(index)
-
-        def handler(chains: list[Chain]) -> list[tuple[int, int]]:
-            return self.handle_burst(index, chains, enabled)
-
-        result = run_burst(ring, handler, budget)
-        if result.broken is not None:
-            access.ring_broken(index, result.broken)
-            return result.popped
-        if result.notify:
-            access.notify(index)
-        return result.popped
-
-    def _start_drain(self, index: int) -> None:
-        """Event mode, after a kicked burst: stop kicks and keep draining the queue from
-        the reactor until it is empty (NAPI-like; the reactor serves other fds between
-        bursts), then re-enable kicks."""
-        if self._draining[index] or self.call_soon is None or self.access is None:
-            return
-        ring = self.access.ring(index)
-        if ring is None:
-            return
-        # virtio 1.2 §2.7.10 / §2.8.10: VRING_USED_F_NO_NOTIFY, or with EVENT_IDX an
-        # avail_event the driver has passed; the driver stops kicking meanwhile.
-        ring.disable_notifications()
-        self._draining[index] = True
-        self.call_soon(lambda: self._drain(index))
-
-    def _drain(self, index: int) -> None:
-        self._draining[index] = False
-        call_soon = self.call_soon
-        if self.polling or self.access is None or call_soon is None:
-            return
-        ring = self.access.ring(index)
-        if ring is None:
-            return
-        # The session may have re-armed kicks after the burst that started this drain.
-        ring.disable_notifications()
-        if self.poll_queue(index) > 0:
-            self._draining[index] = True
-            call_soon(lambda: self._drain(index))
-            return
-        # Empty: ask for kicks again; the ring re-reads avail after a full barrier, so a
-        # buffer published meanwhile is not missed (virtio 1.2 §2.7.10).
-        if ring.enable_notifications():
-            self._start_drain(index)
-
-    def start_polling(self) -> None:
-        """Busy-poll mode: ask drivers not to kick the transmit queues (we poll them)."""
-        self.polling = True
-        self.suppress_kicks()
-
-    def suppress_kicks(self) -> None:
-        """Ask the driver not to kick the started transmit queues (busy-poll)."""
-        if self.access is None:
-            return
-        for q in range(1, self.num_queues, 2):
-            ring = self.access.ring(q)
-            if ring is not None:
-                ring.disable_notifications()
+        try:
+            if self.fast_path and enabled and index & 1 and type(ring) is SplitDeviceRing:
+                n = self._tx_fast(index, ring, budget)
+                if n >= 0:
+                    return BurstResult(n, n, bool(n) and ring.should_notify(), ring.broken)
+            return super().run_queue(index, ring, budget, enabled)
+        finally:
+            # The transmit buffers are back with the driver: now the copies may appear.
+            self.sink.commit(self)
 
     # -- split-ring fast paths ------------------------------------------------------------
     #
@@ -840,8 +774,14 @@ class VirtioNetDevice(Device):
         frames: Sequence[memoryview | bytes | bytearray],
         hdrs: Sequence[bytes | None] | None = None,
         pair: int = 0,
+        *,
+        defer: bool = False,
     ) -> int:
         """Copy ``frames`` into the driver's receive buffers; return how many were delivered.
+
+        With ``defer`` the used buffers are written but not published (nor notified)
+        until :meth:`publish_rx`: a switch publishes them once the frames' transmit
+        buffers are back with their sender (see :meth:`FrameSink.commit`).
 
         ``hdrs`` (optional, one per frame) carries offload fields from the sending port:
         None or a 10-byte virtio_net_hdr. With several receive pairs in use, each frame
@@ -857,7 +797,7 @@ class VirtioNetDevice(Device):
                 self.counters.drop("rx_down", len(frames))
             return 0
         if len(pairs) == 1:
-            return self._deliver_pair(pairs[0], frames, hdrs)
+            return self._deliver_pair(pairs[0], frames, hdrs, defer)
         # Several pairs: spread flows over them by a hash of their addresses, keeping each
         # flow on one queue (so its frames stay in order).
         n = len(pairs)
@@ -869,8 +809,28 @@ class VirtioNetDevice(Device):
             if idxs:
                 sub_f = [frames[i] for i in idxs]
                 sub_h = None if hdrs is None else [hdrs[i] for i in idxs]
-                total += self._deliver_pair(pairs[k], sub_f, sub_h)
+                total += self._deliver_pair(pairs[k], sub_f, sub_h, defer)
         return total
+
+    def publish_rx(self) -> None:
+        """Publish every receive queue's used buffers held back by ``deliver(defer=True)``
+        and notify the driver where its suppression allows (once per queue)."""
+        pending = self._unpublished
+        access = self.access
+        if not pending:
+            return
+        try:
+            if access is None:
+                return
+            for idx in pending:
+                ring = access.ring(idx)
+                if ring is None:
+                    continue
+                ring.publish()
+                if ring.should_notify():
+                    access.notify(idx)
+        finally:
+            pending.clear()
 
     def _rx_ring(self, pair: int) -> Any:
         access = self.access
@@ -890,6 +850,7 @@ class VirtioNetDevice(Device):
         pair: int,
         frames: Sequence[memoryview | bytes | bytearray],
         hdrs: Sequence[bytes | None] | None,
+        defer: bool = False,
     ) -> int:
         counters = self.counters
         nframes = len(frames)
@@ -910,7 +871,7 @@ class VirtioNetDevice(Device):
         pos = 0  # next unused chain in carry
         i = 0
         if self.fast_path and not carry and type(ring) is SplitDeviceRing:
-            i, nbytes = self._rx_fast(ring, frames, hdrs)
+            i, nbytes = self._rx_fast(ring, frames, hdrs, defer)
             delivered = i
         try:
             while i < nframes:
@@ -985,8 +946,11 @@ class VirtioNetDevice(Device):
             if pos:
                 del carry[:pos]
         if used:
-            ring.push(used)
-        if (used or delivered) and ring.should_notify():
+            ring.push(used, publish=not defer)
+        if defer:
+            if (used or delivered) and idx not in self._unpublished:
+                self._unpublished.append(idx)
+        elif (used or delivered) and ring.should_notify():
             access.notify(idx)
         counters.tx_frames += delivered
         counters.tx_bytes += nbytes
@@ -997,6 +961,7 @@ class VirtioNetDevice(Device):
         ring: SplitDeviceRing,
         frames: Sequence[memoryview | bytes | bytearray],
         hdrs: Sequence[bytes | None] | None,
+        defer: bool = False,
     ) -> tuple[int, int]:
         """Receive fast path (see the comment on the split-ring fast paths): deliver a prefix
         of ``frames`` into one-descriptor buffers; returns (frames delivered, bytes)."""
@@ -1037,7 +1002,7 @@ class VirtioNetDevice(Device):
             k += 1
             nbytes += n
         if k:
-            ring.complete_in_place(used, k)
+            ring.complete_in_place(used, k, publish=not defer)
         return k, nbytes
 
     def _gather_chains(self, ring: Any, carry: list[Chain], pos: int, need: int) -> int:
@@ -1156,8 +1121,8 @@ class VirtioNetDevice(Device):
         self._rx_pairs = []
         self._started.clear()
         self._enabled.clear()
+        self._unpublished.clear()
         self.access = None
-        self.call_soon = None
 
     @property
     def held_rx_chains(self) -> int:
@@ -1178,6 +1143,10 @@ class NullNetDevice(VirtioNetDevice):
                          offer_config=offer_config)
         self.tx_frames = 0
         self.tx_bytes = 0
+
+    def run_queue(self, index: int, ring: Any, budget: int, enabled: bool) -> BurstResult:
+        """Every burst through :meth:`handle_burst` (no fast path: it only counts)."""
+        return Device.run_queue(self, index, ring, budget, enabled)
 
     def handle_burst(
         self, index: int, chains: Sequence[Any], enabled: bool

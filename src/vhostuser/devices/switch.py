@@ -85,6 +85,10 @@ class Port:
 
     kind = "port"
 
+    def publish(self) -> None:
+        """Make what :meth:`send` delivered visible to the receiver (ports that copy
+        straight into a receive ring hold it back until :meth:`Switch.commit`)."""
+
     def __init__(self, switch: Switch, name: str) -> None:
         self.switch = switch
         self.name = name
@@ -166,14 +170,14 @@ class VhostUserPort(Port):
         self.server = BackendServer(
             switch.reactor, path, self._make_device, connect=connect, max_sessions=1,
             mode=mode, on_session=self._on_session, reconnect_interval=reconnect_interval,
+            busy_poll=switch.busy_poll,
         )
 
     def _make_device(self) -> VirtioNetDevice:
         return VirtioNetDevice(
             self._echo_sink if self.echo else self,
             mac=self.mac, mtu=self.mtu, queue_pairs=self.queue_pairs, offloads=self.offloads,
-            offer_config=self.offer_config, counters=self.counters,
-            call_soon=self.switch.reactor.call_soon, name=self.name,
+            offer_config=self.offer_config, counters=self.counters, name=self.name,
         )
 
     def _on_session(self, s: BackendSession) -> None:
@@ -191,8 +195,6 @@ class VhostUserPort(Port):
         dev = s.device
         if isinstance(dev, VirtioNetDevice):
             self.device = dev
-            if self.switch.busy_poll:
-                dev.start_polling()
         log.info("%s: front-end connected (%s)", self.name, s.name)
 
     def _session_closed(self, s: BackendSession) -> None:
@@ -216,8 +218,12 @@ class VhostUserPort(Port):
         frames: list[memoryview],
         hdrs: list[bytes | None] | None,
     ) -> None:
-        """Forward a burst into the switch."""
+        """Forward a burst into the switch (published at :meth:`commit`)."""
         self.switch.forward(self, frames, hdrs, pair)
+
+    def commit(self, dev: VirtioNetDevice) -> None:
+        """Our transmit buffers are back with the driver: publish the copies."""
+        self.switch.commit()
 
     def on_rarp(self, dev: VirtioNetDevice, mac: bytes) -> None:
         """SEND_RARP from the front-end: re-learn and announce."""
@@ -236,17 +242,14 @@ class VhostUserPort(Port):
         if dev is None:
             self.counters.drop("rx_down", len(frames))
             return
-        dev.deliver(frames, hdrs, pair)
+        dev.deliver(frames, hdrs, pair, defer=True)
+        self.switch.to_publish(self)
 
-    def poll(self) -> int:
-        """Busy-poll: one burst on every transmit queue; chains taken."""
+    def publish(self) -> None:
+        """Publish the frames :meth:`send` delivered (see ``VirtioNetDevice.publish_rx``)."""
         dev = self.device
-        if dev is None:
-            return 0
-        n = 0
-        for q in range(1, dev.num_queues, 2):
-            n += dev.poll_queue(q)
-        return n
+        if dev is not None:
+            dev.publish_rx()
 
     def info(self) -> dict[str, Any]:
         """Port description: path, mode, front-end state, counters."""
@@ -330,6 +333,7 @@ class TapPort(Port):
             self.counters.rx_bytes += nbytes
             try:
                 self.switch.forward(self, frames, None, 0)
+                self.switch.commit()
             finally:
                 for f in frames:
                     f.release()
@@ -426,11 +430,10 @@ class Switch:
         self._mac_prefix = mac_prefix
         self._mac_seq = 0
         self._touched: list[Port] = []
+        self._unpublished: list[Port] = []
         self._closed = False
         self._aging_timer: Timer | None = reactor.call_later(
             min(self.aging / 4, 10.0), self._age)
-        if busy_poll:
-            reactor.add_poller(self._poll)
 
     # -- ports ------------------------------------------------------------------------------
     def next_mac(self) -> str:
@@ -617,6 +620,7 @@ class Switch:
         frame = build_rarp(bytes(mac))
         src.counters.rx_bytes += len(frame)
         self.forward(src, [memoryview(frame)], None, 0)
+        self.commit()
         log.info("%s: RARP announcement for %s", src.name, format_mac(bytes(mac)))
 
     def port_down(self, port: Port) -> None:
@@ -633,13 +637,25 @@ class Switch:
             del self.macs[mac]
         self._aging_timer = self.reactor.call_later(min(self.aging / 4, 10.0), self._age)
 
-    def _poll(self) -> bool:
-        """Busy-poll: one burst on every transmit queue of every vhost-user port."""
-        n = 0
-        for p in self.ports:
-            if isinstance(p, VhostUserPort):
-                n += p.poll()
-        return n > 0
+    def to_publish(self, port: Port) -> None:
+        """``port`` holds delivered frames back until :meth:`commit`."""
+        if port not in self._unpublished:
+            self._unpublished.append(port)
+
+    def commit(self) -> None:
+        """Publish every frame delivered since the last commit. Called once the frames'
+        sources gave their buffers back (after a transmit burst completed, or after a tap
+        read), so a frame never reaches its receiver while its sender's buffer is still
+        busy: in a loop (A -> switch -> B -> A) the sender would otherwise find its ring
+        full and drop the frame for good."""
+        pending = self._unpublished
+        if not pending:
+            return
+        try:
+            for p in pending:
+                p.publish()
+        finally:
+            pending.clear()
 
     # -- state ------------------------------------------------------------------------------
     def mac_table(self) -> list[dict[str, Any]]:
@@ -669,8 +685,6 @@ class Switch:
         if self._aging_timer is not None:
             self._aging_timer.cancel()
             self._aging_timer = None
-        if self.busy_poll:
-            self.reactor.remove_poller(self._poll)
         for p in self.ports:
             try:
                 p.close()

@@ -31,6 +31,8 @@ from ..devices.base import Device
 from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
 from ..protocol import payloads as P
 from ..protocol.enums import BackendRequest, ProtocolFeature
+from ..virtq.burst import BurstResult
+from ..virtq.runner import QueueRunner
 from .fdpass import OwnedFd, connect_unix, listen_unix, recv_some, send_msg
 from .mapping import Mapping, map_region_fd, reap_deferred
 from .reactor import Reactor, Timer
@@ -139,6 +141,7 @@ class BackendSession:
         dialect: Dialect = Dialect.CURRENT,
         budget: int = DEFAULT_BUDGET,
         name: str = "vhost-user",
+        busy_poll: bool = False,
     ) -> None:
         sock.setblocking(False)
         self.reactor = reactor
@@ -146,6 +149,7 @@ class BackendSession:
         self.device = device
         self.name = name
         self.budget = budget
+        self.busy_poll = busy_poll
         self.on_close = on_close
         self.conn: BackendConnection[OwnedFd] = BackendConnection(
             device, ShellHost(), dialect=dialect, name=name
@@ -154,7 +158,9 @@ class BackendSession:
         self.close_reason: str | None = None
         self._kick_fds: dict[int, int] = {}  # ring index -> registered fd number
         self._deadline: Timer | None = None
-        self._polled: set[int] = set()
+        self._polled: set[int] = set()  # queues the poller steps (busy-poll, or no kick fd)
+        self._nofd: set[int] = set()  # queues without a kick fd (VRING_NOFD_MASK)
+        self._runners: dict[int, QueueRunner] = {}
         self._poller_added = False
         self.events: list[ev.Event] = []
         """Recent events, for tests and tools (bounded)."""
@@ -249,14 +255,21 @@ class BackendSession:
         if isinstance(e, ev.VringFdSet) and e.kind == "kick":
             self._set_kick(e.index, e.fd)
         elif isinstance(e, ev.VringStarted | ev.VringEnabled):
-            self._schedule(e.index)
+            self._wake(e.index)
         elif isinstance(e, ev.VringStopped):
             self._unregister_kick(e.index)
+            self._nofd.discard(e.index)
+            runner = self._runners.get(e.index)
+            if runner is not None:
+                runner.forget()
         elif isinstance(e, ev.VringBroken):
             signal_fd(self.conn.vrings[e.index].err)
         elif isinstance(e, ev.DeviceReset):
             for i in list(self._kick_fds):
                 self._unregister_kick(i)
+            self._polled.clear()
+            self._nofd.clear()
+            self._runners.clear()
             self._close_channel()
         elif isinstance(e, ev.BackendChannelSet):
             self._open_channel(e.fd)
@@ -329,12 +342,17 @@ class BackendSession:
     def _set_kick(self, index: int, fd: Any) -> None:
         self._unregister_kick(index)
         if fd is None:
-            self._polled.add(index)
-            if not self._poller_added:
-                self.reactor.add_poller(self._poll)
-                self._poller_added = True
+            # vhost-user.rst SET_VRING_KICK: with the invalid-fd flag "the back-end must
+            # poll" the ring instead of waiting for kicks.
+            self._nofd.add(index)
+            self._start_polling(index)
+        else:
+            self._nofd.discard(index)
+        runner = self._runners.get(index)
+        if runner is not None:
+            runner.poll = self.busy_poll or index in self._nofd
+        if fd is None:
             return
-        self._polled.discard(index)
         self._kick_fds[index] = fd.fd
         self.reactor.add_reader(fd.fd, functools.partial(self._on_kick, index))
 
@@ -344,13 +362,19 @@ class BackendSession:
             self.reactor.remove_reader(fdnum)
         self._polled.discard(index)
 
+    def _start_polling(self, index: int) -> None:
+        self._polled.add(index)
+        if not self._poller_added:
+            self.reactor.add_poller(self._poll)
+            self._poller_added = True
+
     def _on_kick(self, index: int) -> None:
         v = self.conn.vrings[index]
         if v.kick is not None:
             drain_fd(v.kick)
         for e in self.conn.kick(index):
             self._on_event(e)
-        self._process(index)
+        self._wake(index)
 
     def _poll(self) -> bool:
         worked = False
@@ -358,44 +382,73 @@ class BackendSession:
             if not self.conn.vrings[i].started:
                 for e in self.conn.kick(i):
                     self._on_event(e)
-            worked |= self._process(i)
+            worked |= self._step(i) > 0
         return worked
 
-    def _schedule(self, index: int) -> None:
-        self.reactor.call_soon(functools.partial(self._process, index))
-
     # -- data path --------------------------------------------------------------------------
-    def _process(self, index: int) -> bool:
-        """Run one burst on ring ``index``; reschedule if the budget was used up."""
-        if self.closed:
-            return False
-        from ..virtq import run_burst
+    def _runner(self, index: int) -> QueueRunner | None:
+        """The runner of queue ``index`` (made on first use), or None if the device does
+        not consume it (a net receive queue)."""
+        runner = self._runners.get(index)
+        if runner is None:
+            if self.closed or not 0 <= index < len(self.conn.vrings):
+                return None
+            if not self.device.consumes(index):
+                return None
+            device = self.device
+            vrings = self.conn.vrings
 
+            def burst(ring: Any, budget: int) -> BurstResult:
+                return device.run_queue(index, ring, budget, vrings[index].enabled)
+
+            poll = self.busy_poll or index in self._nofd
+            runner = self._runners[index] = QueueRunner(index, burst, budget=self.budget,
+                                                        poll=poll)
+        return runner
+
+    def _wake(self, index: int) -> None:
+        """Queue ``index`` was kicked, started or enabled: get its runner going."""
+        runner = self._runner(index)
+        if runner is None:
+            return
+        if runner.poll:
+            if self.conn.vrings[index].started:
+                self._start_polling(index)
+            return
+        if runner.kicked():
+            self.reactor.call_soon(functools.partial(self._step, index))
+
+    def _step(self, index: int) -> int:
+        """Run one burst on queue ``index`` through its runner; chains taken.
+
+        A burst function that raises (a device bug, never a guest fault) breaks that
+        queue with the exception named, so it is visible in counters instead of stalling.
+        """
+        runner = self._runners.get(index)
+        if runner is None:
+            return 0
+        ring = self.ring(index)
+        if ring is None:
+            runner.forget()
+            return 0
         v = self.conn.vrings[index]
-        if not v.started or v.engine is None or v.broken is not None:
-            return False
-        if not self.device.consumes(index):
-            return False
-        device = self.device
-        enabled = v.enabled
-
-        def handler(chains: list[Any]) -> list[tuple[int, int]]:
-            return device.handle_burst(index, chains, enabled)
-
-        result = run_burst(v.engine, handler, self.budget)
-        if result.broken is not None and v.broken is None:
-            self._on_event(self.conn.ring_broken(index, result.broken))
-            return False
+        try:
+            result, again = runner.step(ring)
+        except Exception as exc:
+            log.exception("%s: ring %d: device error", self.name, index)
+            self.ring_broken(index, f"ring {index}: device error: {exc!r}")
+            return 0
+        if result.broken is not None:
+            if v.broken is None:
+                self._on_event(self.conn.ring_broken(index, result.broken))
+            return result.popped
         if result.notify:
             signal_fd(v.call)
-        if result.popped >= self.budget:
-            self._schedule(index)  # more may be waiting: yield to other queues first
-        elif v.kick is not None and v.engine.enable_notifications():
-            # Drained: re-arm the driver's kicks (avail_event with EVENT_IDX, else clear
-            # NO_NOTIFY), then re-check avail.idx after the barrier inside. A buffer
-            # published in between would otherwise wait for a kick that never comes.
-            self._schedule(index)
-        return result.popped > 0
+        if again:
+            # More may be waiting: yield to other fds and queues first (call_soon runs
+            # on the next reactor iteration).
+            self.reactor.call_soon(functools.partial(self._step, index))
+        return result.popped
 
     # -- teardown ---------------------------------------------------------------------------
     def close(self, reason: str = "closed") -> None:
@@ -411,6 +464,8 @@ class BackendSession:
             self._unregister_kick(i)
         if self._poller_added:
             self.reactor.remove_poller(self._poll)
+        self._runners.clear()
+        self._polled.clear()
         self._close_channel()
         self.reactor.remove_reader(self.sock.fileno())
         try:
@@ -445,6 +500,7 @@ class BackendServer:
         mode: int = 0o600,
         dialect: Dialect = Dialect.CURRENT,
         on_session: Callable[[BackendSession], None] | None = None,
+        busy_poll: bool = False,
     ) -> None:
         self.reactor = reactor
         self.path = path
@@ -454,6 +510,7 @@ class BackendServer:
         self.max_sessions = max_sessions
         self.dialect = dialect
         self.on_session = on_session
+        self.busy_poll = busy_poll
         self.sessions: list[BackendSession] = []
         self.closed_sessions = 0
         self.last_close_reason: str | None = None
@@ -487,7 +544,7 @@ class BackendServer:
     def _start(self, sock: socket.socket) -> BackendSession:
         s = BackendSession(
             self.reactor, sock, self.device_factory(), on_close=self._session_closed,
-            dialect=self.dialect,
+            dialect=self.dialect, busy_poll=self.busy_poll,
             name=f"{os.path.basename(self.path)}#{self.closed_sessions + len(self.sessions)}",
         )
         self.sessions.append(s)

@@ -157,6 +157,7 @@ class PackedDeviceRing:
     """
 
     __slots__ = (
+        "__weakref__",  # a QueueRunner refers to its ring without keeping it alive
         "_avail_pat",
         "_avail_wrap",
         "_broken",
@@ -168,6 +169,8 @@ class PackedDeviceRing:
         "_device_gpa",
         "_drv_w",
         "_event_idx",
+        "_held_flags",
+        "_held_off",
         "_ids",
         "_in_flight",
         "_indirect",
@@ -236,6 +239,10 @@ class PackedDeviceRing:
         self._inflight_descs = 0
         self._broken: str | None = None
         self._pushed = False
+        # A used descriptor whose flags push(publish=False) held back: its position in
+        # _desc_h (-1: none) and the flags publish() stores.
+        self._held_off = -1
+        self._held_flags = 0
         self._since_signal = 0
         self._signalled_valid = False
         self._walked = 0  # descriptors read by the current pop()
@@ -683,7 +690,7 @@ class PackedDeviceRing:
         return out
 
     # -- returning used buffers ---------------------------------------------------------
-    def push(self, elems: Sequence[tuple[int, int]]) -> None:
+    def push(self, elems: Sequence[tuple[int, int]], *, publish: bool = True) -> None:
         """Write ``(buffer_id, written_len)`` pairs as used descriptors, in order.
 
         Each used descriptor takes the next used slot; the slot then skips ahead by the
@@ -691,6 +698,10 @@ class PackedDeviceRing:
         first one are stored last, so the driver sees the burst at once. ``mem.mark_dirty``
         is called for each used descriptor and the first ``written_len`` bytes of each
         buffer's writable part. Does nothing on a broken ring.
+
+        With ``publish=False`` the flags of the first used descriptor not yet published are
+        held back: the driver reads used descriptors in ring order, so it sees none of
+        them until :meth:`publish` stores those flags.
 
         Raises:
             ValueError: an id not in flight, or a length outside ``0..writable_len`` (a
@@ -754,18 +765,41 @@ class PackedDeviceRing:
             count += 1
             slots += nd
         if count:
-            # The first used descriptor's flags go last: every other store of the burst
-            # (ids, lengths, later flags, buffer contents) precedes it - program order plus
-            # x86-64 store->store order (barrier.py).
-            desc_h[first_off] = first_flags
+            if publish or self._held_off >= 0:
+                # The first used descriptor's flags go last: every other store of the burst
+                # (ids, lengths, later flags, buffer contents) precedes it - program order
+                # plus x86-64 store->store order (barrier.py). Behind a held descriptor
+                # they are invisible anyway (the driver reads in ring order).
+                desc_h[first_off] = first_flags
+            else:
+                self._held_off = first_off
+                self._held_flags = first_flags
+            if publish and self._held_off >= 0:
+                desc_h[self._held_off] = self._held_flags
+                self._held_off = -1
             self._used_idx = idx
             self._used_wrap = wrap
             self._in_flight -= count
             self._inflight_descs -= slots
             self._since_signal += slots
-            self._pushed = True
+            self._pushed = self._held_off < 0
         if error is not None:
             raise ValueError(error)
+
+    @property
+    def held(self) -> bool:
+        """True if used descriptors were written with ``publish=False`` and not published."""
+        return self._held_off >= 0
+
+    def publish(self) -> None:
+        """Make every used descriptor written with ``publish=False`` visible: store the
+        held flags, after every other store of those pushes (store->store, barrier.py).
+        Nothing happens when nothing is held or the ring is broken."""
+        if self._held_off < 0 or self._broken is not None:
+            return
+        self._desc_h[self._held_off] = self._held_flags
+        self._held_off = -1
+        self._pushed = True
 
     def should_notify(self) -> bool:
         """After :meth:`push`: must the driver be notified, per the driver event suppression?

@@ -117,6 +117,7 @@ class SplitDeviceRing:
     """
 
     __slots__ = (
+        "__weakref__",  # a QueueRunner refers to its ring without keeping it alive
         "_avail_event_i",
         "_avail_gpa",
         "_avail_h",
@@ -124,6 +125,7 @@ class SplitDeviceRing:
         "_chains",
         "_desc",
         "_event_idx",
+        "_held",
         "_in_flight",
         "_indirect",
         "_mask",
@@ -182,6 +184,7 @@ class SplitDeviceRing:
         self._in_flight = 0
         self._broken: str | None = None
         self._pushed = False
+        self._held = False  # used elements written past the published used.idx
         self._signalled_used = self._used_idx
         self._signalled_valid = False
 
@@ -492,13 +495,14 @@ class SplitDeviceRing:
                 return None
         return heads
 
-    def complete_in_place(self, used: Sequence[int], taken: int) -> None:
+    def complete_in_place(self, used: Sequence[int], taken: int, *, publish: bool = True) -> None:
         """The first ``taken`` heads of :meth:`peek_heads` were consumed in place:
-        publish ``used`` (head, len, head, len ...) as their used elements, in one or two
+        write ``used`` (head, len, head, len ...) as their used elements, in one or two
         stores, then ``used.idx`` (virtio 1.2 2.7.8.2: elements before the index; x86-64
         store->store order, barrier.py), and move ``next_avail`` past them. Written bytes
         of the used ring are reported to ``mem.mark_dirty``; the caller reports the
-        buffer bytes it wrote.
+        buffer bytes it wrote. With ``publish=False`` ``used.idx`` is left for
+        :meth:`publish` (see there).
         """
         if not taken:
             return
@@ -511,20 +515,28 @@ class SplitDeviceRing:
         if first < taken:
             _used_struct(taken - first).pack_into(used_w, 4, *used[2 * first : 2 * taken])
         u = (start + taken) & 0xFFFF
-        self._used_h[1] = u  # one aligned 16-bit store, after the elements (store->store)
         self._used_idx = u
         self._next_avail = (self._next_avail + taken) & 0xFFFF
-        self._pushed = True
         mark = self._mem.mark_dirty
         gpa = self._used_gpa
         mark(gpa + 4 + 8 * s, 8 * first)
         if first < taken:
             mark(gpa + 4, 8 * (taken - first))
-        mark(gpa + 2, 2)
+        if publish:
+            self._used_h[1] = u  # one aligned 16-bit store, after the elements (store->store)
+            self._held = False
+            self._pushed = True
+            mark(gpa + 2, 2)
+        else:
+            self._held = True
 
     # -- returning used buffers ---------------------------------------------------------
-    def push(self, elems: Sequence[tuple[int, int]]) -> None:
+    def push(self, elems: Sequence[tuple[int, int]], *, publish: bool = True) -> None:
         """Publish ``(head, written_len)`` pairs as used, then ``used.idx`` once.
+
+        With ``publish=False`` the elements are written but ``used.idx`` is not: the driver
+        cannot see them until :meth:`publish` (a switch holds a destination's receive
+        buffers back until the source's transmit buffers are returned).
 
         This is the one place the writes a device handler made into guest buffers are
         reported: ``mem.mark_dirty`` is called for the first ``written_len`` bytes of each
@@ -574,12 +586,16 @@ class SplitDeviceRing:
             idx = (idx + 1) & 0xFFFF
         n = (idx - start) & 0xFFFF
         if n:
-            # Used elements (and the buffer contents written by the handler) are stored
-            # before used.idx: program order + x86-64 store->store order (barrier.py).
-            self._used_h[1] = idx  # one aligned 16-bit store
             self._used_idx = idx
             self._in_flight -= n
-            self._pushed = True
+            if publish:
+                # Used elements (and the buffer contents written by the handler) are stored
+                # before used.idx: program order + x86-64 store->store order (barrier.py).
+                self._used_h[1] = idx  # one aligned 16-bit store
+                self._held = False
+                self._pushed = True
+            else:
+                self._held = True
             used_gpa = self._used_gpa
             s = start & mask
             if s + n <= size:
@@ -590,6 +606,22 @@ class SplitDeviceRing:
             mark(used_gpa + 2, 2)
         if error is not None:
             raise ValueError(error)
+
+    @property
+    def held(self) -> bool:
+        """True if used elements were written with ``publish=False`` and not published."""
+        return self._held
+
+    def publish(self) -> None:
+        """Store ``used.idx`` for every element written with ``publish=False``, in one
+        aligned 16-bit store after them (virtio 1.2 2.7.8.2; store->store, barrier.py).
+        Nothing happens when nothing is held or the ring is broken."""
+        if not self._held or self._broken is not None:
+            return
+        self._used_h[1] = self._used_idx
+        self._held = False
+        self._pushed = True
+        self._mem.mark_dirty(self._used_gpa + 2, 2)
 
     def should_notify(self) -> bool:
         """After :meth:`push`: must the driver be notified (call eventfd)?
