@@ -41,8 +41,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vhostuser.devices.switch import Switch, SwitchThread
 from vhostuser.frontends.net import VirtioNetFrontend, read_probe
+from vhostuser.switch import Switch, SwitchThread
 from vhostuser.virtq import DESC_F_NEXT, split_layout
 
 from .peers import TestpmdVhost, TestpmdVirtioUser, require_peer, wait_for_socket

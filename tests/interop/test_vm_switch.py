@@ -1,4 +1,4 @@
-"""Issue "Net" acceptance: real QEMU guests on our switch (vhostuser.devices.switch).
+"""Issue "Net" acceptance: real QEMU guests on our switch (vhostuser.switch).
 
 Tiny Debian guests (vhostuser.cli.guest, TCG, about 5 s to boot) ping each other through
 the switch, ping the host through a tap port, and a 2-CPU guest with ``queues=2``/``mq=on``
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from vhostuser.cli.guest import GuestVM, NetPort, pick_subnet, wait_all
-from vhostuser.devices.switch import Switch, SwitchThread, TapPort, VhostUserPort
 from vhostuser.io.tap import interface_exists
+from vhostuser.switch import Switch, SwitchThread, TapPort, VhostUserPort
 
 from .peers import require_peer
 from .test_vm_guest import xfail_if_duplicate_region_refused

@@ -23,9 +23,9 @@ import pytest
 
 from vhostuser.cli.pktgen import Pktgen
 from vhostuser.devices.net import build_rarp
-from vhostuser.devices.switch import Switch, SwitchThread, TapPort, VhostUserPort
 from vhostuser.frontends.net import VirtioNetFrontend, probe_template, read_probe, stamp_probe
 from vhostuser.io.tap import interface_exists
+from vhostuser.switch import Switch, SwitchThread, TapPort, VhostUserPort
 from vhostuser.virtq import DESC_F_NEXT, split_layout
 
 T = TypeVar("T")

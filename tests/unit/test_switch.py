@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from vhostuser.devices.net import build_rarp
-from vhostuser.devices.switch import Port, Switch
+from vhostuser.switch import Port, Switch
 
 from .net_rig import eth
 
@@ -72,7 +72,7 @@ def make(n: int = 3, **kw: Any) -> tuple[Switch, list[Sink], FakeReactor]:
     for i in range(n):
         p = Sink(sw, f"s{i}")
         sw.ports.append(p)
-        sw._fabric.append(p)
+        sw.fabric.members.append(p)
         ports.append(p)
     return sw, ports, r
 
@@ -239,7 +239,7 @@ def test_delivered_frames_are_published_only_at_commit() -> None:
     sw = Switch(FakeReactor())  # type: ignore[arg-type]
     a, b = HoldingSink(sw, "a"), HoldingSink(sw, "b")
     sw.ports += [a, b]
-    sw._fabric += [a, b]
+    sw.fabric.members += [a, b]
     sw.forward(a, [memoryview(eth(BCAST, M1, b"x" * 50))], None)
     sw.forward(a, [memoryview(eth(BCAST, M1, b"y" * 50))], None)
     assert len(b.got) == 2 and b.published == []

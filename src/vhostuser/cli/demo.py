@@ -2,7 +2,7 @@
 
 The main job of the README's first command (issue "Net", item 4):
 
-1. start a learning switch (:class:`~vhostuser.devices.switch.SwitchThread`) with two
+1. start a learning switch (:class:`~vhostuser.switch.SwitchThread`) with two
    vhost-user ports and, when this process may (root, ``/dev/net/tun``, ``ip``), a tap
    port whose host side gets an address in a private 10.x /24 that no host route uses;
 2. boot two tiny Linux VMs under QEMU (TCG) attached to the two ports
@@ -69,7 +69,7 @@ def _tap_problem() -> str | None:
 @contextlib.contextmanager
 def network(tmp: str, *, use_tap: bool) -> Iterator[Network]:
     """Start the switch with ports ``vm1``/``vm2`` (sockets in ``tmp``) and maybe a tap."""
-    from ..devices.switch import Switch, SwitchThread
+    from ..switch import Switch, SwitchThread
     from .guest import host_address, pick_subnet
 
     subnet = pick_subnet()

@@ -13,9 +13,9 @@ import time
 from typing import Any, TextIO
 
 from ..devices.net import DEFAULT_MTU, parse_mac
-from ..devices.switch import DEFAULT_AGING, Switch
 from ..errors import VhostUserError
 from ..io.reactor import Reactor
+from ..switch import DEFAULT_AGING, Switch
 from ._common import add_verbose, octal_mode, setup_logging, stop_on_signals
 
 DESCRIPTION = """\

@@ -1,0 +1,309 @@
+"""The learning switch: a forwarding fabric and its ports on one reactor.
+
+:class:`Switch` forwards frames between ports on one :class:`~vhostuser.io.reactor.Reactor`
+(one thread serves every control socket and ring). The decisions (learning, lookup,
+flooding, aging) are the pure :class:`~vhostuser.switch.fabric.Fabric`; this module
+supplies the clock, the ports (:mod:`vhostuser.switch.ports`) and the publication rule:
+frames delivered during a transmit burst are published once the burst's transmit buffers
+are back (:meth:`Switch.commit`).
+
+Two modes: event-driven (default; sessions sleep in epoll until a kick) and busy-poll
+(``busy_poll=True``; each port's session polls its transmit queues with kicks suppressed,
+Snabb's model). Either way every transmit burst runs through the queue's
+:class:`~vhostuser.virtq.runner.QueueRunner`, then ``VirtioNetDevice.run_queue`` and
+:meth:`Switch.forward`.
+
+:class:`SwitchThread` runs a switch on its own reactor thread for tests and embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..devices.net import build_rarp, format_mac
+from ..io.reactor import Reactor, Timer
+from ..io.thread import ReactorThread
+from .fabric import DEFAULT_AGING, DEFAULT_MAX_MACS, Fabric
+from .ports import Port, TapPort, VhostUserPort
+
+__all__ = ["DEFAULT_AGING", "DEFAULT_MAX_MACS", "Switch", "SwitchThread"]
+
+log = logging.getLogger(__name__)
+
+
+class Switch:
+    """A learning Ethernet switch on a reactor (see the module docstring).
+
+    Args:
+        reactor: the reactor every port runs on.
+        aging: seconds a learned address lives without traffic.
+        max_macs: most addresses learned at once.
+        busy_poll: spin over transmit queues instead of sleeping on kicks.
+        mac_prefix: first three bytes of the MACs given to ports without one.
+    """
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        *,
+        aging: float = DEFAULT_AGING,
+        max_macs: int = DEFAULT_MAX_MACS,
+        busy_poll: bool = False,
+        mac_prefix: bytes = b"\x52\x54\x00",
+    ) -> None:
+        self.fabric = Fabric(aging=aging, max_macs=max_macs)
+        self.reactor = reactor
+        self.aging = aging
+        self.max_macs = max_macs
+        self.busy_poll = busy_poll
+        self.ports: list[Port] = []
+        self.started = time.monotonic()
+        self._mac_prefix = mac_prefix
+        self._mac_seq = 0
+        self._unpublished: list[Port] = []
+        self._closed = False
+        self._aging_timer: Timer | None = reactor.call_later(
+            min(self.aging / 4, 10.0), self._age)
+
+    # -- the fabric's state, for scripts and tests -------------------------------------------
+    @property
+    def macs(self) -> dict[bytes, list[Any]]:
+        """address -> [port, last seen (monotonic seconds)]."""
+        return self.fabric.macs
+
+    @property
+    def flooded(self) -> int:
+        """Frames flooded (broadcast, multicast, unknown unicast)."""
+        return self.fabric.flooded
+
+    @property
+    def filtered(self) -> int:
+        """Frames dropped because their destination is on their ingress port."""
+        return self.fabric.filtered
+
+    @property
+    def learn_refused(self) -> int:
+        """Source addresses not learned because the table was full."""
+        return self.fabric.learn_refused
+
+    # -- ports ------------------------------------------------------------------------------
+    def next_mac(self) -> str:
+        """A locally unique MAC for a port that was given none (52:54:00:5e:NN:NN)."""
+        self._mac_seq += 1
+        n = self._mac_seq
+        return format_mac(self._mac_prefix + bytes([0x5E, (n >> 8) & 0xFF, n & 0xFF]))
+
+    def _check_path(self, path: str) -> None:
+        for p in self.ports:
+            if isinstance(p, VhostUserPort) and p.path == path:
+                raise ValueError(f"socket path {path} is already used by port {p.name}")
+
+    def _name(self, name: str | None, default: str) -> str:
+        taken = {p.name for p in self.ports}
+        if name is not None:
+            if name in taken:
+                raise ValueError(f"port name {name!r} is already used")
+            return name
+        base, k = default, 1
+        while default in taken:
+            k += 1
+            default = f"{base}{k}"
+        return default
+
+    def add_vhost_user_port(
+        self, path: str, *, connect: bool = False, name: str | None = None, **kw: Any
+    ) -> VhostUserPort:
+        """Add a vhost-user NIC listening on (or, with ``connect``, connecting to) ``path``.
+
+        Keyword arguments go to :class:`VhostUserPort` (mac, mtu, queue_pairs, offloads,
+        offer_config, mode, reconnect_interval).
+
+        Raises:
+            ValueError: a duplicate name or path, or a bad option.
+            OSError, VhostUserError: the socket cannot be bound.
+        """
+        self._check_path(path)
+        port = VhostUserPort(self, self._name(name, f"p{len(self.ports)}"), path,
+                             connect=connect, **kw)
+        self.ports.append(port)
+        self.fabric.members.append(port)
+        return port
+
+    def add_echo_port(self, path: str, *, name: str | None = None, **kw: Any) -> VhostUserPort:
+        """Add an echo port: a vhost-user NIC that reflects every frame to its sender.
+
+        Raises:
+            ValueError, OSError, VhostUserError: as :meth:`add_vhost_user_port`.
+        """
+        self._check_path(path)
+        port = VhostUserPort(self, self._name(name, "echo"), path, echo=True, **kw)
+        self.ports.append(port)
+        return port
+
+    def add_tap_port(self, ifname: str, *, name: str | None = None, up: bool = True) -> TapPort:
+        """Add a kernel tap interface (created if absent; needs root).
+
+        Raises:
+            ValueError: bad or duplicate name.
+            OSError: no permission or no /dev/net/tun.
+        """
+        port = TapPort(self, self._name(name, ifname), ifname, up=up)
+        self.ports.append(port)
+        self.fabric.members.append(port)
+        return port
+
+    def remove_port(self, port: Port) -> None:
+        """Close a port and forget it."""
+        port.close()
+        self.port_down(port)
+        if port in self.ports:
+            self.ports.remove(port)
+        if port in self.fabric.members:
+            self.fabric.members.remove(port)
+
+    def port(self, name: str) -> Port:
+        """The port called ``name``.
+
+        Raises:
+            KeyError: no such port.
+        """
+        for p in self.ports:
+            if p.name == name:
+                return p
+        raise KeyError(f"no port named {name!r}")
+
+    # -- forwarding -----------------------------------------------------------------------
+    def forward(
+        self,
+        src: Port,
+        frames: list[memoryview],
+        hdrs: list[bytes | None] | None,
+        pair: int = 0,
+    ) -> None:
+        """Switch a burst of frames that arrived on ``src`` (the hot path).
+
+        The fabric learns every source address and stages each frame for its output
+        port(s); each output port then gets its frames in one call (one receive burst).
+        Frames are copied into the output ports before this returns; vhost-user ports
+        hold them back until :meth:`commit`.
+        """
+        touched = self.fabric.forward(src, frames, hdrs, time.monotonic())
+        for p in touched:
+            try:
+                p.send(p.out, p.staged_hdrs(), pair)
+            finally:
+                p.clear_out()
+        touched.clear()
+
+    def announce(self, src: Port, mac: bytes) -> None:
+        """SEND_RARP: learn ``mac`` on ``src`` and flood a RARP announcement from it."""
+        self.fabric.learn(src, mac, time.monotonic())
+        src.counters.rx_frames += 1
+        frame = build_rarp(bytes(mac))
+        src.counters.rx_bytes += len(frame)
+        self.forward(src, [memoryview(frame)], None, 0)
+        self.commit()
+        log.info("%s: RARP announcement for %s", src.name, format_mac(bytes(mac)))
+
+    def port_down(self, port: Port) -> None:
+        """Forget every address learned on ``port`` (its front-end went away)."""
+        self.fabric.forget_member(port)
+
+    def _age(self) -> None:
+        self._aging_timer = None
+        if self._closed:
+            return
+        self.fabric.age(time.monotonic())
+        self._aging_timer = self.reactor.call_later(min(self.aging / 4, 10.0), self._age)
+
+    def to_publish(self, port: Port) -> None:
+        """``port`` holds delivered frames back until :meth:`commit`."""
+        if port not in self._unpublished:
+            self._unpublished.append(port)
+
+    def commit(self) -> None:
+        """Publish every frame delivered since the last commit. Called once the frames'
+        sources gave their buffers back (after a transmit burst completed, or after a tap
+        read), so a frame never reaches its receiver while its sender's buffer is still
+        busy: in a loop (A -> switch -> B -> A) the sender would otherwise find its ring
+        full and drop the frame for good."""
+        pending = self._unpublished
+        if not pending:
+            return
+        try:
+            for p in pending:
+                p.publish()
+        finally:
+            pending.clear()
+
+    # -- state ------------------------------------------------------------------------------
+    def mac_table(self) -> list[dict[str, Any]]:
+        """Learned addresses: mac, port name, age in seconds."""
+        return [{"mac": format_mac(m), "port": port.name, "age": round(age, 1)}
+                for m, port, age in self.fabric.table(time.monotonic())]
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-ready snapshot: every port with its counters, and switch totals."""
+        return {
+            "time": time.time(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "mode": "busy-poll" if self.busy_poll else "event",
+            "macs": len(self.macs),
+            "flooded": self.flooded,
+            "filtered": self.filtered,
+            "learn_refused": self.learn_refused,
+            "ports": [p.info() for p in self.ports],
+        }
+
+    def close(self) -> None:
+        """Close every port (sockets removed, taps closed) and stop polling. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._aging_timer is not None:
+            self._aging_timer.cancel()
+            self._aging_timer = None
+        for p in self.ports:
+            try:
+                p.close()
+            except Exception:  # keep closing the others
+                log.exception("closing port %s", p.name)
+        self.macs.clear()
+
+
+class SwitchThread(ReactorThread):
+    """A :class:`Switch` on its own reactor thread, for tests and embedding.
+
+    ``setup(switch)`` runs on the reactor thread before the loop starts (add ports there).
+    Everything else touching the switch must go through :meth:`call`. Use as a context
+    manager; leaving it closes every port and joins the thread.
+    """
+
+    thread_name = "vhost-user switch"
+
+    def __init__(self, setup: Callable[[Switch], object] | None = None, **switch_kw: Any) -> None:
+        super().__init__()
+        self.setup = setup
+        self.switch_kw = switch_kw
+        self.switch: Switch | None = None
+
+    def _build(self, reactor: Reactor) -> Callable[[], None]:
+        sw = Switch(reactor, **self.switch_kw)
+        self.switch = sw
+        try:
+            if self.setup is not None:
+                self.setup(sw)
+        except BaseException:
+            sw.close()
+            raise
+        return sw.close
+
+    def stats(self) -> dict[str, Any]:
+        """:meth:`Switch.stats`, taken on the reactor thread."""
+        sw = self.switch
+        if sw is None:
+            return {}
+        return self.call(sw.stats)
