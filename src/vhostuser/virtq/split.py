@@ -19,6 +19,7 @@ Shared-memory discipline (DESIGN.md "Memory ordering", SECURITY.md "Rings"):
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Sequence
 from typing import Final, Generic, NoReturn, TypeVar
 
@@ -56,6 +57,14 @@ _DESC_UNPACK: Final = _DESC.unpack_from
 _DESC_PACK: Final = _DESC.pack_into
 
 T = TypeVar("T")
+
+#: The device ring's state block (``SplitDeviceRing.state``): an ``array('q')`` of these
+#: fields, shared by the Python engine and the compiled one (``vhostuser._fastpath``):
+#: the next avail index to take, the used index to write next, chains in flight, used
+#: elements written but not published (0/1), pushed since the last notification check (0/1).
+STATE_FIELDS: Final = ("next_avail", "used_idx", "in_flight", "held", "pushed")
+_NA, _UI, _IF, _HELD, _PUSHED = range(5)
+STATE_LEN: Final = 8  # room to grow without changing the compiled engine's checks
 
 
 def split_layout(size: int, base_gpa: int = 0) -> tuple[int, int, int, int]:
@@ -125,21 +134,17 @@ class SplitDeviceRing:
         "_chains",
         "_desc",
         "_event_idx",
-        "_held",
-        "_in_flight",
         "_indirect",
         "_mask",
         "_mem",
         "_name",
-        "_next_avail",
-        "_pushed",
         "_signalled_used",
         "_signalled_valid",
         "_size",
+        "_st",
         "_used_event_i",
         "_used_gpa",
         "_used_h",
-        "_used_idx",
         "_used_w",
     )
 
@@ -178,14 +183,15 @@ class SplitDeviceRing:
         self._used_gpa = used_gpa
         self._used_event_i = 2 + size  # avail->used_event, in 16-bit units
         self._avail_event_i = 2 + 4 * size  # used->avail_event, in 16-bit units
-        self._next_avail = next_avail
-        self._used_idx: int = self._used_h[1]  # resume: one aligned 16-bit read
+        # The ring's mutable indices live in one small block (STATE_FIELDS) that the
+        # compiled engine reads and writes too; resume used.idx with one 16-bit read.
+        self._st = array("q", bytes(8 * STATE_LEN))
+        self._st[_NA] = next_avail
+        self._st[_UI] = self._used_h[1]
         self._chains: list[Chain | None] = [None] * size
-        self._in_flight = 0
         self._broken: str | None = None
-        self._pushed = False
-        self._held = False  # used elements written past the published used.idx
-        self._signalled_used = self._used_idx
+        # _HELD: used elements written past the published used.idx (push(publish=False)).
+        self._signalled_used = self._st[_UI]
         self._signalled_valid = False
 
     # -- state --------------------------------------------------------------------------
@@ -200,23 +206,38 @@ class SplitDeviceRing:
         return self._broken
 
     @property
+    def state(self) -> array[int]:
+        """The state block (see :data:`STATE_FIELDS`), for the compiled engine."""
+        return self._st
+
+    @property
+    def avail_area(self) -> memoryview:
+        """The available ring as 16-bit items (flags, idx, ring..., used_event)."""
+        return self._avail_h
+
+    @property
+    def used_area(self) -> memoryview:
+        """The used ring as 16-bit items (flags, idx, elements..., avail_event)."""
+        return self._used_h
+
+    @property
     def in_flight(self) -> int:
         """Chains popped and not yet pushed."""
-        return self._in_flight
+        return self._st[_IF]
 
     @property
     def next_avail(self) -> int:
         """The next avail index to process (16 bits)."""
-        return self._next_avail
+        return self._st[_NA]
 
     @property
     def used_idx(self) -> int:
         """The used index this ring will publish next (16 bits)."""
-        return self._used_idx
+        return self._st[_UI]
 
     def base(self) -> int:
         """GET_VRING_BASE ``num`` for a split ring: the next avail index, low 16 bits."""
-        return self._next_avail & 0xFFFF
+        return self._st[_NA] & 0xFFFF
 
     def mark_broken(self, reason: str) -> None:
         """Stop the queue (a guest fault found by a device handler). The first reason wins."""
@@ -235,7 +256,7 @@ class SplitDeviceRing:
         if old._size != self._size:
             raise ValueError(f"{self._name}: cannot adopt a ring of size {old._size}")
         self._chains = list(old._chains)
-        self._in_flight = old._in_flight
+        self._st[_IF] = old._st[_IF]
 
     def _fail(self, msg: str) -> NoReturn:
         reason = f"{self._name}: {msg}"
@@ -257,7 +278,7 @@ class SplitDeviceRing:
         """
         if self._broken is not None:
             return 0
-        return (self._avail_h[1] - self._next_avail) & 0xFFFF
+        return (self._avail_h[1] - self._st[_NA]) & 0xFFFF
 
     def pop(self, budget: int) -> list[Chain]:
         """Take up to ``budget`` available chains.
@@ -277,7 +298,7 @@ class SplitDeviceRing:
         # virtio 1.2 2.7.13.3: read avail.idx (one aligned 16-bit load) before the ring
         # entries it covers; x86-64 keeps load->load order, so no fence (barrier.py).
         avail_idx: int = avail_h[1]
-        nxt = self._next_avail
+        nxt = self._st[_NA]
         pending = (avail_idx - nxt) & 0xFFFF
         if not pending:
             return []
@@ -305,8 +326,8 @@ class SplitDeviceRing:
             chains[head] = chain
             out.append(chain)
             nxt = (nxt + 1) & 0xFFFF
-            self._next_avail = nxt
-            self._in_flight += 1
+            self._st[_NA] = nxt
+            self._st[_IF] += 1
             desc_budget -= chain.ring_descs
             if desc_budget <= 0:
                 break
@@ -337,9 +358,9 @@ class SplitDeviceRing:
                 )
             chain = self._walk(h)
             chains[h] = chain
-            self._in_flight += 1
+            self._st[_IF] += 1
             out.append(chain)
-        self._next_avail = next_avail
+        self._st[_NA] = next_avail
         return out
 
     def _walk(self, head: int) -> Chain:
@@ -473,7 +494,7 @@ class SplitDeviceRing:
         the caller must then :meth:`pop`, which reports the fault.
         """
         avail_h = self._avail_h
-        nxt = self._next_avail
+        nxt = self._st[_NA]
         # One aligned 16-bit load of avail.idx, before the entries it covers (load->load).
         pending = (avail_h[1] - nxt) & 0xFFFF
         size = self._size
@@ -489,7 +510,7 @@ class SplitDeviceRing:
             heads = avail_h[2 + s : 2 + size].tolist() + avail_h[2 : 2 + s + n - size].tolist()
         if max(heads) >= size or len(set(heads)) != n:
             return None
-        if self._in_flight:
+        if self._st[_IF]:
             chains = self._chains
             if any(chains[h] is not None for h in heads):
                 return None
@@ -507,7 +528,7 @@ class SplitDeviceRing:
         if not taken:
             return
         size = self._size
-        start = self._used_idx
+        start = self._st[_UI]
         s = start & (size - 1)
         used_w = self._used_w
         first = size - s if s + taken > size else taken
@@ -515,8 +536,8 @@ class SplitDeviceRing:
         if first < taken:
             _used_struct(taken - first).pack_into(used_w, 4, *used[2 * first : 2 * taken])
         u = (start + taken) & 0xFFFF
-        self._used_idx = u
-        self._next_avail = (self._next_avail + taken) & 0xFFFF
+        self._st[_UI] = u
+        self._st[_NA] = (self._st[_NA] + taken) & 0xFFFF
         mark = self._mem.mark_dirty
         gpa = self._used_gpa
         mark(gpa + 4 + 8 * s, 8 * first)
@@ -524,11 +545,11 @@ class SplitDeviceRing:
             mark(gpa + 4, 8 * (taken - first))
         if publish:
             self._used_h[1] = u  # one aligned 16-bit store, after the elements (store->store)
-            self._held = False
-            self._pushed = True
+            self._st[_HELD] = 0
+            self._st[_PUSHED] = 1
             mark(gpa + 2, 2)
         else:
-            self._held = True
+            self._st[_HELD] = 1
 
     # -- returning used buffers ---------------------------------------------------------
     def push(self, elems: Sequence[tuple[int, int]], *, publish: bool = True) -> None:
@@ -556,7 +577,7 @@ class SplitDeviceRing:
         mask = self._mask
         size = self._size
         mark = self._mem.mark_dirty
-        start = idx = self._used_idx
+        start = idx = self._st[_UI]
         error: str | None = None
         for head, written in elems:
             chain = chains[head] if 0 <= head < size else None
@@ -586,16 +607,16 @@ class SplitDeviceRing:
             idx = (idx + 1) & 0xFFFF
         n = (idx - start) & 0xFFFF
         if n:
-            self._used_idx = idx
-            self._in_flight -= n
+            self._st[_UI] = idx
+            self._st[_IF] -= n
             if publish:
                 # Used elements (and the buffer contents written by the handler) are stored
                 # before used.idx: program order + x86-64 store->store order (barrier.py).
                 self._used_h[1] = idx  # one aligned 16-bit store
-                self._held = False
-                self._pushed = True
+                self._st[_HELD] = 0
+                self._st[_PUSHED] = 1
             else:
-                self._held = True
+                self._st[_HELD] = 1
             used_gpa = self._used_gpa
             s = start & mask
             if s + n <= size:
@@ -610,17 +631,17 @@ class SplitDeviceRing:
     @property
     def held(self) -> bool:
         """True if used elements were written with ``publish=False`` and not published."""
-        return self._held
+        return bool(self._st[_HELD])
 
     def publish(self) -> None:
         """Store ``used.idx`` for every element written with ``publish=False``, in one
         aligned 16-bit store after them (virtio 1.2 2.7.8.2; store->store, barrier.py).
         Nothing happens when nothing is held or the ring is broken."""
-        if not self._held or self._broken is not None:
+        if not self._st[_HELD] or self._broken is not None:
             return
-        self._used_h[1] = self._used_idx
-        self._held = False
-        self._pushed = True
+        self._used_h[1] = self._st[_UI]
+        self._st[_HELD] = 0
+        self._st[_PUSHED] = 1
         self._mem.mark_dirty(self._used_gpa + 2, 2)
 
     def should_notify(self) -> bool:
@@ -630,14 +651,14 @@ class SplitDeviceRing:
         without it, unless ``VRING_AVAIL_F_NO_INTERRUPT`` is set. False when nothing was
         pushed since the last call, or the ring is broken. Never raises.
         """
-        if not self._pushed or self._broken is not None:
+        if not self._st[_PUSHED] or self._broken is not None:
             return False
-        self._pushed = False
+        self._st[_PUSHED] = 0
         # Full barrier: orders the used.idx store in push() before the loads of
         # avail.flags / used_event below (store->load; barrier.py).
         full_barrier()
         if self._event_idx:
-            new = self._used_idx
+            new = self._st[_UI]
             old = self._signalled_used
             self._signalled_used = new
             if not self._signalled_valid:
@@ -669,7 +690,7 @@ class SplitDeviceRing:
         if self._broken is not None:
             return False
         if self._event_idx:
-            self._used_h[self._avail_event_i] = self._next_avail
+            self._used_h[self._avail_event_i] = self._st[_NA]
             self._mem.mark_dirty(self._used_gpa + 4 + 8 * self._size, 2)
         else:
             self._used_h[0] = 0
@@ -677,7 +698,7 @@ class SplitDeviceRing:
         # Full barrier: orders the flags/avail_event store above before the avail.idx load
         # below, or a buffer published in between would get no kick (store->load).
         full_barrier()
-        return self._avail_h[1] != self._next_avail
+        return self._avail_h[1] != self._st[_NA]
 
 
 class SplitDriverRing(Generic[T]):
