@@ -13,6 +13,7 @@ import time
 from typing import Any, TextIO
 
 from ..devices.net import DEFAULT_MTU, parse_mac
+from ..engine import ENGINES, ENV
 from ..errors import VhostUserError
 from ..io.reactor import Reactor
 from ..switch import DEFAULT_AGING, Switch
@@ -49,6 +50,9 @@ examples:
 
   # DPDK: virtio-user txonly -> switch -> virtio-user rxonly, busy-polling
   vhost-user switch --busy-poll --port /tmp/a.sock --port /tmp/b.sock
+
+  # the same with the pure-Python burst engine (default: compiled when it was built)
+  vhost-user switch --engine python --port /tmp/a.sock --port /tmp/b.sock
 
   # an echo port for vhost-user pktgen, counters as JSON lines every second
   vhost-user switch --echo /tmp/echo.sock --stats-json - --stats-interval 1
@@ -131,6 +135,9 @@ def add_parser(sub: Any) -> None:
     o.add_argument("--busy-poll", action="store_true",
                    help="spin over the transmit queues with kicks suppressed (one CPU at "
                         "100%%, highest rate) instead of sleeping until kicked")
+    o.add_argument("--engine", choices=ENGINES, default=None,
+                   help="burst engine: compiled (C, when built at install), python, or auto "
+                        f"(compiled when built; default ${ENV} or auto)")
     o.add_argument("--aging", type=float, default=DEFAULT_AGING, metavar="SECONDS",
                    help=f"forget a MAC address after this long without traffic "
                         f"(default {DEFAULT_AGING:g})")
@@ -173,7 +180,8 @@ def render_table(stats: dict[str, Any], prev: dict[str, Any] | None, dt: float) 
     """The live counter table (one line per port, rates since ``prev``)."""
     prev_ports = {p["name"]: p for p in prev["ports"]} if prev else {}
     lines = [
-        f"vhost-user switch  {stats['mode']}  up {stats['uptime']:.0f}s  "
+        f"vhost-user switch  {stats['mode']}  {stats.get('engine', '')} engine  "
+        f"up {stats['uptime']:.0f}s  "
         f"macs {stats['macs']}  flooded {stats['flooded']}",
         f"{'port':10} {'kind':10} {'link':4} {'rx pkts':>10} {'rx pps':>8} "
         f"{'tx pkts':>10} {'tx pps':>8} {'drops':>8}  detail",
@@ -238,7 +246,8 @@ def build_switch(reactor: Reactor, args: argparse.Namespace) -> Switch:
         ValueError: a bad port option; OSError/VhostUserError: a port could not start.
         Ports already created are closed before the error propagates.
     """
-    sw = Switch(reactor, aging=args.aging, max_macs=args.max_macs, busy_poll=args.busy_poll)
+    sw = Switch(reactor, aging=args.aging, max_macs=args.max_macs, busy_poll=args.busy_poll,
+                engine=args.engine)
     common = {"mtu": args.mtu, "queue_pairs": args.queue_pairs, "offloads": args.offloads}
     try:
         for spec in args.port:
@@ -299,8 +308,8 @@ def run(args: argparse.Namespace) -> int:
             mode = info.get("mode", "")
             print(f"vhost-user switch: port {p.name} ({p.kind}{' ' + mode if mode else ''}) "
                   f"{where}", flush=True)
-        print(f"vhost-user switch: {'busy-polling' if args.busy_poll else 'running'}; "
-              "SIGINT/SIGTERM to stop", flush=True)
+        print(f"vhost-user switch: {'busy-polling' if args.busy_poll else 'running'} with the "
+              f"{sw.engine} engine; SIGINT/SIGTERM to stop", flush=True)
     # Our handler stays until the end: a second signal during clean-up is absorbed
     # rather than interrupting it (the sockets must be removed).
     with stop_on_signals(reactor) as got:

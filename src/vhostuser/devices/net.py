@@ -379,6 +379,10 @@ _GSO_FEATURE = {
 _MAX_QUEUE_SIZE = 32768
 
 
+#: See ``VirtioNetDevice.accelerator``.
+Accelerator = Callable[["VirtioNetDevice", int, SplitDeviceRing, int], int]
+
+
 class VirtioNetDevice(Device):
     """The back-end of one virtio-net NIC (see the module docstring).
 
@@ -459,6 +463,10 @@ class VirtioNetDevice(Device):
         self._last_region: tuple[int, int, memoryview, int] = _NO_REGION
         self._mark_dirty: Callable[[int, int], None] | None = None
         self._zero_done = [(h, 0) for h in range(256)]
+        self.accelerator: Accelerator | None = None
+        """A compiled transmit burst (set by the switch when the compiled engine runs):
+        ``accelerator(dev, index, ring, budget)`` returns the chains it took, or -1 when
+        the Python engine must take the next chain."""
 
     # -- negotiation --------------------------------------------------------------------
     def _set_features(self, features: int) -> None:
@@ -690,6 +698,12 @@ class VirtioNetDevice(Device):
         """
         try:
             if self.fast_path and enabled and index & 1 and type(ring) is SplitDeviceRing:
+                accel = self.accelerator
+                if accel is not None and self._mark_dirty is None:
+                    n = accel(self, index, ring, budget)
+                    if n >= 0:
+                        return BurstResult(n, n, bool(n) and ring.should_notify(),
+                                           ring.broken)
                 n = self._tx_fast(index, ring, budget)
                 if n >= 0:
                     return BurstResult(n, n, bool(n) and ring.should_notify(), ring.broken)
@@ -811,6 +825,40 @@ class VirtioNetDevice(Device):
                 sub_h = None if hdrs is None else [hdrs[i] for i in idxs]
                 total += self._deliver_pair(pairs[k], sub_f, sub_h, defer)
         return total
+
+    # -- what the compiled engine needs ------------------------------------------------------
+    def compiled_tx_source(self, ring: SplitDeviceRing) -> tuple[Any, ...]:
+        """The transmit side of ``vhostuser._fastpath.split_forward``: the ring's state
+        block and areas, the regions, and the header and frame length limits."""
+        hl = self.hdr_len
+        return (ring.state, ring.descriptor_table, ring.avail_area, ring.used_area, ring.size,
+                self._regions, hl, hl + ETH_HLEN, hl + self._max_frame)
+
+    def compiled_rx_target(self) -> tuple[Any, ...] | None:
+        """The receive side of ``split_forward`` for this NIC, or None when the compiled
+        engine cannot deliver here (the Python engine then does): not exactly one receive
+        pair up, a packed ring, receive chains held back, or a dirty log to keep."""
+        pairs = self._rx_pairs
+        if len(pairs) != 1 or self._mark_dirty is not None:
+            return None
+        pair = pairs[0]
+        ring = self._rx_ring(pair)
+        if type(ring) is not SplitDeviceRing or self._carry[pair]:
+            return None
+        return (ring.state, ring.descriptor_table, ring.avail_area, ring.used_area, ring.size,
+                self._regions, self._plain_hdr)
+
+    def compiled_delivered(self, frames: int, nbytes: int, no_buffer: int) -> None:
+        """Count what ``split_forward`` delivered here and queue its publication."""
+        counters = self.counters
+        counters.tx_frames += frames
+        counters.tx_bytes += nbytes
+        if no_buffer:
+            counters.drop("no_rx_buffer", no_buffer)
+        if frames:
+            idx = 2 * self._rx_pairs[0]
+            if idx not in self._unpublished:
+                self._unpublished.append(idx)
 
     def publish_rx(self) -> None:
         """Publish every receive queue's used buffers held back by ``deliver(defer=True)``

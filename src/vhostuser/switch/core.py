@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..devices.net import build_rarp, format_mac
+from .. import engine as engines
+from ..devices.net import VirtioNetDevice, build_rarp, format_mac
 from ..io.reactor import Reactor, Timer
 from ..io.thread import ReactorThread
 from .fabric import DEFAULT_AGING, DEFAULT_MAX_MACS, Fabric
@@ -43,6 +44,12 @@ class Switch:
         max_macs: most addresses learned at once.
         busy_poll: spin over transmit queues instead of sleeping on kicks.
         mac_prefix: first three bytes of the MACs given to ports without one.
+        engine: ``auto``, ``python`` or ``compiled`` (see :mod:`vhostuser.engine`; None:
+            ``$VHOSTUSER_ENGINE``, else auto).
+
+    Raises:
+        ValueError: bad aging or table size; EngineUnavailableError (a ValueError) for an
+            engine that is unknown or not built.
     """
 
     def __init__(
@@ -53,8 +60,12 @@ class Switch:
         max_macs: int = DEFAULT_MAX_MACS,
         busy_poll: bool = False,
         mac_prefix: bytes = b"\x52\x54\x00",
+        engine: str | None = None,
     ) -> None:
         self.fabric = Fabric(aging=aging, max_macs=max_macs)
+        self.engine = engines.select(engine)
+        """The burst engine that runs: ``python`` or ``compiled``."""
+        self._fp = engines.compiled() if self.engine == "compiled" else None
         self.reactor = reactor
         self.aging = aging
         self.max_macs = max_macs
@@ -219,6 +230,50 @@ class Switch:
         self.fabric.age(time.monotonic())
         self._aging_timer = self.reactor.call_later(min(self.aging / 4, 10.0), self._age)
 
+    def compiled_burst(self, port: Port, dev: VirtioNetDevice, index: int, ring: Any,
+                       budget: int) -> int:
+        """One transmit burst of ``port`` through the compiled engine: frames are switched
+        straight from the transmit ring into the destinations' receive rings (published at
+        :meth:`commit`). Returns the chains taken, or -1 when the Python engine must take
+        the next chain (a layout, a destination or a state the compiled engine leaves to
+        it)."""
+        fp = self._fp
+        if fp is None:
+            return -1
+        fabric = self.fabric
+        members = [m for m in fabric.members if m is not port]
+        if len(members) > 64:
+            return -1
+        dsts = [m.compiled_target() for m in members]
+        flood = tuple(range(len(members)))
+        index_of = {id(m): i for i, m in enumerate(members)}
+        now = time.monotonic()
+        fabric_decide = fabric.decide
+
+        def decide(key: bytes) -> tuple[tuple[int, ...], int]:
+            out = fabric_decide(port, key, now)
+            if out is None:
+                return flood, 1
+            if out is port:
+                return (), 2
+            return (index_of[id(out)],), 0
+
+        taken, rx_bytes, flooded, filtered, per, stop = fp.split_forward(
+            dev.compiled_tx_source(ring), dsts, decide, budget)
+        if taken:
+            port.counters.rx_frames += taken
+            port.counters.rx_bytes += rx_bytes
+            fabric.flooded += flooded
+            fabric.filtered += filtered
+        for m, (frames, nbytes, nobuf) in zip(members, per, strict=True):
+            if frames or nobuf:
+                m.compiled_delivered(frames, nbytes, nobuf)
+                if frames:
+                    self.to_publish(m)
+        if taken:
+            return int(taken)
+        return 0 if stop == "empty" else -1
+
     def to_publish(self, port: Port) -> None:
         """``port`` holds delivered frames back until :meth:`commit`."""
         if port not in self._unpublished:
@@ -251,6 +306,7 @@ class Switch:
             "time": time.time(),
             "uptime": round(time.monotonic() - self.started, 3),
             "mode": "busy-poll" if self.busy_poll else "event",
+            "engine": self.engine,
             "macs": len(self.macs),
             "flooded": self.flooded,
             "filtered": self.filtered,

@@ -99,7 +99,7 @@ class Fabric:
         output member(s); return the members touched, each with its ``out`` lists filled
         (the caller delivers and then calls ``clear_out``; the list is reused).
         """
-        macs = self.macs
+        decide = self.decide
         touched = self._touched
         touched.clear()
         members = self.members
@@ -114,22 +114,7 @@ class Fabric:
                 # A new (destination, source) pair: learn and decide; repeats in the burst
                 # (the usual case) reuse the decision.
                 last_key = key
-                dst, smac = _unpack_macs(key)
-                e = macs.get(smac)
-                if e is None:
-                    if not smac[0] & 1:  # a group address is never a source (802.1D 7.8)
-                        if len(macs) < self.max_macs:
-                            macs[smac] = [src, now]
-                        else:
-                            self.learn_refused += 1
-                else:
-                    e[0] = src  # refreshed, or the station moved
-                    e[1] = now
-                last_out = None
-                if not dst[0] & 1:
-                    d = macs.get(dst)
-                    if d is not None:
-                        last_out = d[0]
+                last_out = decide(src, key, now)
             out = last_out
             if out is src:
                 filtered += 1
@@ -164,6 +149,29 @@ class Fabric:
         self.flooded += flood_n
         self.filtered += filtered
         return touched
+
+    def decide(self, src: Any, key: bytes, now: float) -> Any:
+        """Learn the source of a frame whose first 12 bytes are ``key`` (destination,
+        source) from ``src``; return where it goes: a member, None to flood, or ``src``
+        itself when it is to be filtered. The compiled engine calls this once per distinct
+        key of a burst; :meth:`forward` makes the same decision inline."""
+        dst, smac = _unpack_macs(key)
+        macs = self.macs
+        e = macs.get(smac)
+        if e is None:
+            if not smac[0] & 1:  # a group address is never a source (802.1D 7.8)
+                if len(macs) < self.max_macs:
+                    macs[smac] = [src, now]
+                else:
+                    self.learn_refused += 1
+        else:
+            e[0] = src
+            e[1] = now
+        if not dst[0] & 1:
+            d = macs.get(dst)
+            if d is not None:
+                return d[0]
+        return None
 
     def learn(self, member: Any, mac: bytes, now: float) -> None:
         """Learn ``mac`` on ``member`` whatever the table holds (a RARP announcement)."""

@@ -15,6 +15,7 @@ its sender got the transmit buffer back (see ``FrameSink.commit``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -62,6 +63,14 @@ class Port(Member):
     def publish(self) -> None:
         """Make what :meth:`send` delivered visible to the receiver (ports that copy
         straight into a receive ring hold it back until :meth:`Switch.commit`)."""
+
+    def compiled_target(self) -> tuple[Any, ...] | None:
+        """Where the compiled engine may copy frames for this port, or None (frames for
+        it then go through the Python engine, which also counts their drops)."""
+        return None
+
+    def compiled_delivered(self, frames: int, nbytes: int, no_buffer: int) -> None:
+        """Count what the compiled engine delivered to :meth:`compiled_target`."""
 
     def __init__(self, switch: Switch, name: str) -> None:
         super().__init__(name)
@@ -144,11 +153,25 @@ class VhostUserPort(Port):
         )
 
     def _make_device(self) -> VirtioNetDevice:
-        return VirtioNetDevice(
+        dev = VirtioNetDevice(
             self._echo_sink if self.echo else self,
             mac=self.mac, mtu=self.mtu, queue_pairs=self.queue_pairs, offloads=self.offloads,
             offer_config=self.offer_config, counters=self.counters, name=self.name,
         )
+        if self.switch.engine == "compiled" and not self.echo:
+            dev.accelerator = functools.partial(self.switch.compiled_burst, self)
+        return dev
+
+    def compiled_target(self) -> tuple[Any, ...] | None:
+        """The receive ring of the attached NIC, when the compiled engine can use it."""
+        dev = self.device
+        return None if dev is None else dev.compiled_rx_target()
+
+    def compiled_delivered(self, frames: int, nbytes: int, no_buffer: int) -> None:
+        """Counters and publication for what the compiled engine delivered."""
+        dev = self.device
+        if dev is not None:
+            dev.compiled_delivered(frames, nbytes, no_buffer)
 
     def _on_session(self, s: BackendSession) -> None:
         # BackendServer has no "session closed" hook of its own: chain ours in front.

@@ -1,0 +1,523 @@
+/*
+ * vhostuser._fastpath - the compiled burst engine (optional).
+ *
+ * One function, split_forward(), does for a burst of a split transmit ring what the
+ * pure-Python fast path does frame by frame: take the chains the driver made available,
+ * validate each descriptor, ask the switch fabric where frames go (once per distinct
+ * destination/source address pair, through a Python callable), copy each frame into the
+ * destination receive rings, write the used elements, and publish the transmit ring's
+ * used.idx. The receive rings' used.idx is NOT published here: the caller publishes it
+ * after this returns (a frame must not reach its receiver before its sender has its
+ * transmit buffer back).
+ *
+ * It handles only the common layout, exactly like the Python fast path: a transmit chain
+ * of ONE descriptor with no flags, a receive chain of ONE descriptor with only WRITE, each
+ * buffer inside one memory region, no offload fields in the header, no chains already in
+ * flight on either ring. At the first chain that is anything else it stops and returns
+ * what it did; the Python engine then takes that chain (and reports guest faults). So the
+ * bounds and loop checks of the ring engine stay in one place, and this function never
+ * makes a ring broken or raises for guest data.
+ *
+ * Ring state lives in the rings' state blocks (array('q'), see virtq/split.py
+ * STATE_FIELDS); this function reads and updates them in place.
+ *
+ * Memory ordering (virtio 1.2 2.7.13 / 2.7.8.2): avail.idx is read with an acquire load
+ * before the ring entries it covers; buffer contents and used elements are stored before
+ * used.idx, which is stored with a release store. No full barrier is needed here: the
+ * notification checks (store->load) are done by the caller after publishing.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ST_NA 0
+#define ST_UI 1
+#define ST_IF 2
+#define ST_HELD 3
+#define ST_PUSHED 4
+#define ST_MIN 5
+
+#define DESC_F_WRITE 2
+#define HDR_F_NEEDS_CSUM 1
+#define MAX_REGIONS 512
+#define MAX_DSTS 64
+#define MAX_QUEUE 32768
+
+typedef struct {
+    uint64_t g0, g1;    /* guest-physical range [g0, g1) */
+    uint8_t *base;      /* host address of guest byte g0 */
+} region_t;
+
+typedef struct {
+    Py_buffer bufs[MAX_REGIONS];
+    region_t r[MAX_REGIONS];
+    int n;
+    int last;
+} regions_t;
+
+typedef struct {
+    Py_buffer st_b, desc_b, avail_b, used_b;
+    int64_t *st;
+    uint8_t *desc;
+    uint16_t *avail;
+    uint8_t *used;
+    uint32_t size, mask;
+    int have;           /* buffers acquired */
+} ring_t;
+
+typedef struct {
+    ring_t ring;
+    regions_t *regs;
+    const uint8_t *hdr; /* the receive header for a plain frame */
+    Py_ssize_t hl;
+    int ok;             /* a spec was given (None: frames to it stop the burst) */
+    int64_t frames, bytes, nobuf;
+    uint32_t taken;     /* receive chains used in this call */
+    uint8_t *seen;      /* heads used in this call (size bits) */
+} dst_t;
+
+static void regions_release(regions_t *rg) {
+    for (int i = 0; i < rg->n; i++)
+        PyBuffer_Release(&rg->bufs[i]);
+    rg->n = 0;
+}
+
+/* regions: a sequence of (gpa_start, gpa_end, buffer, mmap_offset). */
+static int regions_load(regions_t *rg, PyObject *seq) {
+    rg->n = 0;
+    rg->last = 0;
+    PyObject *fast = PySequence_Fast(seq, "regions must be a sequence");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > MAX_REGIONS) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%zd regions, more than %d", n, MAX_REGIONS);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(fast, i);
+        unsigned long long g0, g1, off;
+        PyObject *buf;
+        if (!PyArg_ParseTuple(t, "KKOK", &g0, &g1, &buf, &off))
+            goto fail;
+        if (PyObject_GetBuffer(buf, &rg->bufs[rg->n], PyBUF_WRITABLE) < 0)
+            goto fail;
+        rg->n++;
+        Py_buffer *b = &rg->bufs[rg->n - 1];
+        if (g1 < g0 || off > (unsigned long long)b->len
+                || g1 - g0 > (unsigned long long)b->len - off) {
+            PyErr_Format(PyExc_ValueError, "region %zd: %llx..%llx at offset %llu does not "
+                         "fit its %zd-byte mapping", i, g0, g1, off, b->len);
+            goto fail;
+        }
+        rg->r[rg->n - 1].g0 = g0;
+        rg->r[rg->n - 1].g1 = g1;
+        rg->r[rg->n - 1].base = (uint8_t *)b->buf + off;
+    }
+    Py_DECREF(fast);
+    return 0;
+fail:
+    Py_DECREF(fast);
+    regions_release(rg);
+    return -1;
+}
+
+/* Host address of guest range [a, a+len) inside one region, or NULL. */
+static inline uint8_t *translate(regions_t *rg, uint64_t a, uint64_t len) {
+    region_t *r = &rg->r[rg->last];
+    if (rg->n && a >= r->g0 && a <= r->g1 && len <= r->g1 - a)
+        return r->base + (a - r->g0);
+    for (int i = 0; i < rg->n; i++) {
+        r = &rg->r[i];
+        if (a >= r->g0 && a <= r->g1 && len <= r->g1 - a) {
+            rg->last = i;
+            return r->base + (a - r->g0);
+        }
+    }
+    return NULL;
+}
+
+static void ring_release(ring_t *r) {
+    if (r->have) {
+        PyBuffer_Release(&r->st_b);
+        PyBuffer_Release(&r->desc_b);
+        PyBuffer_Release(&r->avail_b);
+        PyBuffer_Release(&r->used_b);
+        r->have = 0;
+    }
+}
+
+/* (state, desc, avail, used, size) with the areas as SplitDeviceRing exposes them. */
+static int ring_load(ring_t *r, PyObject *st, PyObject *desc, PyObject *avail,
+                     PyObject *used, unsigned long size) {
+    memset(r, 0, sizeof(*r));
+    if (size == 0 || size > MAX_QUEUE || (size & (size - 1))) {
+        PyErr_Format(PyExc_ValueError, "queue size %lu is not a power of two in 1..32768",
+                     size);
+        return -1;
+    }
+    if (PyObject_GetBuffer(st, &r->st_b, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(desc, &r->desc_b, PyBUF_SIMPLE) < 0)
+        goto f1;
+    if (PyObject_GetBuffer(avail, &r->avail_b, PyBUF_SIMPLE) < 0)
+        goto f2;
+    if (PyObject_GetBuffer(used, &r->used_b, PyBUF_WRITABLE) < 0)
+        goto f3;
+    r->have = 1;
+    if (r->st_b.len < (Py_ssize_t)(ST_MIN * sizeof(int64_t))
+            || r->desc_b.len < (Py_ssize_t)(16 * size)
+            || r->avail_b.len < (Py_ssize_t)(4 + 2 * size)
+            || r->used_b.len < (Py_ssize_t)(4 + 8 * size)) {
+        PyErr_SetString(PyExc_ValueError, "ring areas or state block too small");
+        ring_release(r);
+        return -1;
+    }
+    r->st = (int64_t *)r->st_b.buf;
+    r->desc = (uint8_t *)r->desc_b.buf;
+    r->avail = (uint16_t *)r->avail_b.buf;
+    r->used = (uint8_t *)r->used_b.buf;
+    r->size = (uint32_t)size;
+    r->mask = (uint32_t)size - 1;
+    return 0;
+f3:
+    PyBuffer_Release(&r->avail_b);
+f2:
+    PyBuffer_Release(&r->desc_b);
+f1:
+    PyBuffer_Release(&r->st_b);
+    return -1;
+}
+
+static inline uint16_t load16_acquire(const uint16_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+static inline void store16_release(uint16_t *p, uint16_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
+static inline void put_used(uint8_t *used, uint32_t slot, uint32_t id, uint32_t len) {
+    uint32_t e[2] = {id, len};
+    memcpy(used + 4 + 8 * (size_t)slot, e, 8);
+}
+
+/* Where the next receive buffer of d is, for a frame of need bytes.
+   1: ptr/head set; 0: no buffer available (the frame is dropped: no_rx_buffer);
+   -1: a chain the Python engine must take (stop before this frame). */
+static int rx_peek(dst_t *d, uint64_t need, uint8_t **ptr, uint32_t *head) {
+    ring_t *r = &d->ring;
+    uint16_t na = (uint16_t)r->st[ST_NA];
+    uint16_t idx = load16_acquire(&r->avail[1]);
+    uint16_t pending = (uint16_t)(idx - na);
+    if (pending > r->size)
+        return -1;
+    if (pending == 0)
+        return 0;
+    uint32_t h = r->avail[2 + (na & r->mask)];
+    if (h >= r->size || (d->seen[h >> 3] & (1u << (h & 7))))
+        return -1;
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    const uint8_t *de = r->desc + 16 * (size_t)h;
+    memcpy(&addr, de, 8);
+    memcpy(&len, de + 8, 4);
+    memcpy(&flags, de + 12, 2);
+    if (flags != DESC_F_WRITE || len < need)
+        return -1;
+    uint8_t *p = translate(d->regs, addr, need);
+    if (p == NULL)
+        return -1;
+    *ptr = p;
+    *head = h;
+    return 1;
+}
+
+static PyObject *split_forward(PyObject *self, PyObject *args) {
+    PyObject *src_spec, *dsts_obj, *decide;
+    Py_ssize_t budget;
+    if (!PyArg_ParseTuple(args, "OOOn", &src_spec, &dsts_obj, &decide, &budget))
+        return NULL;
+    PyObject *s_st, *s_desc, *s_avail, *s_used, *s_regs;
+    unsigned long s_size;
+    Py_ssize_t hl, minlen, maxlen;
+    if (!PyArg_ParseTuple(src_spec, "OOOOkOnnn", &s_st, &s_desc, &s_avail, &s_used, &s_size,
+                          &s_regs, &hl, &minlen, &maxlen))
+        return NULL;
+    if (hl < 2 || minlen < hl + 12 || maxlen < minlen) {
+        PyErr_SetString(PyExc_ValueError, "bad header or frame length limits");
+        return NULL;
+    }
+    PyObject *dfast = PySequence_Fast(dsts_obj, "dsts must be a sequence");
+    if (dfast == NULL)
+        return NULL;
+    Py_ssize_t nd = PySequence_Fast_GET_SIZE(dfast);
+    if (nd > MAX_DSTS) {
+        Py_DECREF(dfast);
+        PyErr_Format(PyExc_ValueError, "%zd destinations, more than %d", nd, MAX_DSTS);
+        return NULL;
+    }
+
+    PyObject *result = NULL;
+    ring_t src;
+    memset(&src, 0, sizeof(src));
+    regions_t *sregs = PyMem_Calloc(1, sizeof(regions_t));
+    dst_t *dst = PyMem_Calloc(nd ? nd : 1, sizeof(dst_t));
+    regions_t *dregs = PyMem_Calloc(nd ? nd : 1, sizeof(regions_t));
+    uint8_t *seen = PyMem_Calloc((size_t)(nd + 1), MAX_QUEUE / 8);
+    PyObject *last_key = NULL, *last_targets = NULL;
+    if (sregs == NULL || dst == NULL || dregs == NULL || seen == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (ring_load(&src, s_st, s_desc, s_avail, s_used, s_size) < 0)
+        goto out;
+    if (regions_load(sregs, s_regs) < 0)
+        goto out;
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        PyObject *spec = PySequence_Fast_GET_ITEM(dfast, i);
+        dst_t *d = &dst[i];
+        d->seen = seen + (size_t)(i + 1) * (MAX_QUEUE / 8);
+        if (spec == Py_None)
+            continue;
+        PyObject *st, *desc, *avail, *used, *regs, *hdr;
+        unsigned long size;
+        if (!PyArg_ParseTuple(spec, "OOOOkOS", &st, &desc, &avail, &used, &size, &regs, &hdr))
+            goto out;
+        if (ring_load(&d->ring, st, desc, avail, used, size) < 0)
+            goto out;
+        d->regs = &dregs[i];
+        if (regions_load(d->regs, regs) < 0)
+            goto out;
+        d->hdr = (const uint8_t *)PyBytes_AS_STRING(hdr);
+        d->hl = PyBytes_GET_SIZE(hdr);
+        if (d->hl > 64) {
+            PyErr_SetString(PyExc_ValueError, "receive header longer than 64 bytes");
+            goto out;
+        }
+        /* Chains already in flight (a mergeable carry) are the Python engine's. */
+        d->ok = d->ring.st[ST_IF] == 0;
+    }
+
+    uint32_t taken = 0;
+    int64_t rx_bytes = 0, flooded = 0, filtered = 0;
+    const char *stop = "empty";
+    int failed = 0;
+    if (src.st[ST_IF] != 0) {
+        stop = "in-flight";
+        goto finish;
+    }
+    {
+        uint16_t na = (uint16_t)src.st[ST_NA];
+        uint16_t idx = load16_acquire(&src.avail[1]);
+        uint32_t pending = (uint16_t)(idx - na);
+        if (pending > src.size) {
+            stop = "avail";
+            goto finish;
+        }
+        if ((Py_ssize_t)pending > budget)
+            pending = (uint32_t)budget;
+        uint8_t *sseen = seen;
+        uint16_t ui = (uint16_t)src.st[ST_UI];
+        uint8_t *ptrs[MAX_DSTS];
+        uint32_t heads[MAX_DSTS];
+        int take[MAX_DSTS];
+        stop = pending ? "done" : "empty";
+        for (uint32_t k = 0; k < pending; k++) {
+            uint32_t h = src.avail[2 + ((uint16_t)(na + k) & src.mask)];
+            if (h >= src.size || (sseen[h >> 3] & (1u << (h & 7)))) {
+                stop = "head";
+                break;
+            }
+            uint64_t addr;
+            uint32_t len;
+            uint16_t flags;
+            const uint8_t *de = src.desc + 16 * (size_t)h;
+            memcpy(&addr, de, 8);
+            memcpy(&len, de + 8, 4);
+            memcpy(&flags, de + 12, 2);
+            if (flags != 0 || len < (uint64_t)minlen || len > (uint64_t)maxlen) {
+                stop = "layout";
+                break;
+            }
+            uint8_t *p = translate(sregs, addr, len);
+            if (p == NULL) {
+                stop = "unmapped";
+                break;
+            }
+            if ((p[0] & HDR_F_NEEDS_CSUM) || p[1]) {
+                stop = "offload";
+                break;
+            }
+            const uint8_t *frame = p + hl;
+            uint64_t flen = len - (uint64_t)hl;
+            /* The fabric's decision for this (destination, source) pair. */
+            if (last_key == NULL || memcmp(PyBytes_AS_STRING(last_key), frame, 12) != 0) {
+                PyObject *key = PyBytes_FromStringAndSize((const char *)frame, 12);
+                if (key == NULL) {
+                    failed = 1;
+                    break;
+                }
+                PyObject *got = PyObject_CallOneArg(decide, key);
+                if (got == NULL) {
+                    Py_DECREF(key);
+                    failed = 1;
+                    break;
+                }
+                Py_XDECREF(last_key);
+                Py_XDECREF(last_targets);
+                last_key = key;
+                last_targets = got;
+                if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2
+                        || !PyTuple_Check(PyTuple_GET_ITEM(got, 0))) {
+                    PyErr_SetString(PyExc_TypeError,
+                                    "decide() must return (tuple of indices, kind)");
+                    failed = 1;
+                    break;
+                }
+            }
+            PyObject *targets = PyTuple_GET_ITEM(last_targets, 0);
+            long kind = PyLong_AsLong(PyTuple_GET_ITEM(last_targets, 1));
+            if (kind == -1 && PyErr_Occurred()) {
+                failed = 1;
+                break;
+            }
+            Py_ssize_t nt = PyTuple_GET_SIZE(targets);
+            /* First every target is checked, then copies are made: a frame is either
+               handled here completely or left whole to the Python engine. */
+            int bail = 0;
+            for (Py_ssize_t t = 0; t < nt && !bail; t++) {
+                Py_ssize_t di = PyLong_AsSsize_t(PyTuple_GET_ITEM(targets, t));
+                if (di < 0 || di >= nd) {
+                    if (!PyErr_Occurred())
+                        PyErr_Format(PyExc_IndexError, "destination %zd of %zd", di, nd);
+                    failed = 1;
+                    break;
+                }
+                dst_t *d = &dst[di];
+                for (Py_ssize_t u = 0; u < t; u++)
+                    if (PyLong_AsSsize_t(PyTuple_GET_ITEM(targets, u)) == di)
+                        bail = 1;  /* a destination named twice: leave it to Python */
+                if (!d->ok || bail) {
+                    bail = 1;
+                    break;
+                }
+                int got = rx_peek(d, (uint64_t)d->hl + flen, &ptrs[t], &heads[t]);
+                if (got < 0)
+                    bail = 1;
+                take[t] = got;
+            }
+            if (failed)
+                break;
+            if (bail) {
+                stop = "destination";
+                break;
+            }
+            for (Py_ssize_t t = 0; t < nt; t++) {
+                dst_t *d = &dst[PyLong_AsSsize_t(PyTuple_GET_ITEM(targets, t))];
+                if (!take[t]) {
+                    d->nobuf++;
+                    continue;
+                }
+                uint8_t *q = ptrs[t];
+                memcpy(q, d->hdr, (size_t)d->hl);
+                memcpy(q + d->hl, frame, (size_t)flen);
+                ring_t *r = &d->ring;
+                uint16_t dui = (uint16_t)r->st[ST_UI];
+                put_used(r->used, dui & r->mask, heads[t], (uint32_t)(d->hl + flen));
+                r->st[ST_UI] = (uint16_t)(dui + 1);
+                r->st[ST_NA] = (uint16_t)(r->st[ST_NA] + 1);
+                r->st[ST_HELD] = 1;
+                d->seen[heads[t] >> 3] |= (uint8_t)(1u << (heads[t] & 7));
+                d->frames++;
+                d->bytes += (int64_t)flen;
+                d->taken++;
+            }
+            if (kind == 1)
+                flooded++;
+            else if (kind == 2)
+                filtered++;
+            sseen[h >> 3] |= (uint8_t)(1u << (h & 7));
+            put_used(src.used, (uint16_t)(ui + taken) & src.mask, h, 0);
+            rx_bytes += (int64_t)flen;
+            taken++;
+        }
+        if (taken) {
+            /* Buffer copies and used elements before used.idx (release store). */
+            uint16_t nu = (uint16_t)(ui + taken);
+            store16_release((uint16_t *)(src.used + 2), nu);
+            src.st[ST_UI] = nu;
+            src.st[ST_NA] = (uint16_t)(na + taken);
+            src.st[ST_HELD] = 0;
+            src.st[ST_PUSHED] = 1;
+        }
+    }
+finish:
+    if (failed) {
+        /* What was taken is complete and recorded; report the callback's error. */
+        goto out;
+    }
+    {
+        PyObject *per = PyList_New(nd);
+        if (per == NULL)
+            goto out;
+        for (Py_ssize_t i = 0; i < nd; i++) {
+            PyObject *t = Py_BuildValue("(LLL)", (long long)dst[i].frames,
+                                        (long long)dst[i].bytes, (long long)dst[i].nobuf);
+            if (t == NULL) {
+                Py_DECREF(per);
+                goto out;
+            }
+            PyList_SET_ITEM(per, i, t);
+        }
+        result = Py_BuildValue("(ILLLNs)", taken, (long long)rx_bytes, (long long)flooded,
+                               (long long)filtered, per, stop);
+    }
+out:
+    Py_XDECREF(last_key);
+    Py_XDECREF(last_targets);
+    if (dst != NULL) {
+        for (Py_ssize_t i = 0; i < nd; i++) {
+            ring_release(&dst[i].ring);
+            if (dst[i].regs != NULL)
+                regions_release(dst[i].regs);
+        }
+    }
+    ring_release(&src);
+    if (sregs != NULL)
+        regions_release(sregs);
+    PyMem_Free(sregs);
+    PyMem_Free(dst);
+    PyMem_Free(dregs);
+    PyMem_Free(seen);
+    Py_DECREF(dfast);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"split_forward", split_forward, METH_VARARGS,
+     "split_forward(src, dsts, decide, budget) -> (taken, rx_bytes, flooded, filtered, "
+     "per_dst, stop)\n\n"
+     "One transmit burst of a split ring switched into split receive rings (see the "
+     "module source for the contract)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "vhostuser._fastpath",
+    "The compiled burst engine of vhostuser (optional; see vhostuser.engine).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
