@@ -129,8 +129,8 @@ class InteractiveVirtioUser(TestpmdVirtioUser):
 
 
 @contextlib.contextmanager
-def switch_process(workdir: Path, *ports: str, busy: bool = False, cpu: int | None = None
-                   ) -> Iterator[Callable[[], dict[str, Any]]]:
+def switch_process(workdir: Path, *ports: str, busy: bool = False, cpu: int | None = None,
+                   engine: str | None = None) -> Iterator[Callable[[], dict[str, Any]]]:
     """``vhost-user switch`` in its own process (pinned to ``cpu``), yielding a function
     that returns its newest counters; stopped with SIGTERM, sockets checked removed."""
     stats = workdir / "switch.json"
@@ -140,6 +140,8 @@ def switch_process(workdir: Path, *ports: str, busy: bool = False, cpu: int | No
         cmd += ["--port", p]
     if busy:
         cmd.append("--busy-poll")
+    if engine is not None:
+        cmd += ["--engine", engine]
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     log = open(workdir / "switch.log", "w")  # noqa: SIM115

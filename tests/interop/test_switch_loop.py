@@ -11,9 +11,9 @@ once into a ring still counted as full). Within seconds one direction or both st
 without the switch counting a single drop.
 
 The test runs the loop for ``VHOSTUSER_LOOP_SECONDS`` (default 60) with split and packed
-rings, event-driven and busy-polling, and requires: both directions make progress in every
-sampling window, testpmd drops nothing on transmit, the switch drops nothing for any
-reason, and after stopping the counters add up end to end.
+rings, event-driven and busy-polling, with each burst engine, and requires: both
+directions make progress in every sampling window, testpmd drops nothing on transmit, the
+switch drops nothing for any reason, and after stopping the counters add up end to end.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from vhostuser import engine as engines
 
 from .peers import require_peer, wait_for_socket
 from .test_net_interop import InteractiveVirtioUser, cpus, port, switch_process, wait_until
@@ -77,14 +79,18 @@ class LoopTestpmd(InteractiveVirtioUser):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("busy", [False, True], ids=["event", "busy-poll"])
+@pytest.mark.parametrize("engine", ["python", "compiled"])
 def test_loop_forwards_both_directions_the_whole_time(sock_dir: Path, packed: bool,
-                                                      busy: bool) -> None:
+                                                      busy: bool, engine: str) -> None:
     require_peer("testpmd")
+    if engine == "compiled" and engines.compiled() is None and os.environ.get("CI") != "true":
+        pytest.skip("the compiled engine is not built (gcc and python3-dev, then "
+                    "bash scripts/setup.sh)")
     cpu = cpus()
     a, b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
     sw_cpu = cpu[1] if len(cpu) > 1 else cpu[0]
     with switch_process(sock_dir, f"{a},name=p0", f"{b},name=p1", busy=busy,
-                        cpu=sw_cpu) as counters:
+                        cpu=sw_cpu, engine=engine) as counters:
         wait_for_socket(a, 20)
         wait_for_socket(b, 20)
         with LoopTestpmd(a, b, packed=packed, cpu=cpu[0]) as pmd:
@@ -116,7 +122,8 @@ def test_loop_forwards_both_directions_the_whole_time(sock_dir: Path, packed: bo
                 20, f"the switch to take every frame testpmd sent ({fwd})")
     p0, p1 = port(sw, "p0"), port(sw, "p1")
     rates = [round((x + y) / WINDOW / 1e6, 3) for x, y in samples]
-    print(f"loop {'packed' if packed else 'split'} {'busy-poll' if busy else 'event'}: "
+    assert sw["engine"] == engine
+    print(f"loop {engine} {'packed' if packed else 'split'} {'busy-poll' if busy else 'event'}: "
           f"{len(samples)} windows, Mpps min {min(rates)} max {max(rates)}; testpmd {fwd}; "
           f"switch p0 {_brief(p0)} p1 {_brief(p1)}")
     for pnum in (0, 1):
