@@ -3,12 +3,14 @@
 Not a test. For each frame size the same harness runs twice, back to back:
 
 * reference: DPDK testpmd forwarding (``io``) between two ``net_vhost`` ports;
-* ours: ``vhost-user switch`` (busy-poll by default) with two vhost-user ports;
+* ours: ``vhost-user switch`` (busy-poll by default) with two vhost-user ports, once per
+  burst engine (``--engine``: the compiled one and pure Python by default);
 
 and prints the receiver's rate for both, the ratio, the machine and how the processes were
 placed. A second measurement saturates the switch: one testpmd with two virtio-user ports
 (io, ``--tx-first``) loops frames through it, so no busy sender/receiver pair shares a CPU
-and limits the rate. The sender is testpmd txonly on a virtio-user port, the receiver
+and limits the rate; both directions of the loop are reported separately (a direction at
+0 has stalled). The sender is testpmd txonly on a virtio-user port, the receiver
 testpmd rxonly on another; frames are flooded by our switch (the destination is never
 learned) and forwarded port to port by testpmd. With ``--profile`` the switch runs once
 more under cProfile and the functions where the time goes are printed.
@@ -22,6 +24,7 @@ the same placement, which is why only their ratio is meaningful.
     PYTHONPATH=src python benchmarks/net_bench.py
     PYTHONPATH=src python benchmarks/net_bench.py --sizes 64 --seconds 10 --profile
     PYTHONPATH=src python benchmarks/net_bench.py --mode event --packed
+    PYTHONPATH=src python benchmarks/net_bench.py --engine python --sizes 64
 """
 
 from __future__ import annotations
@@ -159,7 +162,8 @@ def wait_new_stats(p: Proc, port: int, timeout: float = 10.0) -> tuple[int, int,
 @contextlib.contextmanager
 def switch_under_test(kind: str, workdir: Path, a: str, b: str, cpu: int, args: argparse.Namespace,
                       profile: Path | None = None) -> Iterator[Proc]:
-    """Start the switch under test listening on ``a`` and ``b``."""
+    """Start the switch under test listening on ``a`` and ``b``: ``dpdk`` (the reference)
+    or ``python`` / ``compiled`` (ours with that engine)."""
     qs = args.queue_size
     if kind == "dpdk":
         p = testpmd("testpmd-io", workdir, cpu, [f"net_vhost0,iface={a}",
@@ -173,6 +177,7 @@ def switch_under_test(kind: str, workdir: Path, a: str, b: str, cpu: int, args: 
                  f"{b},name=out", "--stats-json", str(workdir / "switch.json"), "-q"]
         if args.mode == "busy":
             argv.append("--busy-poll")
+        argv += ["--engine", kind]
         env = dict(os.environ, PYTHONPATH=str(SRC))
         p = Proc("switch", argv, workdir, env=env)
     try:
@@ -222,7 +227,7 @@ def run_once(kind: str, size: int, args: argparse.Namespace, cpus: tuple[int, in
                 rx.stop()
         extra: dict[str, Any] = {}
         stats = d / "switch.json"
-        if kind == "ours" and stats.exists():
+        if kind != "dpdk" and stats.exists():
             with contextlib.suppress(ValueError):
                 st = json.loads(stats.read_text())
                 extra["drops"] = {p["name"]: {k: v for k, v in p["drops"].items() if v}
@@ -258,8 +263,8 @@ def run_loop(kind: str, size: int, args: argparse.Namespace, cpus: tuple[int, in
                 r1 = [wait_new_stats(loop, port) for port in (0, 1)]
             finally:
                 loop.stop()
-    pps = sum((r1[i][0] - r0[i][0]) / (r1[i][2] - r0[i][2]) for i in (0, 1))
-    return {"switch": kind, "size": size, "rx_pps": pps}
+    dirs = [(r1[i][0] - r0[i][0]) / (r1[i][2] - r0[i][2]) for i in (0, 1)]
+    return {"switch": kind, "size": size, "rx_pps": sum(dirs), "dirs": dirs}
 
 
 def print_profile(path: Path, top: int) -> None:
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["busy", "event"], default="busy",
                    help="our switch's mode (default busy-poll)")
     p.add_argument("--packed", action="store_true", help="packed virtqueues")
+    p.add_argument("--engine", choices=["both", "compiled", "python"], default="both",
+                   help="our switch's burst engine(s) (default both; compiled needs the "
+                        "extension built at install)")
     p.add_argument("--queue-size", type=int, default=4096,
                    help="virtio-user queue size (default 4096)")
     p.add_argument("--cpus", default=None, metavar="SWITCH,PEERS",
@@ -324,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sw_cpu, peer_cpu = (allowed[-1], allowed[-2]) if len(allowed) > 1 else (allowed[0],) * 2
     sizes = [int(s) for s in args.sizes.split(",")]
+    sys.path.insert(0, str(SRC))
+    from vhostuser import engine as engines
+
+    kinds = ["compiled", "python"] if args.engine == "both" else [args.engine]
+    if "compiled" in kinds and engines.compiled() is None:
+        if args.engine == "compiled":
+            print("the compiled engine is not built (gcc, python3-dev, scripts/setup.sh)",
+                  file=sys.stderr)
+            return 2
+        kinds.remove("compiled")
+        print("note: the compiled engine is not built; measuring the python engine only")
     print(f"machine:  {platform.node()} {platform.platform()} ({platform.machine()}), "
           f"{os.cpu_count()} CPUs: {cpu_model()}")
     print(f"software: {platform.python_implementation()} {sys.version.split()[0]}, "
@@ -338,32 +357,40 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for size in sizes:
         ref = run_once("dpdk", size, args, (sw_cpu, peer_cpu))
-        ours = run_once("ours", size, args, (sw_cpu, peer_cpu))
-        ratio = ours["rx_pps"] / ref["rx_pps"] if ref["rx_pps"] else 0.0
-        results.append({"size": size, "dpdk": ref, "ours": ours, "ratio": ratio})
-        print(f"\n{size:5d}-byte frames:")
+        print(f"\n{size:5d}-byte frames, txonly -> switch -> rxonly:")
         print(f"  testpmd io (reference): {ref['rx_pps'] / 1e6:8.3f} Mpps received "
               f"({ref['tx_pps'] / 1e6:.3f} Mpps offered)")
-        print(f"  vhost-user switch:      {ours['rx_pps'] / 1e6:8.3f} Mpps received "
-              f"({ours['tx_pps'] / 1e6:.3f} Mpps offered)"
-              + (f"  drops {ours['drops']}" if ours.get("drops") else ""))
-        print(f"  ratio ours/reference:   {ratio:8.3f}  "
-              f"({ours['rx_pps'] * size * 8 / 1e9:.2f} Gbit/s of frames)")
+        for kind in kinds:
+            ours = run_once(kind, size, args, (sw_cpu, peer_cpu))
+            ratio = ours["rx_pps"] / ref["rx_pps"] if ref["rx_pps"] else 0.0
+            results.append({"size": size, "engine": kind, "dpdk": ref, "ours": ours,
+                            "ratio": ratio})
+            print(f"  vhost-user switch, {kind:8} engine: {ours['rx_pps'] / 1e6:8.3f} Mpps "
+                  f"received ({ours['tx_pps'] / 1e6:.3f} offered), ratio {ratio:6.3f}, "
+                  f"{ours['rx_pps'] * size * 8 / 1e9:.2f} Gbit/s of frames"
+                  + (f"  drops {ours['drops']}" if ours.get("drops") else ""))
     if args.loop:
-        print("\nsaturation (one testpmd loops 1024 frames through the switch, io "
-              f"--tx-first, on CPU {peer_cpu}; the switch on CPU {sw_cpu}):")
+        print("\nloop (one testpmd, io --tx-first, two virtio-user ports on the switch; "
+              f"testpmd on CPU {peer_cpu}, the switch on CPU {sw_cpu}); Mpps per direction "
+              "(frames received by testpmd port 0 / port 1) and total:")
         for size in sizes:
             ref = run_loop("dpdk", size, args, (sw_cpu, peer_cpu))
-            ours = run_loop("ours", size, args, (sw_cpu, peer_cpu))
-            ratio = ours["rx_pps"] / ref["rx_pps"] if ref["rx_pps"] else 0.0
-            results.append({"size": size, "loop": True, "dpdk": ref, "ours": ours,
-                            "ratio": ratio})
-            print(f"  {size:5d} bytes: testpmd io {ref['rx_pps'] / 1e6:7.3f} Mpps, "
-                  f"vhost-user switch {ours['rx_pps'] / 1e6:7.3f} Mpps, ratio {ratio:.3f}")
+            d0, d1 = ref["dirs"]
+            print(f"  {size:5d} bytes  testpmd io (reference) {d0 / 1e6:7.3f} / {d1 / 1e6:7.3f}"
+                  f"  total {ref['rx_pps'] / 1e6:7.3f}")
+            for kind in kinds:
+                ours = run_loop(kind, size, args, (sw_cpu, peer_cpu))
+                ratio = ours["rx_pps"] / ref["rx_pps"] if ref["rx_pps"] else 0.0
+                results.append({"size": size, "loop": True, "engine": kind, "dpdk": ref,
+                                "ours": ours, "ratio": ratio})
+                o0, o1 = ours["dirs"]
+                print(f"  {size:5d} bytes  switch, {kind:8} engine  {o0 / 1e6:7.3f} / "
+                      f"{o1 / 1e6:7.3f}  total {ours['rx_pps'] / 1e6:7.3f}  ratio {ratio:.3f}  "
+                      f"{ours['rx_pps'] * size * 8 / 1e9:.2f} Gbit/s")
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="vhu-prof-") as tmp:
             prof = Path(tmp) / "switch.prof"
-            r = run_once("ours", sizes[0], args, (sw_cpu, peer_cpu), profile=prof)
+            r = run_once(kinds[-1], sizes[0], args, (sw_cpu, peer_cpu), profile=prof)
             print(f"\nprofile ({sizes[0]}-byte frames, {r['rx_pps'] / 1e6:.3f} Mpps under "
                   "cProfile, which slows Python calls several-fold):")
             print_profile(prof, args.top)
