@@ -21,6 +21,11 @@
  * Ring state lives in the rings' state blocks (array('q'), see virtq/split.py
  * STATE_FIELDS); this function reads and updates them in place.
  *
+ * Dirty logging (vhost-user.rst "Live migration"): when a ring's owner passes its dirty
+ * log (a bitmap, one bit per 4 KiB guest page), every byte written here to that guest's
+ * memory - frame copies, used elements, the transmit ring's used.idx - sets its page's bit
+ * with an atomic OR, as the Python engine does through GuestMemory.mark_dirty.
+ *
  * Memory ordering (virtio 1.2 2.7.13 / 2.7.8.2): avail.idx is read with an acquire load
  * before the ring entries it covers; buffer contents and used elements are stored before
  * used.idx, which is stored with a release store. No full barrier is needed here: the
@@ -57,6 +62,46 @@ typedef struct {
 } regions_t;
 
 typedef struct {
+    Py_buffer b;
+    uint8_t *bits;
+    uint64_t pages;
+    int have;
+} dlog_t;
+
+/* Set the dirty bits of [gpa, gpa+len); pages past the log are not marked. */
+static inline void log_mark(dlog_t *l, uint64_t gpa, uint64_t len) {
+    if (!l->have || len == 0)
+        return;
+    uint64_t first = gpa >> 12, last = (gpa + len - 1) >> 12;
+    if (last >= l->pages) {
+        if (first >= l->pages)
+            return;
+        last = l->pages - 1;
+    }
+    for (uint64_t p = first; p <= last; p++)
+        __atomic_fetch_or(&l->bits[p >> 3], (uint8_t)(1u << (p & 7)), __ATOMIC_RELAXED);
+}
+
+static int log_load(dlog_t *l, PyObject *obj) {
+    memset(l, 0, sizeof(*l));
+    if (obj == Py_None)
+        return 0;
+    if (PyObject_GetBuffer(obj, &l->b, PyBUF_WRITABLE) < 0)
+        return -1;
+    l->have = 1;
+    l->bits = (uint8_t *)l->b.buf;
+    l->pages = 8 * (uint64_t)l->b.len;
+    return 0;
+}
+
+static void log_release(dlog_t *l) {
+    if (l->have) {
+        PyBuffer_Release(&l->b);
+        l->have = 0;
+    }
+}
+
+typedef struct {
     Py_buffer st_b, desc_b, avail_b, used_b;
     int64_t *st;
     uint8_t *desc;
@@ -64,6 +109,8 @@ typedef struct {
     uint8_t *used;
     uint32_t size, mask;
     int have;           /* buffers acquired */
+    uint64_t used_gpa;  /* where used-ring writes are logged */
+    dlog_t log;
 } ring_t;
 
 typedef struct {
@@ -140,6 +187,7 @@ static inline uint8_t *translate(regions_t *rg, uint64_t a, uint64_t len) {
 }
 
 static void ring_release(ring_t *r) {
+    log_release(&r->log);
     if (r->have) {
         PyBuffer_Release(&r->st_b);
         PyBuffer_Release(&r->desc_b);
@@ -207,7 +255,7 @@ static inline void put_used(uint8_t *used, uint32_t slot, uint32_t id, uint32_t 
 /* Where the next receive buffer of d is, for a frame of need bytes.
    1: ptr/head set; 0: no buffer available (the frame is dropped: no_rx_buffer);
    -1: a chain the Python engine must take (stop before this frame). */
-static int rx_peek(dst_t *d, uint64_t need, uint8_t **ptr, uint32_t *head) {
+static int rx_peek(dst_t *d, uint64_t need, uint8_t **ptr, uint32_t *head, uint64_t *gpa) {
     ring_t *r = &d->ring;
     uint16_t na = (uint16_t)r->st[ST_NA];
     uint16_t idx = load16_acquire(&r->avail[1]);
@@ -233,6 +281,7 @@ static int rx_peek(dst_t *d, uint64_t need, uint8_t **ptr, uint32_t *head) {
         return -1;
     *ptr = p;
     *head = h;
+    *gpa = addr;
     return 1;
 }
 
@@ -241,11 +290,12 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
     Py_ssize_t budget;
     if (!PyArg_ParseTuple(args, "OOOn", &src_spec, &dsts_obj, &decide, &budget))
         return NULL;
-    PyObject *s_st, *s_desc, *s_avail, *s_used, *s_regs;
+    PyObject *s_st, *s_desc, *s_avail, *s_used, *s_regs, *s_log;
     unsigned long s_size;
+    unsigned long long s_used_gpa;
     Py_ssize_t hl, minlen, maxlen;
-    if (!PyArg_ParseTuple(src_spec, "OOOOkOnnn", &s_st, &s_desc, &s_avail, &s_used, &s_size,
-                          &s_regs, &hl, &minlen, &maxlen))
+    if (!PyArg_ParseTuple(src_spec, "OOOOkOnnnKO", &s_st, &s_desc, &s_avail, &s_used, &s_size,
+                          &s_regs, &hl, &minlen, &maxlen, &s_used_gpa, &s_log))
         return NULL;
     if (hl < 2 || minlen < hl + 12 || maxlen < minlen) {
         PyErr_SetString(PyExc_ValueError, "bad header or frame length limits");
@@ -275,6 +325,9 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
     }
     if (ring_load(&src, s_st, s_desc, s_avail, s_used, s_size) < 0)
         goto out;
+    src.used_gpa = s_used_gpa;
+    if (log_load(&src.log, s_log) < 0)
+        goto out;
     if (regions_load(sregs, s_regs) < 0)
         goto out;
     for (Py_ssize_t i = 0; i < nd; i++) {
@@ -283,11 +336,16 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
         d->seen = seen + (size_t)(i + 1) * (MAX_QUEUE / 8);
         if (spec == Py_None)
             continue;
-        PyObject *st, *desc, *avail, *used, *regs, *hdr;
+        PyObject *st, *desc, *avail, *used, *regs, *hdr, *log;
         unsigned long size;
-        if (!PyArg_ParseTuple(spec, "OOOOkOS", &st, &desc, &avail, &used, &size, &regs, &hdr))
+        unsigned long long used_gpa;
+        if (!PyArg_ParseTuple(spec, "OOOOkOSKO", &st, &desc, &avail, &used, &size, &regs, &hdr,
+                              &used_gpa, &log))
             goto out;
         if (ring_load(&d->ring, st, desc, avail, used, size) < 0)
+            goto out;
+        d->ring.used_gpa = used_gpa;
+        if (log_load(&d->ring.log, log) < 0)
             goto out;
         d->regs = &dregs[i];
         if (regions_load(d->regs, regs) < 0)
@@ -324,6 +382,7 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
         uint16_t ui = (uint16_t)src.st[ST_UI];
         uint8_t *ptrs[MAX_DSTS];
         uint32_t heads[MAX_DSTS];
+        uint64_t gpas[MAX_DSTS];
         int take[MAX_DSTS];
         stop = pending ? "done" : "empty";
         for (uint32_t k = 0; k < pending; k++) {
@@ -405,7 +464,7 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
                     bail = 1;
                     break;
                 }
-                int got = rx_peek(d, (uint64_t)d->hl + flen, &ptrs[t], &heads[t]);
+                int got = rx_peek(d, (uint64_t)d->hl + flen, &ptrs[t], &heads[t], &gpas[t]);
                 if (got < 0)
                     bail = 1;
                 take[t] = got;
@@ -428,6 +487,8 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
                 ring_t *r = &d->ring;
                 uint16_t dui = (uint16_t)r->st[ST_UI];
                 put_used(r->used, dui & r->mask, heads[t], (uint32_t)(d->hl + flen));
+                log_mark(&r->log, gpas[t], (uint64_t)d->hl + flen);
+                log_mark(&r->log, r->used_gpa + 4 + 8 * (uint64_t)(dui & r->mask), 8);
                 r->st[ST_UI] = (uint16_t)(dui + 1);
                 r->st[ST_NA] = (uint16_t)(r->st[ST_NA] + 1);
                 r->st[ST_HELD] = 1;
@@ -442,6 +503,8 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
                 filtered++;
             sseen[h >> 3] |= (uint8_t)(1u << (h & 7));
             put_used(src.used, (uint16_t)(ui + taken) & src.mask, h, 0);
+            log_mark(&src.log, src.used_gpa + 4 + 8 * (uint64_t)((uint16_t)(ui + taken) & src.mask),
+                     8);
             rx_bytes += (int64_t)flen;
             taken++;
         }
@@ -449,6 +512,7 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
             /* Buffer copies and used elements before used.idx (release store). */
             uint16_t nu = (uint16_t)(ui + taken);
             store16_release((uint16_t *)(src.used + 2), nu);
+            log_mark(&src.log, src.used_gpa + 2, 2);
             src.st[ST_UI] = nu;
             src.st[ST_NA] = (uint16_t)(na + taken);
             src.st[ST_HELD] = 0;

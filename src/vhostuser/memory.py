@@ -13,8 +13,11 @@ guest address is translated through one function that clamps to the region and s
 across regions").
 
 Dirty logging: every write the back-end makes to guest memory is reported through
-:meth:`GuestMemory.mark_dirty` by the ring engine when it publishes a used element, so live
-migration can be added in one place.
+:meth:`GuestMemory.mark_dirty`, which sets bits in the memory's :class:`DirtyLog` (the
+bitmap of vhost-user.rst "Live migration", one bit per 4 KiB page of guest-physical
+memory) when logging is on. The log is looked up at every write, never captured earlier,
+so logging switched on at any moment sees every later write; the compiled engine sets the
+same bits in the same buffer.
 """
 
 from __future__ import annotations
@@ -61,6 +64,57 @@ class GuestMemory(Protocol):
     def mark_dirty(self, gpa: int, length: int) -> None:
         """Record that the back-end wrote ``length`` bytes at ``gpa`` (dirty logging)."""
         ...
+
+
+LOG_PAGE = 4096
+"""Bytes of guest memory per dirty-log bit (VHOST_LOG_PAGE)."""
+
+
+class DirtyLog:
+    """The dirty-page bitmap: bit ``n`` (byte ``n // 8``, bit ``n % 8``) set means guest
+    page ``n`` (``gpa // 4096``) was written (vhost-user.rst "Live migration").
+
+    The buffer is shared with the front-end, which collects and clears bits concurrently
+    (QEMU with atomic exchanges). Bits are only ever set here, each byte with one
+    read-modify-write: a byte the front-end cleared in between is at worst set again (a
+    page sent twice), never a set bit lost. Writes past the end of the log (a front-end
+    that sized it too small) are counted in ``beyond``, not made.
+    """
+
+    __slots__ = ("beyond", "buf", "pages")
+
+    def __init__(self, buf: bytearray | memoryview) -> None:
+        self.buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+        if self.buf.readonly:
+            raise ValueError("the dirty log must be writable")
+        self.pages = 8 * len(self.buf)
+        self.beyond = 0
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Set the bits of every page ``length`` bytes at ``gpa`` touch."""
+        if length <= 0:
+            return
+        first = gpa >> 12
+        last = (gpa + length - 1) >> 12
+        if last >= self.pages:
+            self.beyond += 1
+            if first >= self.pages:
+                return
+            last = self.pages - 1
+        buf = self.buf
+        if first == last:
+            buf[first >> 3] |= 1 << (first & 7)
+            return
+        for page in range(first, last + 1):
+            buf[page >> 3] |= 1 << (page & 7)
+
+    def dirty_pages(self) -> list[int]:
+        """The page numbers whose bit is set (for tests and tools)."""
+        out: list[int] = []
+        for i, b in enumerate(self.buf):
+            if b:
+                out.extend(8 * i + k for k in range(8) if b >> k & 1)
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,12 +171,14 @@ class RegionTable:
     mapped, and takes them back on removal to unmap them.
     """
 
-    __slots__ = ("_dirty_hook", "_last", "_regions", "max_regions")
+    __slots__ = ("_dirty_hook", "_last", "_regions", "log", "max_regions")
 
     def __init__(self, max_regions: int = 8) -> None:
         self._regions: list[Region] = []
         self._last: Region | None = None
         self._dirty_hook: Callable[[int, int], None] | None = None
+        self.log: DirtyLog | None = None
+        """The dirty log while logging is on (SET_LOG_BASE with VHOST_F_LOG_ALL)."""
         self.max_regions = max_regions
 
     # -- table maintenance -------------------------------------------------------------
@@ -211,8 +267,20 @@ class RegionTable:
         return old
 
     def set_dirty_hook(self, hook: Callable[[int, int], None] | None) -> None:
-        """Install (or remove) the function told about every back-end write (dirty log)."""
+        """Install (or remove) a function told about every back-end write, as (gpa,
+        length): an observer for tests and tools. While one is installed the compiled
+        engine leaves every burst to the Python engine, which calls it."""
         self._dirty_hook = hook
+
+    @property
+    def has_observer(self) -> bool:
+        """True while a :meth:`set_dirty_hook` observer is installed."""
+        return self._dirty_hook is not None
+
+    @property
+    def logging(self) -> bool:
+        """True if writes must be reported (a dirty log or an observer is installed)."""
+        return self.log is not None or self._dirty_hook is not None
 
     # -- translation -------------------------------------------------------------------
     def _find_gpa(self, gpa: int) -> Region:
@@ -263,6 +331,9 @@ class RegionTable:
 
     def mark_dirty(self, gpa: int, length: int) -> None:
         """See :meth:`GuestMemory.mark_dirty`."""
+        log = self.log
+        if log is not None:
+            log.mark(gpa, length)
         hook = self._dirty_hook
         if hook is not None:
             hook(gpa, length)

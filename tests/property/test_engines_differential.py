@@ -8,11 +8,14 @@ bytes; mergeable buffers or not) - one running ``engine="python"``, one
 posted (big, too small for a frame, split over two descriptors), frames sent (to learned,
 unknown, broadcast and multicast addresses; runts and oversized ones; chains of two
 descriptors; headers with offload fields), hostile transmit entries (a head outside the
-queue, a buffer outside guest memory), kicks and reaps in any order. After every kick the
-two worlds must hold identical bytes in every guest memory (rings and buffers), identical
-ring state blocks and broken reasons, identical port counters, fabric counters and MAC
-tables. The compiled engine handles the common layout and leaves everything else to the
-Python engine; this is what proves the hand-over loses and duplicates nothing.
+queue, a buffer outside guest memory), kicks and reaps in any order, dirty logging
+switched on, collected and off at any point. After every kick the two worlds must hold
+identical bytes in every guest memory (rings and buffers), identical ring state blocks and
+broken reasons, identical port counters, fabric counters, MAC tables and dirty logs; and
+in each world every page the back-end changed during the kick must be marked in its log
+(a shadow copy of guest memory is taken before the kick). The compiled engine handles the
+common layout and leaves everything else to the Python engine; this is what proves the
+hand-over loses and duplicates nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hypothesis import strategies as st
 from tests.unit.net_rig import MRG, RING_AREA, V1, Rig, eth
 from vhostuser import engine as engines
 from vhostuser.devices.net import VirtioNetDevice
+from vhostuser.memory import DirtyLog
 from vhostuser.switch import Port, Switch
 
 pytestmark = pytest.mark.skipif(
@@ -123,7 +127,9 @@ class World:
         }
         for i, rig in enumerate(self.rigs):
             rings = rig.access.rings
+            log = rig.mem.log
             out[f"p{i}"] = {
+                "log": None if log is None else bytes(log.buf),
                 "mem": bytes(rig.buf),
                 "counters": rig.dev.counters.as_dict(),
                 "state": {q: list(r.state) for q, r in rings.items()},
@@ -148,6 +154,8 @@ action = st.one_of(
     st.tuples(st.just("kick"), st.integers(0, 2), st.just(0), st.just(0)),
     st.tuples(st.just("reap"), st.integers(0, 2), st.just(0), st.just(0)),
     st.tuples(st.just("hostile"), st.integers(0, 2), st.sampled_from(["head", "addr"]),
+              st.just(0)),
+    st.tuples(st.just("log"), st.integers(0, 2), st.sampled_from(["on", "off", "collect"]),
               st.just(0)),
 )
 
@@ -175,6 +183,13 @@ def play(w: World, act: tuple[Any, ...]) -> None:
                 rig.tx_chain([hdr + f])
     elif kind == "kick":
         rig.kick_tx()
+    elif kind == "log":
+        if a == "on" and rig.mem.log is None:
+            rig.mem.log = DirtyLog(bytearray(len(rig.buf) // 4096 // 8))
+        elif a == "off":
+            rig.mem.log = None
+        elif rig.mem.log is not None:  # the front-end collects and clears the bits
+            rig.mem.log.buf[:] = bytes(len(rig.mem.log.buf))
     elif kind == "reap":
         rig.drivers[0].reap()
         rig.drivers[1].reap()
@@ -199,26 +214,45 @@ features_st = st.lists(st.sampled_from([V1 | MRG, V1, 0]), min_size=2, max_size=
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(features=features_st, script=st.lists(action, min_size=1, max_size=30))
+@given(features=features_st, script=st.lists(action, min_size=1, max_size=30),
+       logged=st.lists(st.booleans(), min_size=3, max_size=3))
 def test_both_engines_leave_the_same_state(features: list[int],
-                                          script: list[tuple[Any, ...]]) -> None:
+                                          script: list[tuple[Any, ...]],
+                                          logged: list[bool]) -> None:
     py, cc = World("python", features), World("compiled", features)
     try:
         for w in (py, cc):
-            for r in w.rigs:
+            for r, on in zip(w.rigs, logged, strict=False):
                 r.post_rx(8)
+                if on:
+                    play(w, ("log", w.rigs.index(r), "on", 0))
         for step, act in enumerate(script):
             play(py, act)
             play(cc, act)
             if act[0] in ("kick", "tx"):
                 for w in (py, cc):
+                    before = [bytes(r.buf) for r in w.rigs]
                     w.rigs[act[1] % len(w.rigs)].kick_tx()
+                    for r, old in zip(w.rigs, before, strict=True):
+                        check_logged(r, old)
                 a, b = py.snapshot(), cc.snapshot()
                 for key in a:
                     assert a[key] == b[key], f"step {step} {act}: {key} differs"
     finally:
         py.close()
         cc.close()
+
+
+def check_logged(rig: Rig, before: bytes) -> None:
+    """Every page that changed since ``before`` is marked in the rig's log (if on)."""
+    log = rig.mem.log
+    if log is None:
+        return
+    after = bytes(rig.buf)
+    changed = {p for p in range(len(after) // 4096)
+               if after[4096 * p : 4096 * (p + 1)] != before[4096 * p : 4096 * (p + 1)]}
+    missing = changed - set(log.dirty_pages())
+    assert not missing, f"pages written but not logged: {sorted(missing)}"
 
 
 def test_the_compiled_engine_really_runs() -> None:

@@ -461,7 +461,7 @@ class VirtioNetDevice(Device):
         """Use the split-ring fast paths (False: always the ring engine; for tests)."""
         self._regions: list[tuple[int, int, memoryview, int]] = []
         self._last_region: tuple[int, int, memoryview, int] = _NO_REGION
-        self._mark_dirty: Callable[[int, int], None] | None = None
+        self._mem: Any = None  # the GuestMemory of the current table
         self._zero_done = [(h, 0) for h in range(256)]
         self.accelerator: Accelerator | None = None
         """A compiled transmit burst (set by the switch when the compiled engine runs):
@@ -506,9 +506,28 @@ class VirtioNetDevice(Device):
         regions = getattr(mem, "regions", ())
         self._regions = [(r.guest_phys_addr, r.gpa_end, r.buf, r.mmap_offset) for r in regions]
         self._last_region = self._regions[0] if self._regions else _NO_REGION
-        # mark_dirty only matters with a dirty log (none is set unless logging is on).
-        self._mark_dirty = (getattr(mem, "mark_dirty", None)
-                            if getattr(mem, "_dirty_hook", True) is not None else None)
+        # Whether writes are logged is looked up at every burst (_marker), never
+        # captured here: logging may be switched on at any time.
+        self._mem = mem
+
+    def _marker(self) -> Callable[[int, int], None] | None:
+        """``mem.mark_dirty`` while writes must be reported (dirty log or observer on)."""
+        mem = self._mem
+        if mem is None or not getattr(mem, "logging", True):
+            return None
+        mark: Callable[[int, int], None] = mem.mark_dirty
+        return mark
+
+    def _compiled_log(self) -> tuple[bool, Any]:
+        """For the compiled engine: (usable, the dirty log buffer or None). Not usable
+        while an observer hook is installed (it must see every write, from Python)."""
+        mem = self._mem
+        if mem is None:
+            return True, None
+        if getattr(mem, "has_observer", True):
+            return False, None
+        log = getattr(mem, "log", None)
+        return True, (log.buf if log is not None else None)
 
     def on_event(self, event: ev.Event) -> None:
         """Track ring states (for receive-queue selection), MTU and SEND_RARP."""
@@ -699,7 +718,7 @@ class VirtioNetDevice(Device):
         try:
             if self.fast_path and enabled and index & 1 and type(ring) is SplitDeviceRing:
                 accel = self.accelerator
-                if accel is not None and self._mark_dirty is None:
+                if accel is not None:
                     n = accel(self, index, ring, budget)
                     if n >= 0:
                         return BurstResult(n, n, bool(n) and ring.should_notify(),
@@ -827,26 +846,31 @@ class VirtioNetDevice(Device):
         return total
 
     # -- what the compiled engine needs ------------------------------------------------------
-    def compiled_tx_source(self, ring: SplitDeviceRing) -> tuple[Any, ...]:
+    def compiled_tx_source(self, ring: SplitDeviceRing) -> tuple[Any, ...] | None:
         """The transmit side of ``vhostuser._fastpath.split_forward``: the ring's state
-        block and areas, the regions, and the header and frame length limits."""
+        block and areas, the regions, the header and frame length limits, the used ring's
+        address and the dirty log; None while the compiled engine may not run here."""
+        usable, log = self._compiled_log()
+        if not usable:
+            return None
         hl = self.hdr_len
         return (ring.state, ring.descriptor_table, ring.avail_area, ring.used_area, ring.size,
-                self._regions, hl, hl + ETH_HLEN, hl + self._max_frame)
+                self._regions, hl, hl + ETH_HLEN, hl + self._max_frame, ring.used_gpa, log)
 
     def compiled_rx_target(self) -> tuple[Any, ...] | None:
         """The receive side of ``split_forward`` for this NIC, or None when the compiled
         engine cannot deliver here (the Python engine then does): not exactly one receive
-        pair up, a packed ring, receive chains held back, or a dirty log to keep."""
+        pair up, a packed ring, receive chains held back, or an observer of writes."""
         pairs = self._rx_pairs
-        if len(pairs) != 1 or self._mark_dirty is not None:
+        usable, log = self._compiled_log()
+        if len(pairs) != 1 or not usable:
             return None
         pair = pairs[0]
         ring = self._rx_ring(pair)
         if type(ring) is not SplitDeviceRing or self._carry[pair]:
             return None
         return (ring.state, ring.descriptor_table, ring.avail_area, ring.used_area, ring.size,
-                self._regions, self._plain_hdr)
+                self._regions, self._plain_hdr, ring.used_gpa, log)
 
     def compiled_delivered(self, frames: int, nbytes: int, no_buffer: int) -> None:
         """Count what ``split_forward`` delivered here and queue its publication."""
@@ -1020,7 +1044,7 @@ class VirtioNetDevice(Device):
         unpack = _DESC_UNPACK
         hl = self.hdr_len
         plain = self._plain_hdr
-        mark = self._mark_dirty
+        mark = self._marker()
         g0, g1, buf, mo = self._last_region
         used = self._used
         used.clear()
@@ -1165,7 +1189,7 @@ class VirtioNetDevice(Device):
         self._hdrs.clear()
         self._regions = []
         self._last_region = _NO_REGION
-        self._mark_dirty = None
+        self._mem = None
         self._rx_pairs = []
         self._started.clear()
         self._enabled.clear()

@@ -258,8 +258,11 @@ class Switch:
                 return (), 2
             return (index_of[id(out)],), 0
 
+        src = dev.compiled_tx_source(ring)
+        if src is None:
+            return -1
         taken, rx_bytes, flooded, filtered, per, stop = fp.split_forward(
-            dev.compiled_tx_source(ring), dsts, decide, budget)
+            src, dsts, decide, budget)
         if taken:
             port.counters.rx_frames += taken
             port.counters.rx_bytes += rx_bytes

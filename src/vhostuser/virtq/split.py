@@ -211,6 +211,11 @@ class SplitDeviceRing:
         return self._st
 
     @property
+    def used_gpa(self) -> int:
+        """Guest-physical address of the used ring (where its writes are logged)."""
+        return self._used_gpa
+
+    @property
     def avail_area(self) -> memoryview:
         """The available ring as 16-bit items (flags, idx, ring..., used_event)."""
         return self._avail_h
