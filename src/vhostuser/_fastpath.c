@@ -35,6 +35,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/uio.h>
 
 #define ST_NA 0
 #define ST_UI 1
@@ -55,8 +57,8 @@ typedef struct {
 } region_t;
 
 typedef struct {
-    Py_buffer bufs[MAX_REGIONS];
-    region_t r[MAX_REGIONS];
+    Py_buffer *bufs;    /* one per region, allocated by regions_load */
+    region_t *r;
     int n;
     int last;
 } regions_t;
@@ -128,12 +130,18 @@ static void regions_release(regions_t *rg) {
     for (int i = 0; i < rg->n; i++)
         PyBuffer_Release(&rg->bufs[i]);
     rg->n = 0;
+    PyMem_Free(rg->bufs);
+    PyMem_Free(rg->r);
+    rg->bufs = NULL;
+    rg->r = NULL;
 }
 
 /* regions: a sequence of (gpa_start, gpa_end, buffer, mmap_offset). */
 static int regions_load(regions_t *rg, PyObject *seq) {
     rg->n = 0;
     rg->last = 0;
+    rg->bufs = NULL;
+    rg->r = NULL;
     PyObject *fast = PySequence_Fast(seq, "regions must be a sequence");
     if (fast == NULL)
         return -1;
@@ -142,6 +150,12 @@ static int regions_load(regions_t *rg, PyObject *seq) {
         Py_DECREF(fast);
         PyErr_Format(PyExc_ValueError, "%zd regions, more than %d", n, MAX_REGIONS);
         return -1;
+    }
+    rg->bufs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Py_buffer));
+    rg->r = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(region_t));
+    if (rg->bufs == NULL || rg->r == NULL) {
+        PyErr_NoMemory();
+        goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *t = PySequence_Fast_GET_ITEM(fast, i);
@@ -317,9 +331,9 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
     regions_t *sregs = PyMem_Calloc(1, sizeof(regions_t));
     dst_t *dst = PyMem_Calloc(nd ? nd : 1, sizeof(dst_t));
     regions_t *dregs = PyMem_Calloc(nd ? nd : 1, sizeof(regions_t));
-    uint8_t *seen = PyMem_Calloc((size_t)(nd + 1), MAX_QUEUE / 8);
+    uint8_t *seen = NULL;
     PyObject *last_key = NULL, *last_targets = NULL;
-    if (sregs == NULL || dst == NULL || dregs == NULL || seen == NULL) {
+    if (sregs == NULL || dst == NULL || dregs == NULL) {
         PyErr_NoMemory();
         goto out;
     }
@@ -333,7 +347,6 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < nd; i++) {
         PyObject *spec = PySequence_Fast_GET_ITEM(dfast, i);
         dst_t *d = &dst[i];
-        d->seen = seen + (size_t)(i + 1) * (MAX_QUEUE / 8);
         if (spec == Py_None)
             continue;
         PyObject *st, *desc, *avail, *used, *regs, *hdr, *log;
@@ -358,6 +371,22 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
         }
         /* Chains already in flight (a mergeable carry) are the Python engine's. */
         d->ok = d->ring.st[ST_IF] == 0;
+    }
+    {
+        /* One bit per head of every ring: the heads used in this call. */
+        size_t total = (src.size + 7) / 8;
+        for (Py_ssize_t i = 0; i < nd; i++)
+            total += (dst[i].ring.size + 7) / 8;
+        seen = PyMem_Calloc(total ? total : 1, 1);
+        if (seen == NULL) {
+            PyErr_NoMemory();
+            goto out;
+        }
+        size_t at = (src.size + 7) / 8;
+        for (Py_ssize_t i = 0; i < nd; i++) {
+            dst[i].seen = seen + at;
+            at += (dst[i].ring.size + 7) / 8;
+        }
     }
 
     uint32_t taken = 0;
@@ -561,12 +590,385 @@ out:
     return result;
 }
 
+
+/* ---------------------------------------------------------------------------------------
+ * blk_serve(): one burst of a virtio-blk split request queue, read and write requests
+ * straight between the image file and guest buffers (preadv/pwritev on the guest memory
+ * itself, the GIL released around each call), completions published with one used.idx
+ * store, the inflight area (vhost-user.rst "Inflight I/O tracking", split) kept in step.
+ *
+ * Like split_forward() it takes only what it fully understands and stops before anything
+ * else, so every validation message and every other request type stays in the Python
+ * engine: a chain of direct descriptors linked by NEXT, or one INDIRECT descriptor whose
+ * table links entries by NEXT; every buffer inside one memory region; readable before
+ * writable; the 16-byte request header inside the first readable buffer; type IN or OUT
+ * (the BARRIER bit ignored, as the Python engine does); whole sectors, aligned to the
+ * logical block size, inside the capacity; a writable status byte. Stops: "layout",
+ * "unmapped", "type", "range", "head", "avail", "in-flight".
+ *
+ * I/O errors give the request the IOERR status, exactly as the Python engine does for an
+ * OSError (a read that hits the end of the file included); the last errno is returned so
+ * the caller can log it.
+ * --------------------------------------------------------------------------------------- */
+#define DESC_F_NEXT 1
+#define DESC_F_INDIRECT 4
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_BARRIER 0x80000000u
+#define BLK_S_OK 0
+#define BLK_S_IOERR 1
+#define MAX_SEGS 256
+#define IOVS_MAX 1024
+
+typedef struct {
+    uint8_t *p;
+    uint64_t gpa;
+    uint32_t len;
+    int write;
+} seg_t;
+
+/* Walk the chain at head h of r into segs (zero-length buffers skipped).
+   Returns the number of segments, or -1 with *why set (the Python engine takes it). */
+static int blk_walk(ring_t *r, regions_t *rg, uint32_t h, int indirect_ok, seg_t *segs,
+                    const char **why) {
+    const uint8_t *table = r->desc;
+    uint32_t limit = r->size, idx = h, hops = 0;
+    int in_table = 0, in_write = 0, n = 0;
+    uint64_t total = 0;
+    for (;;) {
+        if (hops == limit) {
+            *why = "layout";
+            return -1;
+        }
+        hops++;
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next;
+        const uint8_t *de = table + 16 * (size_t)idx;
+        memcpy(&addr, de, 8);
+        memcpy(&len, de + 8, 4);
+        memcpy(&flags, de + 12, 2);
+        memcpy(&next, de + 14, 2);
+        if (flags & DESC_F_INDIRECT) {
+            if (in_table || !indirect_ok || (flags & DESC_F_NEXT) || len == 0 || (len & 15)
+                    || (len >> 4) > r->size) {
+                *why = "layout";
+                return -1;
+            }
+            const uint8_t *t = translate(rg, addr, len);
+            if (t == NULL) {
+                *why = "unmapped";
+                return -1;
+            }
+            table = t;
+            limit = len >> 4;
+            in_table = 1;
+            hops = 0;
+            idx = 0;
+            continue;
+        }
+        total += len;
+        if (total > 0xFFFFFFFFull) {
+            *why = "layout";
+            return -1;
+        }
+        int w = (flags & DESC_F_WRITE) != 0;
+        if (!w && in_write) {
+            *why = "layout";
+            return -1;
+        }
+        in_write |= w;
+        if (len) {
+            if (n == MAX_SEGS) {
+                *why = "layout";
+                return -1;
+            }
+            uint8_t *p = translate(rg, addr, len);
+            if (p == NULL) {
+                *why = "unmapped";
+                return -1;
+            }
+            segs[n].p = p;
+            segs[n].gpa = addr;
+            segs[n].len = len;
+            segs[n].write = w;
+            n++;
+        }
+        if (!(flags & DESC_F_NEXT))
+            return n;
+        if (next >= limit) {
+            *why = "layout";
+            return -1;
+        }
+        idx = next;
+    }
+}
+
+/* Do the whole transfer [iov, iov+cnt) at off; 0 or an errno (EIO for end of file). */
+static int blk_transfer(int fd, struct iovec *iov, int cnt, uint64_t off, int write) {
+    while (cnt > 0) {
+        ssize_t got;
+        int cur = cnt > IOVS_MAX ? IOVS_MAX : cnt;
+        Py_BEGIN_ALLOW_THREADS
+        got = write ? pwritev(fd, iov, cur, (off_t)off) : preadv(fd, iov, cur, (off_t)off);
+        Py_END_ALLOW_THREADS
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (got == 0)
+            return EIO;
+        off += (uint64_t)got;
+        while (cnt > 0 && (size_t)got >= iov->iov_len) {
+            got -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0 && got) {
+            iov->iov_base = (uint8_t *)iov->iov_base + got;
+            iov->iov_len -= (size_t)got;
+        }
+    }
+    return 0;
+}
+
+static PyObject *blk_serve(PyObject *self, PyObject *args) {
+    PyObject *st, *desc, *avail, *used, *regs, *log, *inflight, *tstate;
+    unsigned long size;
+    unsigned long long used_gpa, capacity;
+    int fd, read_only, indirect_ok;
+    unsigned long blk_size;
+    Py_ssize_t budget;
+    if (!PyArg_ParseTuple(args, "(OOOOk)OKOiKkppnOO", &st, &desc, &avail, &used, &size, &regs,
+                          &used_gpa, &log, &fd, &capacity, &blk_size, &read_only,
+                          &indirect_ok, &budget, &inflight, &tstate))
+        return NULL;
+    if (blk_size < 512 || (blk_size & (blk_size - 1))) {
+        PyErr_Format(PyExc_ValueError, "blk_size %lu is not a power of two >= 512", blk_size);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    ring_t r;
+    memset(&r, 0, sizeof(r));
+    regions_t *rg = PyMem_Calloc(1, sizeof(regions_t));
+    seg_t *segs = PyMem_Malloc(MAX_SEGS * sizeof(seg_t));
+    struct iovec *iov = PyMem_Malloc(MAX_SEGS * sizeof(struct iovec));
+    uint8_t *seen = NULL;
+    uint16_t *heads = NULL;
+    Py_buffer ib, tb;
+    int have_ib = 0, have_tb = 0;
+    if (rg == NULL || segs == NULL || iov == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (ring_load(&r, st, desc, avail, used, size) < 0)
+        goto out;
+    seen = PyMem_Calloc((r.size + 7) / 8, 1);
+    heads = PyMem_Malloc(r.size * sizeof(uint16_t));
+    if (seen == NULL || heads == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    r.used_gpa = used_gpa;
+    if (log_load(&r.log, log) < 0)
+        goto out;
+    if (regions_load(rg, regs) < 0)
+        goto out;
+    /* The inflight region of this queue (header 16 bytes, then 16 bytes per descriptor)
+       and the tracker's state block (counter, last_batch_head, in_flight). */
+    uint8_t *ia = NULL;
+    int64_t *ts = NULL;
+    if (inflight != Py_None) {
+        if (PyObject_GetBuffer(inflight, &ib, PyBUF_WRITABLE) < 0)
+            goto out;
+        have_ib = 1;
+        if (PyObject_GetBuffer(tstate, &tb, PyBUF_WRITABLE) < 0)
+            goto out;
+        have_tb = 1;
+        if (ib.len < (Py_ssize_t)(16 + 16 * (size_t)size) || tb.len < 3 * (Py_ssize_t)sizeof(int64_t)) {
+            PyErr_SetString(PyExc_ValueError, "inflight region or tracker state too small");
+            goto out;
+        }
+        ia = (uint8_t *)ib.buf;
+        ts = (int64_t *)tb.buf;
+    }
+
+    const char *stop = "empty";
+    uint32_t taken = 0;
+    long long nread = 0, nwrite = 0, rerr = 0, werr = 0, last_errno = 0;
+    uint64_t last_sector = 0;
+    uint16_t na = (uint16_t)r.st[ST_NA];
+    uint16_t ui = (uint16_t)r.st[ST_UI];
+    uint64_t blk_mask = (blk_size >> 9) - 1;
+    if (r.st[ST_IF] != 0) {
+        stop = "in-flight";
+        goto finish;
+    }
+    {
+        uint16_t idx = load16_acquire(&r.avail[1]);
+        uint32_t pending = (uint16_t)(idx - na);
+        if (pending > r.size) {
+            stop = "avail";
+            goto finish;
+        }
+        if ((Py_ssize_t)pending > budget)
+            pending = (uint32_t)budget;
+        stop = pending ? "done" : "empty";
+        for (uint32_t k = 0; k < pending; k++) {
+            uint32_t h = r.avail[2 + ((uint16_t)(na + k) & r.mask)];
+            if (h >= r.size || (seen[h >> 3] & (1u << (h & 7)))) {
+                stop = "head";
+                break;
+            }
+            const char *why = NULL;
+            int n = blk_walk(&r, rg, h, indirect_ok, segs, &why);
+            if (n < 0) {
+                stop = why;
+                break;
+            }
+            int nr = 0;
+            uint64_t rlen = 0, wlen = 0;
+            while (nr < n && !segs[nr].write)
+                rlen += segs[nr++].len;
+            for (int i = nr; i < n; i++)
+                wlen += segs[i].len;
+            if (nr == 0 || segs[0].len < 16 || wlen == 0) {
+                stop = "layout";
+                break;
+            }
+            uint32_t type;
+            uint64_t sector;
+            memcpy(&type, segs[0].p, 4);
+            memcpy(&sector, segs[0].p + 8, 8);
+            type &= ~BLK_T_BARRIER;
+            if ((type != BLK_T_IN && type != BLK_T_OUT) || (type == BLK_T_OUT && read_only)) {
+                stop = "type";
+                break;
+            }
+            uint64_t nbytes = type == BLK_T_IN ? wlen - 1 : rlen - 16;
+            /* As the Python engine's _range_ok (qemu-storage-daemon's rule). */
+            if ((nbytes & 511) || (sector & blk_mask) || sector > capacity
+                    || (nbytes >> 9) > capacity - sector) {
+                stop = "range";
+                break;
+            }
+            /* Tracked before any side effect: counter, then the inflight flag. */
+            if (ia != NULL) {
+                uint64_t c = (uint64_t)ts[0];
+                memcpy(ia + 16 + 16 * (size_t)h + 8, &c, 8);
+                __atomic_store_n(ia + 16 + 16 * (size_t)h, (uint8_t)1, __ATOMIC_RELEASE);
+                ts[0] = (int64_t)(c + 1);
+                ts[2]++;
+            }
+            int cnt = 0;
+            if (type == BLK_T_IN) {
+                uint64_t left = nbytes;
+                for (int i = nr; i < n && left; i++) {
+                    uint64_t l = segs[i].len < left ? segs[i].len : left;
+                    iov[cnt].iov_base = segs[i].p;
+                    iov[cnt].iov_len = (size_t)l;
+                    cnt++;
+                    left -= l;
+                }
+            } else {
+                uint64_t skip = 16;
+                for (int i = 0; i < nr; i++) {
+                    if (skip >= segs[i].len) {
+                        skip -= segs[i].len;
+                        continue;
+                    }
+                    iov[cnt].iov_base = segs[i].p + skip;
+                    iov[cnt].iov_len = segs[i].len - (size_t)skip;
+                    cnt++;
+                    skip = 0;
+                }
+            }
+            int err = nbytes ? blk_transfer(fd, iov, cnt, sector << 9, type == BLK_T_OUT) : 0;
+            uint8_t status = err ? BLK_S_IOERR : BLK_S_OK;
+            if (err) {
+                last_errno = err;
+                last_sector = sector;
+                if (type == BLK_T_IN)
+                    rerr++;
+                else
+                    werr++;
+            } else if (type == BLK_T_IN) {
+                nread++;
+            } else {
+                nwrite++;
+            }
+            /* The status is the last writable byte; the used length is the whole writable
+               part (as qemu-storage-daemon reports it), all of it marked dirty. */
+            segs[n - 1].p[segs[n - 1].len - 1] = status;
+            for (int i = nr; i < n; i++)
+                log_mark(&r.log, segs[i].gpa, segs[i].len);
+            uint16_t slot = (uint16_t)(ui + taken) & r.mask;
+            put_used(r.used, slot, h, (uint32_t)wlen);
+            log_mark(&r.log, r.used_gpa + 4 + 8 * (uint64_t)slot, 8);
+            seen[h >> 3] |= (uint8_t)(1u << (h & 7));
+            heads[taken++] = (uint16_t)h;
+        }
+        if (taken) {
+            uint16_t nu = (uint16_t)(ui + taken);
+            if (ia != NULL) {
+                /* Before used.idx moves: link the batch (desc.next, last_batch_head). */
+                uint16_t lbh = (uint16_t)ts[1];
+                for (uint32_t i = 0; i < taken; i++) {
+                    memcpy(ia + 16 + 16 * (size_t)heads[i] + 6, &lbh, 2);
+                    lbh = heads[i];
+                    __atomic_store_n((uint16_t *)(ia + 12), lbh, __ATOMIC_RELEASE);
+                }
+                ts[1] = lbh;
+            }
+            /* Status bytes, data and used elements before used.idx (release store). */
+            store16_release((uint16_t *)(r.used + 2), nu);
+            log_mark(&r.log, r.used_gpa + 2, 2);
+            if (ia != NULL) {
+                /* After: clear the inflight flags, then the area's used_idx. */
+                for (uint32_t i = 0; i < taken; i++)
+                    __atomic_store_n(ia + 16 + 16 * (size_t)heads[i], (uint8_t)0,
+                                     __ATOMIC_RELEASE);
+                __atomic_store_n((uint16_t *)(ia + 14), nu, __ATOMIC_RELEASE);
+                ts[2] -= taken;
+            }
+            r.st[ST_UI] = nu;
+            r.st[ST_NA] = (uint16_t)(na + taken);
+            r.st[ST_HELD] = 0;
+            r.st[ST_PUSHED] = 1;
+        }
+    }
+finish:
+    result = Py_BuildValue("(ILLLLLKs)", taken, nread, nwrite, rerr, werr, last_errno,
+                           (unsigned long long)last_sector, stop);
+out:
+    if (have_tb)
+        PyBuffer_Release(&tb);
+    if (have_ib)
+        PyBuffer_Release(&ib);
+    ring_release(&r);
+    if (rg != NULL)
+        regions_release(rg);
+    PyMem_Free(rg);
+    PyMem_Free(segs);
+    PyMem_Free(iov);
+    PyMem_Free(seen);
+    PyMem_Free(heads);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"split_forward", split_forward, METH_VARARGS,
      "split_forward(src, dsts, decide, budget) -> (taken, rx_bytes, flooded, filtered, "
      "per_dst, stop)\n\n"
      "One transmit burst of a split ring switched into split receive rings (see the "
      "module source for the contract)."},
+    {"blk_serve", blk_serve, METH_VARARGS,
+     "blk_serve((state, desc, avail, used, size), regions, used_gpa, log, fd, capacity, "
+     "blk_size, read_only, indirect, budget, inflight_region, tracker_state) -> (taken, "
+     "reads, writes, read_errors, write_errors, last_errno, last_sector, stop)\n\n"
+     "One burst of a virtio-blk split request queue served from a file descriptor (see "
+     "the module source for the contract)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -579,7 +981,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

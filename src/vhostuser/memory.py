@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NewType, Protocol
+from typing import Any, NewType, Protocol
 
 from .errors import GuestMemoryError
 
@@ -171,12 +171,13 @@ class RegionTable:
     mapped, and takes them back on removal to unmap them.
     """
 
-    __slots__ = ("_dirty_hook", "_last", "_regions", "log", "max_regions")
+    __slots__ = ("_dirty_hook", "_last", "_regions", "_spans", "log", "max_regions")
 
     def __init__(self, max_regions: int = 8) -> None:
         self._regions: list[Region] = []
         self._last: Region | None = None
         self._dirty_hook: Callable[[int, int], None] | None = None
+        self._spans: list[tuple[int, int, memoryview, int]] | None = None
         self.log: DirtyLog | None = None
         """The dirty log while logging is on (SET_LOG_BASE with VHOST_F_LOG_ALL)."""
         self.max_regions = max_regions
@@ -220,6 +221,7 @@ class RegionTable:
         self._regions.append(region)
         self._regions.sort(key=lambda r: r.guest_phys_addr)
         self._last = None
+        self._spans = None
 
     def find_exact(self, guest_phys_addr: int, size: int, userspace_addr: int) -> Region | None:
         """Return the region with exactly these numbers (REM_MEM_REG matching), if any."""
@@ -242,12 +244,13 @@ class RegionTable:
             if r is region:
                 del self._regions[i]
                 self._last = None
+                self._spans = None
                 return
         raise GuestMemoryError(f"no memory region at gpa {region.guest_phys_addr:#x}")
 
     def clear(self) -> list[Region]:
         """Empty the table and return what it held (for the shell to unmap)."""
-        old, self._regions, self._last = self._regions, [], None
+        old, self._regions, self._last, self._spans = self._regions, [], None, None
         return old
 
     def replace(self, regions: Iterable[Region]) -> list[Region]:
@@ -264,6 +267,7 @@ class RegionTable:
         old = self._regions
         self._regions = fresh._regions
         self._last = None
+        self._spans = None
         return old
 
     def set_dirty_hook(self, hook: Callable[[int, int], None] | None) -> None:
@@ -281,6 +285,30 @@ class RegionTable:
     def logging(self) -> bool:
         """True if writes must be reported (a dirty log or an observer is installed)."""
         return self.log is not None or self._dirty_hook is not None
+
+    @property
+    def spans(self) -> list[tuple[int, int, memoryview, int]]:
+        """Every region as ``(gpa_start, gpa_end, mapping, mmap_offset)``: the form the
+        fast paths and the compiled engine look addresses up in (rebuilt when the table
+        changes; do not modify)."""
+        spans = self._spans
+        if spans is None:
+            spans = self._spans = [
+                (r.guest_phys_addr, r.gpa_end, r.buf, r.mmap_offset) for r in self._regions
+            ]
+        return spans
+
+    def engine_memory(self) -> tuple[list[tuple[int, int, memoryview, int]], Any] | None:
+        """What the compiled engine needs: (:attr:`spans`, the dirty log's bitmap or None).
+
+        None while an observer hook is installed: it must see every write, so the Python
+        engine does them. Looked up at every burst, never kept: logging may be switched on
+        or off at any time.
+        """
+        if self._dirty_hook is not None:
+            return None
+        log = self.log
+        return self.spans, (log.buf if log is not None else None)
 
     # -- translation -------------------------------------------------------------------
     def _find_gpa(self, gpa: int) -> Region:

@@ -535,16 +535,17 @@ def test_event_mode_drains_then_rearms_kicks(ring: int) -> None:
     rig = Rig(V1 | MRG | EVENT_IDX | ring, sink=Collect())
     drv = rig.drivers[1]
     runner = rig.runners[1]
-    rig.tx([FRAME])
+    runner.budget = 1
+    rig.tx([FRAME, FRAME])
     assert drv.should_kick()
     assert runner.kicked()
     res, again = runner.step(rig.access.rings[1])  # the burst the kick asked for
-    assert res.popped == 1 and again
+    assert res.popped == 1 and again  # a full burst: kicks stay off, it runs again
     rig.tx([FRAME])  # published while draining: no kick needed
     assert not drv.should_kick()
     while again:
         res, again = runner.step(rig.access.rings[1])
-    assert rig.dev.counters.rx_frames == 2
+    assert rig.dev.counters.rx_frames == 3
     rig.tx([FRAME])
     assert drv.should_kick()  # kicks are wanted again
 

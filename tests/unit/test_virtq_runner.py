@@ -125,7 +125,9 @@ def test_runner_drains_then_rearms(kind: str, evidx: bool) -> None:
         if len(steps) == 2:
             p.offer(1)  # published while draining: found without a kick
             assert not p.drv.should_kick()
-    assert steps == [4, 4, 3, 0]
+    # The third burst takes fewer than the budget: the ring was drained, so kicks are
+    # re-armed at once (no extra empty burst).
+    assert steps == [4, 4, 3]
     assert r.chains == 11 and r.rearms == 1
     p.offer(1)
     assert p.drv.should_kick()  # drained and re-armed: kicks are wanted again
@@ -142,9 +144,9 @@ def test_runner_rechecks_after_rearming(kind: str, evidx: bool) -> None:
         nonlocal calls
         calls += 1
         res = consume(ring, budget)
-        if calls == 2:
-            assert res.popped == 0
-            p.offer(1)  # the driver publishes right after our empty-handed pop
+        if calls == 1:
+            assert res.popped == 1
+            p.offer(1)  # the driver publishes right after our pop read the ring
             assert not p.drv.should_kick()  # kicks are still off: it will not kick
         return res
 
@@ -153,14 +155,28 @@ def test_runner_rechecks_after_rearming(kind: str, evidx: bool) -> None:
     assert p.drv.should_kick()
     assert r.kicked()
     res, again = r.step(p.dev)
-    assert res.popped == 1 and again
+    assert res.popped == 1 and again  # the re-check after re-arming found the second
+    assert r.rearms == 1
     res, again = r.step(p.dev)
-    assert res.popped == 0 and again  # the re-check after re-arming found it
-    res, again = r.step(p.dev)
-    assert res.popped == 1 and again
-    res, again = r.step(p.dev)
-    assert res.popped == 0 and not again
+    assert res.popped == 1 and not again
     assert r.rearms == 2
+    p.offer(1)
+    assert p.drv.should_kick()
+
+
+@pytest.mark.parametrize(("kind", "evidx"), KINDS, ids=IDS)
+def test_runner_full_burst_comes_back_without_rearming(kind: str, evidx: bool) -> None:
+    """A burst that used its whole budget may have left work: the runner asks to run
+    again with kicks still off, and re-arms only once a burst comes back short."""
+    p = Pair(kind, evidx)
+    r = QueueRunner(1, consume, budget=2)
+    p.offer(2)
+    assert r.kicked()
+    res, again = r.step(p.dev)
+    assert res.popped == 2 and again and r.rearms == 0
+    p.offer(1)
+    res, again = r.step(p.dev)
+    assert res.popped == 1 and not again and r.rearms == 1
 
 
 @pytest.mark.parametrize("kind", ["split", "packed"])
@@ -196,7 +212,7 @@ def test_runner_rearms_when_the_burst_raises() -> None:
 
 def test_runner_suppresses_again_on_a_new_ring_object() -> None:
     p = Pair("split", False)
-    r = QueueRunner(1, consume)
+    r = QueueRunner(1, consume, budget=1)
     p.offer(1)
     r.kicked()
     r.step(p.dev)

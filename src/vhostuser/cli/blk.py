@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from .. import engine as engines
 from ..devices.blk import SECTOR_SIZE, BlkDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.blkfile import BlkFile
@@ -22,6 +23,9 @@ examples:
     -device vhost-user-blk-pci,chardev=c1,num-queues=1
 
   vhost-user blkbench /tmp/blk.sock --rw randread --bs 4k --iodepth 32
+
+  # the same with every request in the pure-Python engine
+  vhost-user blk --engine python --image disk.raw --socket /tmp/blk.sock
 
 Requests in flight when this process dies are kept in the inflight area the front-end
 holds (INFLIGHT_SHMFD); a restarted back-end resubmits them when the front-end reconnects
@@ -86,6 +90,10 @@ def add_parser(sub: Any) -> None:
                    help="carry out and complete each request MS milliseconds after it "
                         "arrives: a slow disk, for testing a front-end's timeouts and its "
                         "reconnection with requests in flight (default 0)")
+    p.add_argument("--engine", choices=engines.ENGINES, default=None,
+                   help="request engine: compiled (C, when built at install: reads and "
+                        "writes straight between the image and guest memory), python, or "
+                        f"auto (compiled when built; default ${engines.ENV} or auto)")
     p.add_argument("--mode", type=octal_mode, default=0o600,
                    help="socket file mode in octal (default 600)")
     add_verbose(p, "sessions and recoveries")
@@ -96,18 +104,27 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``vhost-user blk``; returns the exit status."""
     setup_logging(args.verbose)
     try:
+        engine = engines.select(args.engine)
+    except engines.EngineUnavailableError as e:
+        print(f"vhost-user blk: {e}", file=sys.stderr)
+        return 2
+    fast = engines.compiled() if engine == "compiled" else None
+    try:
         image = BlkFile.open(args.image, read_only=args.read_only)
     except (OSError, ValueError) as e:
         print(f"vhost-user blk: cannot open image: {e}", file=sys.stderr)
         return 2
 
     def make_device() -> BlkDevice:
-        return BlkDevice(
+        dev = BlkDevice(
             image, num_queues=args.queues, read_only=args.read_only, serial=args.serial,
             blk_size=args.blk_size, discard=not args.no_discard,
             write_zeroes=not args.no_write_zeroes, inflight=not args.no_inflight,
             latency=args.latency,
         )
+        if fast is not None:
+            dev.accelerator = fast.blk_serve
+        return dev
 
     try:
         make_device()  # check the parameters once, before any front-end sees them
@@ -134,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     where = "connecting to" if args.connect else "listening on"
     ro = ", read-only" if image.read_only or args.read_only else ""
     print(f"vhost-user blk: {args.image} ({image.size // SECTOR_SIZE} sectors{ro}, "
-          f"{args.queues} queue(s)) {where} {args.socket}", flush=True)
+          f"{args.queues} queue(s), {engine} engine) {where} {args.socket}", flush=True)
     with stop_on_signals(reactor):
         try:
             reactor.run()

@@ -503,8 +503,11 @@ class VirtioNetDevice(Device):
         about to be rebuilt past them) as zero-length used buffers, and note the regions
         for the fast paths."""
         self._release_carry()
-        regions = getattr(mem, "regions", ())
-        self._regions = [(r.guest_phys_addr, r.gpa_end, r.buf, r.mmap_offset) for r in regions]
+        spans = getattr(mem, "spans", None)
+        if spans is None:
+            spans = [(r.guest_phys_addr, r.gpa_end, r.buf, r.mmap_offset)
+                     for r in getattr(mem, "regions", ())]
+        self._regions = list(spans)
         self._last_region = self._regions[0] if self._regions else _NO_REGION
         # Whether writes are logged is looked up at every burst (_marker), never
         # captured here: logging may be switched on at any time.
@@ -519,15 +522,16 @@ class VirtioNetDevice(Device):
         return mark
 
     def _compiled_log(self) -> tuple[bool, Any]:
-        """For the compiled engine: (usable, the dirty log buffer or None). Not usable
+        """For the compiled engine: (usable, the dirty log bitmap or None). Not usable
         while an observer hook is installed (it must see every write, from Python)."""
         mem = self._mem
         if mem is None:
             return True, None
-        if getattr(mem, "has_observer", True):
+        engine_memory = getattr(mem, "engine_memory", None)
+        got = engine_memory() if engine_memory is not None else None
+        if got is None:
             return False, None
-        log = getattr(mem, "log", None)
-        return True, (log.buf if log is not None else None)
+        return True, got[1]
 
     def on_event(self, event: ev.Event) -> None:
         """Track ring states (for receive-queue selection), MTU and SEND_RARP."""

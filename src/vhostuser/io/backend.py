@@ -374,7 +374,7 @@ class BackendSession:
             drain_fd(v.kick)
         for e in self.conn.kick(index):
             self._on_event(e)
-        self._wake(index)
+        self._wake(index, now=True)
 
     def _poll(self) -> bool:
         worked = False
@@ -406,8 +406,11 @@ class BackendSession:
                                                         poll=poll)
         return runner
 
-    def _wake(self, index: int) -> None:
-        """Queue ``index`` was kicked, started or enabled: get its runner going."""
+    def _wake(self, index: int, *, now: bool = False) -> None:
+        """Queue ``index`` was kicked, started or enabled: get its runner going (``now``:
+        run the first burst at once, from the kick's handler, instead of on the next
+        reactor iteration; a burst is bounded by the budget, so other fds still get
+        their turn)."""
         runner = self._runner(index)
         if runner is None:
             return
@@ -416,7 +419,10 @@ class BackendSession:
                 self._start_polling(index)
             return
         if runner.kicked():
-            self.reactor.call_soon(functools.partial(self._step, index))
+            if now:
+                self._step(index)
+            else:
+                self.reactor.call_soon(functools.partial(self._step, index))
 
     def _step(self, index: int) -> int:
         """Run one burst on queue ``index`` through its runner; chains taken.

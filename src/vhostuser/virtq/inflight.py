@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INFLIGHT_ALIGNMENT = 64
+#: The fields of :attr:`SplitInflightTracker.state`, in order.
+TRACKER_STATE_FIELDS: Final = ("counter", "last_batch_head", "in_flight")
 SPLIT_HEADER = 16
 SPLIT_DESC = 16
 PACKED_HEADER = 32
@@ -291,7 +294,7 @@ class SplitInflightTracker:
             queue size.
     """
 
-    __slots__ = ("_area", "_counter", "_index", "_last_batch", "_name", "_size", "in_flight")
+    __slots__ = ("_area", "_index", "_name", "_size", "_st")
 
     def __init__(
         self, area: InflightArea, index: int, queue_size: int, *, name: str = "inflight"
@@ -301,10 +304,44 @@ class SplitInflightTracker:
         self._index = index
         self._size = queue_size
         self._name = name
-        self._counter = 0
-        self._last_batch = 0
-        self.in_flight = 0
+        # counter, last_batch_head, in_flight: one block the compiled engine updates too
+        # (TRACKER_STATE_FIELDS).
+        self._st = array("q", (0, 0, 0))
+
+    @property
+    def state(self) -> array[int]:
+        """The state block (see :data:`TRACKER_STATE_FIELDS`), for the compiled engine."""
+        return self._st
+
+    @property
+    def in_flight(self) -> int:
         """Heads this tracker has marked in flight and not completed."""
+        return self._st[2]
+
+    @property
+    def _counter(self) -> int:
+        return self._st[0]
+
+    @_counter.setter
+    def _counter(self, value: int) -> None:
+        self._st[0] = value
+
+    @property
+    def _last_batch(self) -> int:
+        return self._st[1]
+
+    @_last_batch.setter
+    def _last_batch(self, value: int) -> None:
+        self._st[1] = value
+
+    def region(self) -> memoryview:
+        """A fresh byte view of this queue's region of the area, for the compiled engine
+        (release it after use).
+
+        Raises:
+            ValueError: the area was released.
+        """
+        return self._region()
 
     @property
     def queue_size(self) -> int:
@@ -380,7 +417,7 @@ class SplitInflightTracker:
             b.release()
         self._last_batch = lbh
         self._counter = entries[heads[-1]][2] + 1 if heads else 0
-        self.in_flight = len(heads)
+        self._st[2] = len(heads)
         return SplitRecovery(tuple(heads), (used_idx + len(heads)) & 0xFFFF, len(clear))
 
     def _last_batch_entries(
@@ -440,7 +477,7 @@ class SplitInflightTracker:
         h16.release()
         self._counter = 0
         self._last_batch = 0
-        self.in_flight = 0
+        self._st[2] = 0
 
     # -- normal operation ---------------------------------------------------------------------
     def _check_heads(self, heads: Sequence[int]) -> None:
@@ -474,7 +511,7 @@ class SplitInflightTracker:
             q.release()
             b.release()
         self._counter = c
-        self.in_flight += len(heads)
+        self._st[2] += len(heads)
 
     def completing(self, heads: Sequence[int]) -> None:
         """Link a batch about to be published as used (before ``used.idx`` moves).
@@ -521,7 +558,7 @@ class SplitInflightTracker:
         finally:
             h16.release()
             b.release()
-        self.in_flight -= len(heads)
+        self._st[2] -= len(heads)
 
 
 def prepare_fresh_area(area: InflightArea) -> None:

@@ -119,10 +119,14 @@ class QueueRunner:
             return res, False
         if self.poll:
             return res, False
-        if res.popped:
+        if res.popped >= self.budget:
+            # A full burst: more is probably waiting; come back after the other queues.
             self.scheduled = True
             return res, True
-        # Drained: ask for kicks again; the ring re-reads avail after a full barrier.
+        # Fewer than the budget: the ring was drained when the burst read it (NAPI's
+        # "work < budget"); ask for kicks again instead of an extra empty burst. The ring
+        # re-reads its avail side after a full barrier, so nothing made available
+        # meanwhile is missed.
         if self._rearm(ring):
             self.scheduled = True
             return res, True

@@ -146,6 +146,7 @@ class SplitDeviceRing:
         "_used_gpa",
         "_used_h",
         "_used_w",
+        "_view",
     )
 
     def __init__(
@@ -190,6 +191,7 @@ class SplitDeviceRing:
         self._st[_UI] = self._used_h[1]
         self._chains: list[Chain | None] = [None] * size
         self._broken: str | None = None
+        self._view = (self._st, desc, self._avail_h, self._used_h, size)
         # _HELD: used elements written past the published used.idx (push(publish=False)).
         self._signalled_used = self._st[_UI]
         self._signalled_valid = False
@@ -209,6 +211,17 @@ class SplitDeviceRing:
     def state(self) -> array[int]:
         """The state block (see :data:`STATE_FIELDS`), for the compiled engine."""
         return self._st
+
+    @property
+    def engine_view(self) -> tuple[array[int], memoryview, memoryview, memoryview, int]:
+        """``(state, descriptor_table, avail_area, used_area, size)``: the ring as the
+        compiled engine takes it (built once; the views are released by :meth:`close`)."""
+        return self._view
+
+    @property
+    def indirect(self) -> bool:
+        """VIRTIO_F_INDIRECT_DESC was negotiated (indirect tables are accepted)."""
+        return self._indirect
 
     @property
     def used_gpa(self) -> int:
