@@ -1,35 +1,43 @@
 /*
  * vhostuser._fastpath - the compiled burst engine (optional).
  *
- * One function, split_forward(), does for a burst of a split transmit ring what the
- * pure-Python fast path does frame by frame: take the chains the driver made available,
- * validate each descriptor, ask the switch fabric where frames go (once per distinct
- * destination/source address pair, through a Python callable), copy each frame into the
- * destination receive rings, write the used elements, and publish the transmit ring's
- * used.idx. The receive rings' used.idx is NOT published here: the caller publishes it
- * after this returns (a frame must not reach its receiver before its sender has its
- * transmit buffer back).
+ * forward() does for one transmit burst of a virtio-net queue what the pure-Python fast
+ * path does frame by frame: take the buffers the driver made available, validate each
+ * descriptor, ask the switch fabric where frames go (once per distinct destination/source
+ * address pair, through a Python callable), copy each frame into the destination receive
+ * rings, write their used entries, and publish the transmit ring's used entries. The
+ * receive rings' used entries are NOT published here: the caller publishes them after this
+ * returns (a frame must not reach its receiver before its sender has its transmit buffer
+ * back). blk_serve() (further down) serves a virtio-blk request queue from a file.
  *
- * It handles only the common layout, exactly like the Python fast path: a transmit chain
- * of ONE descriptor with no flags, a receive chain of ONE descriptor with only WRITE, each
- * buffer inside one memory region, no offload fields in the header, no chains already in
- * flight on either ring. At the first chain that is anything else it stops and returns
- * what it did; the Python engine then takes that chain (and reports guest faults). So the
- * bounds and loop checks of the ring engine stay in one place, and this function never
- * makes a ring broken or raises for guest data.
+ * Rings are split (virtio 1.2 2.7) or packed (2.8), in any mix. A ring comes as its
+ * engine_view tuple: (kind, state, descriptors, avail, used, size, log_gpa), kind 0 split
+ * (avail and used are its rings, log_gpa the used ring's address) or 1 packed (avail and
+ * used None, log_gpa the descriptor ring's address). Ring state lives in the rings' state
+ * blocks (array('q'): virtq/split.py STATE_FIELDS, virtq/packed.py PACKED_STATE_FIELDS);
+ * this module reads and updates them in place.
  *
- * Ring state lives in the rings' state blocks (array('q'), see virtq/split.py
- * STATE_FIELDS); this function reads and updates them in place.
+ * It handles only the common layout, exactly like the Python fast path: a transmit buffer
+ * of ONE descriptor with no flags, a receive buffer of ONE descriptor with only WRITE, each
+ * inside one memory region, no offload fields in the header, no buffers already in flight
+ * on either ring. At the first buffer that is anything else it stops and returns what it
+ * did; the Python engine then takes that buffer (and reports guest faults). So the bounds
+ * and loop checks of the ring engine stay in one place, and this module never makes a
+ * ring broken or raises for guest data.
  *
  * Dirty logging (vhost-user.rst "Live migration"): when a ring's owner passes its dirty
  * log (a bitmap, one bit per 4 KiB guest page), every byte written here to that guest's
- * memory - frame copies, used elements, the transmit ring's used.idx - sets its page's bit
+ * memory - frame copies, used elements, used.idx, used descriptors - sets its page's bit
  * with an atomic OR, as the Python engine does through GuestMemory.mark_dirty.
  *
- * Memory ordering (virtio 1.2 2.7.13 / 2.7.8.2): avail.idx is read with an acquire load
- * before the ring entries it covers; buffer contents and used elements are stored before
- * used.idx, which is stored with a release store. No full barrier is needed here: the
- * notification checks (store->load) are done by the caller after publishing.
+ * Memory ordering (virtio 1.2 2.7.13 / 2.8.21, barrier.py): split: avail.idx is read with
+ * an acquire load before the ring entries it covers; buffer contents and used elements are
+ * stored before used.idx, which is stored with a release store. Packed: a descriptor's
+ * flags are read with an acquire load before the rest of it; a used descriptor's id and
+ * length are stored before its flags, and the flags of the first used descriptor of a
+ * batch are stored last (release), so the driver sees the whole batch at once. No full
+ * barrier is needed here: the notification checks (store->load) are done by the caller
+ * after publishing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,14 +46,30 @@
 #include <errno.h>
 #include <sys/uio.h>
 
+/* State block fields shared by both kinds (STATE_FIELDS / PACKED_STATE_FIELDS). */
 #define ST_NA 0
 #define ST_UI 1
 #define ST_IF 2
-#define ST_HELD 3
+#define ST_HELD 3     /* split: 0/1; packed: u16 offset of the held flags, -1 none */
 #define ST_PUSHED 4
 #define ST_MIN 5
+/* Packed only. */
+#define PST_AW 5      /* avail wrap counter */
+#define PST_UW 6      /* used wrap counter */
+#define PST_IFD 7     /* descriptors in flight */
+#define PST_HF 8      /* the held flags */
+#define PST_SS 9      /* descriptors used since the last notification decision */
+#define PST_MIN 10
 
+#define KIND_SPLIT 0
+#define KIND_PACKED 1
+
+#define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define PDESC_F_AVAIL (1u << 7)
+#define PDESC_F_USED (1u << 15)
+#define PDESC_AU (PDESC_F_AVAIL | PDESC_F_USED)
 #define HDR_F_NEEDS_CSUM 1
 #define MAX_REGIONS 512
 #define MAX_DSTS 64
@@ -105,14 +129,24 @@ static void log_release(dlog_t *l) {
 
 typedef struct {
     Py_buffer st_b, desc_b, avail_b, used_b;
+    int have_st, have_desc, have_avail, have_used;
     int64_t *st;
     uint8_t *desc;
-    uint16_t *avail;
-    uint8_t *used;
+    uint16_t *avail;    /* split only */
+    uint8_t *used;      /* split only */
     uint32_t size, mask;
-    int have;           /* buffers acquired */
-    uint64_t used_gpa;  /* where used-ring writes are logged */
+    int packed;
+    uint64_t log_gpa;   /* split: the used ring; packed: the descriptor ring */
     dlog_t log;
+    /* For this call: split: avail.idx as read once; packed: where the next available
+       descriptor is looked for (slot, wrap), advanced as buffers are taken. */
+    uint16_t avail_idx;
+    uint32_t cur;
+    int cur_wrap;
+    /* Packed, transmit side: the first used descriptor of this call (its flags are
+       stored last). */
+    int64_t first_off;
+    uint16_t first_flags;
 } ring_t;
 
 typedef struct {
@@ -122,8 +156,7 @@ typedef struct {
     Py_ssize_t hl;
     int ok;             /* a spec was given (None: frames to it stop the burst) */
     int64_t frames, bytes, nobuf;
-    uint32_t taken;     /* receive chains used in this call */
-    uint8_t *seen;      /* heads used in this call (size bits) */
+    uint8_t *seen;      /* heads (split) or buffer ids (packed) used in this call */
 } dst_t;
 
 static void regions_release(regions_t *rg) {
@@ -202,55 +235,15 @@ static inline uint8_t *translate(regions_t *rg, uint64_t a, uint64_t len) {
 
 static void ring_release(ring_t *r) {
     log_release(&r->log);
-    if (r->have) {
-        PyBuffer_Release(&r->st_b);
-        PyBuffer_Release(&r->desc_b);
-        PyBuffer_Release(&r->avail_b);
+    if (r->have_used)
         PyBuffer_Release(&r->used_b);
-        r->have = 0;
-    }
-}
-
-/* (state, desc, avail, used, size) with the areas as SplitDeviceRing exposes them. */
-static int ring_load(ring_t *r, PyObject *st, PyObject *desc, PyObject *avail,
-                     PyObject *used, unsigned long size) {
-    memset(r, 0, sizeof(*r));
-    if (size == 0 || size > MAX_QUEUE || (size & (size - 1))) {
-        PyErr_Format(PyExc_ValueError, "queue size %lu is not a power of two in 1..32768",
-                     size);
-        return -1;
-    }
-    if (PyObject_GetBuffer(st, &r->st_b, PyBUF_WRITABLE) < 0)
-        return -1;
-    if (PyObject_GetBuffer(desc, &r->desc_b, PyBUF_SIMPLE) < 0)
-        goto f1;
-    if (PyObject_GetBuffer(avail, &r->avail_b, PyBUF_SIMPLE) < 0)
-        goto f2;
-    if (PyObject_GetBuffer(used, &r->used_b, PyBUF_WRITABLE) < 0)
-        goto f3;
-    r->have = 1;
-    if (r->st_b.len < (Py_ssize_t)(ST_MIN * sizeof(int64_t))
-            || r->desc_b.len < (Py_ssize_t)(16 * size)
-            || r->avail_b.len < (Py_ssize_t)(4 + 2 * size)
-            || r->used_b.len < (Py_ssize_t)(4 + 8 * size)) {
-        PyErr_SetString(PyExc_ValueError, "ring areas or state block too small");
-        ring_release(r);
-        return -1;
-    }
-    r->st = (int64_t *)r->st_b.buf;
-    r->desc = (uint8_t *)r->desc_b.buf;
-    r->avail = (uint16_t *)r->avail_b.buf;
-    r->used = (uint8_t *)r->used_b.buf;
-    r->size = (uint32_t)size;
-    r->mask = (uint32_t)size - 1;
-    return 0;
-f3:
-    PyBuffer_Release(&r->avail_b);
-f2:
-    PyBuffer_Release(&r->desc_b);
-f1:
-    PyBuffer_Release(&r->st_b);
-    return -1;
+    if (r->have_avail)
+        PyBuffer_Release(&r->avail_b);
+    if (r->have_desc)
+        PyBuffer_Release(&r->desc_b);
+    if (r->have_st)
+        PyBuffer_Release(&r->st_b);
+    r->have_st = r->have_desc = r->have_avail = r->have_used = 0;
 }
 
 static inline uint16_t load16_acquire(const uint16_t *p) {
@@ -261,55 +254,223 @@ static inline void store16_release(uint16_t *p, uint16_t v) {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
 }
 
-static inline void put_used(uint8_t *used, uint32_t slot, uint32_t id, uint32_t len) {
-    uint32_t e[2] = {id, len};
-    memcpy(used + 4 + 8 * (size_t)slot, e, 8);
+/* A ring's engine_view (kind, state, desc, avail, used, size, log_gpa) and its dirty log
+   (None or a writable buffer). Sets up the per-call cursors. */
+static int ring_load(ring_t *r, PyObject *view, PyObject *log) {
+    memset(r, 0, sizeof(*r));
+    int kind;
+    PyObject *st, *desc, *avail, *used;
+    unsigned long size;
+    unsigned long long log_gpa;
+    if (!PyArg_ParseTuple(view, "iOOOOkK", &kind, &st, &desc, &avail, &used, &size, &log_gpa))
+        return -1;
+    if (kind != KIND_SPLIT && kind != KIND_PACKED) {
+        PyErr_Format(PyExc_ValueError, "ring kind %d is neither split (0) nor packed (1)",
+                     kind);
+        return -1;
+    }
+    r->packed = kind == KIND_PACKED;
+    if (size == 0 || size > MAX_QUEUE || (!r->packed && (size & (size - 1)))) {
+        PyErr_Format(PyExc_ValueError, "queue size %lu is not valid for a %s ring", size,
+                     r->packed ? "packed" : "split");
+        return -1;
+    }
+    if (PyObject_GetBuffer(st, &r->st_b, PyBUF_WRITABLE) < 0)
+        goto fail;
+    r->have_st = 1;
+    if (PyObject_GetBuffer(desc, &r->desc_b, r->packed ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        goto fail;
+    r->have_desc = 1;
+    if (!r->packed) {
+        if (PyObject_GetBuffer(avail, &r->avail_b, PyBUF_SIMPLE) < 0)
+            goto fail;
+        r->have_avail = 1;
+        if (PyObject_GetBuffer(used, &r->used_b, PyBUF_WRITABLE) < 0)
+            goto fail;
+        r->have_used = 1;
+    }
+    if (r->st_b.len < (Py_ssize_t)((r->packed ? PST_MIN : ST_MIN) * sizeof(int64_t))
+            || r->desc_b.len < (Py_ssize_t)(16 * size)
+            || (!r->packed && (r->avail_b.len < (Py_ssize_t)(4 + 2 * size)
+                               || r->used_b.len < (Py_ssize_t)(4 + 8 * size)))) {
+        PyErr_SetString(PyExc_ValueError, "ring areas or state block too small");
+        goto fail;
+    }
+    r->st = (int64_t *)r->st_b.buf;
+    r->desc = (uint8_t *)r->desc_b.buf;
+    r->size = (uint32_t)size;
+    r->mask = (uint32_t)size - 1;
+    r->log_gpa = log_gpa;
+    if (r->packed) {
+        if (r->st[ST_NA] < 0 || r->st[ST_NA] >= (int64_t)size || r->st[ST_UI] < 0
+                || r->st[ST_UI] >= (int64_t)size) {
+            PyErr_SetString(PyExc_ValueError, "packed ring state out of range");
+            goto fail;
+        }
+        r->cur = (uint32_t)r->st[ST_NA];
+        r->cur_wrap = (int)r->st[PST_AW];
+        r->first_off = -1;
+    } else {
+        r->avail = (uint16_t *)r->avail_b.buf;
+        r->used = (uint8_t *)r->used_b.buf;
+        r->avail_idx = load16_acquire(&r->avail[1]);
+    }
+    if (log_load(&r->log, log) < 0)
+        goto fail;
+    return 0;
+fail:
+    ring_release(r);
+    return -1;
+}
+
+/* The next available buffer of r (ring order, from where the ring's state says).
+   1: *id (split: the head; packed: the buffer id), *addr, *len, *flags (packed: without
+   the AVAIL/USED bits) set; 0: none available; -1: an avail entry the Python engine must
+   judge (outside the queue, more than the queue size outstanding). */
+static inline int ring_peek(ring_t *r, uint32_t *id, uint64_t *addr, uint32_t *len,
+                            uint16_t *flags) {
+    const uint8_t *de;
+    if (!r->packed) {
+        uint16_t na = (uint16_t)r->st[ST_NA];
+        uint16_t pending = (uint16_t)(r->avail_idx - na);
+        if (pending > r->size)
+            return -1;
+        if (pending == 0)
+            return 0;
+        uint32_t h = r->avail[2 + (na & r->mask)];
+        if (h >= r->size)
+            return -1;
+        de = r->desc + 16 * (size_t)h;
+        *id = h;
+        memcpy(flags, de + 12, 2);
+    } else {
+        de = r->desc + 16 * (size_t)r->cur;
+        uint16_t f = load16_acquire((const uint16_t *)(de + 14));
+        uint16_t want = r->cur_wrap ? PDESC_F_AVAIL : PDESC_F_USED;
+        if ((f & PDESC_AU) != want)
+            return 0;
+        uint16_t bid;
+        memcpy(&bid, de + 12, 2);
+        if (bid >= r->size)
+            return -1;
+        *id = bid;
+        *flags = f & (uint16_t)~PDESC_AU;
+    }
+    memcpy(addr, de, 8);
+    memcpy(len, de + 8, 4);
+    return 1;
+}
+
+/* True when nothing of r is in flight or held back: the only state this module works
+   from (packed: the used position then equals the avail position). */
+static inline int ring_idle(ring_t *r) {
+    if (r->st[ST_IF] != 0)
+        return 0;
+    if (!r->packed)
+        return 1;
+    return r->st[ST_HELD] < 0 && r->st[ST_UI] == r->st[ST_NA] && r->st[PST_UW] == r->st[PST_AW];
+}
+
+/* Move past the buffer ring_peek returned (packed: the descriptor cursor). */
+static inline void ring_advance(ring_t *r) {
+    if (r->packed && ++r->cur == r->size) {
+        r->cur = 0;
+        r->cur_wrap ^= 1;
+    }
+}
+
+/* Write the used entry of buffer id with written bytes at the ring's used position and
+   move it on. hold: packed: the first flags of this call are kept in first_off/flags for
+   ring_finish (transmit) or the state's held fields (receive, deferred publication);
+   split: nothing (used.idx is what publishes). */
+static inline void ring_use(ring_t *r, uint32_t id, uint32_t written, int defer) {
+    if (!r->packed) {
+        uint16_t ui = (uint16_t)r->st[ST_UI];
+        uint32_t slot = ui & r->mask;
+        uint32_t e[2] = {id, written};
+        memcpy(r->used + 4 + 8 * (size_t)slot, e, 8);
+        log_mark(&r->log, r->log_gpa + 4 + 8 * (uint64_t)slot, 8);
+        r->st[ST_UI] = (uint16_t)(ui + 1);
+        r->st[ST_NA] = (uint16_t)(r->st[ST_NA] + 1);
+        if (defer)
+            r->st[ST_HELD] = 1;
+        return;
+    }
+    uint32_t slot = (uint32_t)r->st[ST_UI];
+    uint8_t *de = r->desc + 16 * (size_t)slot;
+    uint16_t bid = (uint16_t)id;
+    memcpy(de + 8, &written, 4);
+    memcpy(de + 12, &bid, 2);
+    uint16_t f = (uint16_t)((r->st[PST_UW] ? PDESC_AU : 0) | (written ? DESC_F_WRITE : 0));
+    int64_t off = 8 * (int64_t)slot + 7;  /* the flags, in 16-bit units */
+    if (defer && r->st[ST_HELD] < 0) {
+        r->st[ST_HELD] = off;
+        r->st[PST_HF] = f;
+        r->st[ST_PUSHED] = 0;
+    } else if (!defer && r->first_off < 0) {
+        r->first_off = off;
+        r->first_flags = f;
+    } else {
+        store16_release((uint16_t *)de + 7, f);
+    }
+    log_mark(&r->log, r->log_gpa + 16 * (uint64_t)slot + 8, 8);
+    if (++slot == r->size) {
+        slot = 0;
+        r->st[PST_UW] ^= 1;
+    }
+    r->st[ST_UI] = slot;
+    r->st[ST_NA] = r->cur;
+    r->st[PST_AW] = r->cur_wrap;
+    r->st[PST_SS] += 1;
+}
+
+/* Publish what ring_use(defer=0) wrote in this call (taken entries). */
+static inline void ring_finish(ring_t *r, uint32_t taken) {
+    if (!taken)
+        return;
+    if (!r->packed) {
+        /* Buffer copies and used elements before used.idx (release store). */
+        store16_release((uint16_t *)(r->used + 2), (uint16_t)r->st[ST_UI]);
+        log_mark(&r->log, r->log_gpa + 2, 2);
+        r->st[ST_HELD] = 0;
+    } else if (r->first_off >= 0) {
+        /* Everything else of the batch before the first used descriptor's flags. */
+        store16_release((uint16_t *)r->desc + r->first_off, r->first_flags);
+        r->first_off = -1;
+    }
+    r->st[ST_PUSHED] = 1;
 }
 
 /* Where the next receive buffer of d is, for a frame of need bytes.
-   1: ptr/head set; 0: no buffer available (the frame is dropped: no_rx_buffer);
-   -1: a chain the Python engine must take (stop before this frame). */
-static int rx_peek(dst_t *d, uint64_t need, uint8_t **ptr, uint32_t *head, uint64_t *gpa) {
+   1: ptr/id/gpa set; 0: no buffer available (the frame is dropped: no_rx_buffer);
+   -1: a buffer the Python engine must take (stop before this frame). */
+static int rx_peek(dst_t *d, uint64_t need, uint8_t **ptr, uint32_t *id, uint64_t *gpa) {
     ring_t *r = &d->ring;
-    uint16_t na = (uint16_t)r->st[ST_NA];
-    uint16_t idx = load16_acquire(&r->avail[1]);
-    uint16_t pending = (uint16_t)(idx - na);
-    if (pending > r->size)
-        return -1;
-    if (pending == 0)
-        return 0;
-    uint32_t h = r->avail[2 + (na & r->mask)];
-    if (h >= r->size || (d->seen[h >> 3] & (1u << (h & 7))))
-        return -1;
     uint64_t addr;
     uint32_t len;
     uint16_t flags;
-    const uint8_t *de = r->desc + 16 * (size_t)h;
-    memcpy(&addr, de, 8);
-    memcpy(&len, de + 8, 4);
-    memcpy(&flags, de + 12, 2);
-    if (flags != DESC_F_WRITE || len < need)
+    int got = ring_peek(r, id, &addr, &len, &flags);
+    if (got <= 0)
+        return got;
+    if ((d->seen[*id >> 3] & (1u << (*id & 7))) || flags != DESC_F_WRITE || len < need)
         return -1;
     uint8_t *p = translate(d->regs, addr, need);
     if (p == NULL)
         return -1;
     *ptr = p;
-    *head = h;
     *gpa = addr;
     return 1;
 }
 
-static PyObject *split_forward(PyObject *self, PyObject *args) {
+static PyObject *forward(PyObject *self, PyObject *args) {
     PyObject *src_spec, *dsts_obj, *decide;
     Py_ssize_t budget;
     if (!PyArg_ParseTuple(args, "OOOn", &src_spec, &dsts_obj, &decide, &budget))
         return NULL;
-    PyObject *s_st, *s_desc, *s_avail, *s_used, *s_regs, *s_log;
-    unsigned long s_size;
-    unsigned long long s_used_gpa;
+    PyObject *s_view, *s_regs, *s_log;
     Py_ssize_t hl, minlen, maxlen;
-    if (!PyArg_ParseTuple(src_spec, "OOOOkOnnnKO", &s_st, &s_desc, &s_avail, &s_used, &s_size,
-                          &s_regs, &hl, &minlen, &maxlen, &s_used_gpa, &s_log))
+    if (!PyArg_ParseTuple(src_spec, "OOnnnO", &s_view, &s_regs, &hl, &minlen, &maxlen,
+                          &s_log))
         return NULL;
     if (hl < 2 || minlen < hl + 12 || maxlen < minlen) {
         PyErr_SetString(PyExc_ValueError, "bad header or frame length limits");
@@ -337,10 +498,7 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto out;
     }
-    if (ring_load(&src, s_st, s_desc, s_avail, s_used, s_size) < 0)
-        goto out;
-    src.used_gpa = s_used_gpa;
-    if (log_load(&src.log, s_log) < 0)
+    if (ring_load(&src, s_view, s_log) < 0)
         goto out;
     if (regions_load(sregs, s_regs) < 0)
         goto out;
@@ -349,16 +507,10 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
         dst_t *d = &dst[i];
         if (spec == Py_None)
             continue;
-        PyObject *st, *desc, *avail, *used, *regs, *hdr, *log;
-        unsigned long size;
-        unsigned long long used_gpa;
-        if (!PyArg_ParseTuple(spec, "OOOOkOSKO", &st, &desc, &avail, &used, &size, &regs, &hdr,
-                              &used_gpa, &log))
+        PyObject *view, *regs, *hdr, *log;
+        if (!PyArg_ParseTuple(spec, "OOSO", &view, &regs, &hdr, &log))
             goto out;
-        if (ring_load(&d->ring, st, desc, avail, used, size) < 0)
-            goto out;
-        d->ring.used_gpa = used_gpa;
-        if (log_load(&d->ring.log, log) < 0)
+        if (ring_load(&d->ring, view, log) < 0)
             goto out;
         d->regs = &dregs[i];
         if (regions_load(d->regs, regs) < 0)
@@ -369,11 +521,14 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "receive header longer than 64 bytes");
             goto out;
         }
-        /* Chains already in flight (a mergeable carry) are the Python engine's. */
-        d->ok = d->ring.st[ST_IF] == 0;
+        /* Buffers already in flight (a mergeable carry) are the Python engine's; a
+           packed ring may hold flags back from this same burst (stored directly then). */
+        d->ok = d->ring.st[ST_IF] == 0
+                && (!d->ring.packed || (d->ring.st[ST_UI] == d->ring.st[ST_NA]
+                                        && d->ring.st[PST_UW] == d->ring.st[PST_AW]));
     }
     {
-        /* One bit per head of every ring: the heads used in this call. */
+        /* One bit per head or buffer id of every ring: those used in this call. */
         size_t total = (src.size + 7) / 8;
         for (Py_ssize_t i = 0; i < nd; i++)
             total += (dst[i].ring.size + 7) / 8;
@@ -393,40 +548,34 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
     int64_t rx_bytes = 0, flooded = 0, filtered = 0;
     const char *stop = "empty";
     int failed = 0;
-    if (src.st[ST_IF] != 0) {
+    if (!ring_idle(&src)) {
         stop = "in-flight";
         goto finish;
     }
     {
-        uint16_t na = (uint16_t)src.st[ST_NA];
-        uint16_t idx = load16_acquire(&src.avail[1]);
-        uint32_t pending = (uint16_t)(idx - na);
-        if (pending > src.size) {
-            stop = "avail";
-            goto finish;
-        }
-        if ((Py_ssize_t)pending > budget)
-            pending = (uint32_t)budget;
         uint8_t *sseen = seen;
-        uint16_t ui = (uint16_t)src.st[ST_UI];
         uint8_t *ptrs[MAX_DSTS];
-        uint32_t heads[MAX_DSTS];
+        uint32_t ids[MAX_DSTS];
         uint64_t gpas[MAX_DSTS];
         int take[MAX_DSTS];
-        stop = pending ? "done" : "empty";
-        for (uint32_t k = 0; k < pending; k++) {
-            uint32_t h = src.avail[2 + ((uint16_t)(na + k) & src.mask)];
-            if (h >= src.size || (sseen[h >> 3] & (1u << (h & 7)))) {
-                stop = "head";
+        for (;;) {
+            if ((Py_ssize_t)taken >= budget) {
+                stop = "done";
                 break;
             }
+            uint32_t h;
             uint64_t addr;
             uint32_t len;
             uint16_t flags;
-            const uint8_t *de = src.desc + 16 * (size_t)h;
-            memcpy(&addr, de, 8);
-            memcpy(&len, de + 8, 4);
-            memcpy(&flags, de + 12, 2);
+            int got = ring_peek(&src, &h, &addr, &len, &flags);
+            if (got == 0) {
+                stop = taken ? "done" : "empty";
+                break;
+            }
+            if (got < 0 || (sseen[h >> 3] & (1u << (h & 7)))) {
+                stop = "head";
+                break;
+            }
             if (flags != 0 || len < (uint64_t)minlen || len > (uint64_t)maxlen) {
                 stop = "layout";
                 break;
@@ -449,8 +598,8 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
                     failed = 1;
                     break;
                 }
-                PyObject *got = PyObject_CallOneArg(decide, key);
-                if (got == NULL) {
+                PyObject *res = PyObject_CallOneArg(decide, key);
+                if (res == NULL) {
                     Py_DECREF(key);
                     failed = 1;
                     break;
@@ -458,9 +607,9 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
                 Py_XDECREF(last_key);
                 Py_XDECREF(last_targets);
                 last_key = key;
-                last_targets = got;
-                if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2
-                        || !PyTuple_Check(PyTuple_GET_ITEM(got, 0))) {
+                last_targets = res;
+                if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2
+                        || !PyTuple_Check(PyTuple_GET_ITEM(res, 0))) {
                     PyErr_SetString(PyExc_TypeError,
                                     "decide() must return (tuple of indices, kind)");
                     failed = 1;
@@ -493,10 +642,10 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
                     bail = 1;
                     break;
                 }
-                int got = rx_peek(d, (uint64_t)d->hl + flen, &ptrs[t], &heads[t], &gpas[t]);
-                if (got < 0)
+                int r = rx_peek(d, (uint64_t)d->hl + flen, &ptrs[t], &ids[t], &gpas[t]);
+                if (r < 0)
                     bail = 1;
-                take[t] = got;
+                take[t] = r;
             }
             if (failed)
                 break;
@@ -514,43 +663,28 @@ static PyObject *split_forward(PyObject *self, PyObject *args) {
                 memcpy(q, d->hdr, (size_t)d->hl);
                 memcpy(q + d->hl, frame, (size_t)flen);
                 ring_t *r = &d->ring;
-                uint16_t dui = (uint16_t)r->st[ST_UI];
-                put_used(r->used, dui & r->mask, heads[t], (uint32_t)(d->hl + flen));
                 log_mark(&r->log, gpas[t], (uint64_t)d->hl + flen);
-                log_mark(&r->log, r->used_gpa + 4 + 8 * (uint64_t)(dui & r->mask), 8);
-                r->st[ST_UI] = (uint16_t)(dui + 1);
-                r->st[ST_NA] = (uint16_t)(r->st[ST_NA] + 1);
-                r->st[ST_HELD] = 1;
-                d->seen[heads[t] >> 3] |= (uint8_t)(1u << (heads[t] & 7));
+                ring_advance(r);
+                ring_use(r, ids[t], (uint32_t)(d->hl + flen), 1);
+                d->seen[ids[t] >> 3] |= (uint8_t)(1u << (ids[t] & 7));
                 d->frames++;
                 d->bytes += (int64_t)flen;
-                d->taken++;
             }
             if (kind == 1)
                 flooded++;
             else if (kind == 2)
                 filtered++;
             sseen[h >> 3] |= (uint8_t)(1u << (h & 7));
-            put_used(src.used, (uint16_t)(ui + taken) & src.mask, h, 0);
-            log_mark(&src.log, src.used_gpa + 4 + 8 * (uint64_t)((uint16_t)(ui + taken) & src.mask),
-                     8);
+            ring_advance(&src);
+            ring_use(&src, h, 0, 0);
             rx_bytes += (int64_t)flen;
             taken++;
         }
-        if (taken) {
-            /* Buffer copies and used elements before used.idx (release store). */
-            uint16_t nu = (uint16_t)(ui + taken);
-            store16_release((uint16_t *)(src.used + 2), nu);
-            log_mark(&src.log, src.used_gpa + 2, 2);
-            src.st[ST_UI] = nu;
-            src.st[ST_NA] = (uint16_t)(na + taken);
-            src.st[ST_HELD] = 0;
-            src.st[ST_PUSHED] = 1;
-        }
+        ring_finish(&src, taken);
     }
 finish:
     if (failed) {
-        /* What was taken is complete and recorded; report the callback's error. */
+        /* What was taken is complete and published; report the callback's error. */
         goto out;
     }
     {
@@ -590,14 +724,13 @@ out:
     return result;
 }
 
-
 /* ---------------------------------------------------------------------------------------
  * blk_serve(): one burst of a virtio-blk split request queue, read and write requests
  * straight between the image file and guest buffers (preadv/pwritev on the guest memory
  * itself, the GIL released around each call), completions published with one used.idx
  * store, the inflight area (vhost-user.rst "Inflight I/O tracking", split) kept in step.
  *
- * Like split_forward() it takes only what it fully understands and stops before anything
+ * Like forward() it takes only what it fully understands and stops before anything
  * else, so every validation message and every other request type stays in the Python
  * engine: a chain of direct descriptors linked by NEXT, or one INDIRECT descriptor whose
  * table links entries by NEXT; every buffer inside one memory region; readable before
@@ -610,8 +743,6 @@ out:
  * OSError (a read that hits the end of the file included); the last errno is returned so
  * the caller can log it.
  * --------------------------------------------------------------------------------------- */
-#define DESC_F_NEXT 1
-#define DESC_F_INDIRECT 4
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
 #define BLK_T_BARRIER 0x80000000u
@@ -734,15 +865,13 @@ static int blk_transfer(int fd, struct iovec *iov, int cnt, uint64_t off, int wr
 }
 
 static PyObject *blk_serve(PyObject *self, PyObject *args) {
-    PyObject *st, *desc, *avail, *used, *regs, *log, *inflight, *tstate;
-    unsigned long size;
-    unsigned long long used_gpa, capacity;
+    PyObject *view, *regs, *log, *inflight, *tstate;
+    unsigned long long capacity;
     int fd, read_only, indirect_ok;
     unsigned long blk_size;
     Py_ssize_t budget;
-    if (!PyArg_ParseTuple(args, "(OOOOk)OKOiKkppnOO", &st, &desc, &avail, &used, &size, &regs,
-                          &used_gpa, &log, &fd, &capacity, &blk_size, &read_only,
-                          &indirect_ok, &budget, &inflight, &tstate))
+    if (!PyArg_ParseTuple(args, "OOOiKkppnOO", &view, &regs, &log, &fd, &capacity, &blk_size,
+                          &read_only, &indirect_ok, &budget, &inflight, &tstate))
         return NULL;
     if (blk_size < 512 || (blk_size & (blk_size - 1))) {
         PyErr_Format(PyExc_ValueError, "blk_size %lu is not a power of two >= 512", blk_size);
@@ -762,17 +891,18 @@ static PyObject *blk_serve(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto out;
     }
-    if (ring_load(&r, st, desc, avail, used, size) < 0)
+    if (ring_load(&r, view, log) < 0)
         goto out;
+    if (r.packed) {
+        PyErr_SetString(PyExc_ValueError, "blk_serve takes split rings only");
+        goto out;
+    }
     seen = PyMem_Calloc((r.size + 7) / 8, 1);
     heads = PyMem_Malloc(r.size * sizeof(uint16_t));
     if (seen == NULL || heads == NULL) {
         PyErr_NoMemory();
         goto out;
     }
-    r.used_gpa = used_gpa;
-    if (log_load(&r.log, log) < 0)
-        goto out;
     if (regions_load(rg, regs) < 0)
         goto out;
     /* The inflight region of this queue (header 16 bytes, then 16 bytes per descriptor)
@@ -786,7 +916,7 @@ static PyObject *blk_serve(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(tstate, &tb, PyBUF_WRITABLE) < 0)
             goto out;
         have_tb = 1;
-        if (ib.len < (Py_ssize_t)(16 + 16 * (size_t)size) || tb.len < 3 * (Py_ssize_t)sizeof(int64_t)) {
+        if (ib.len < (Py_ssize_t)(16 + 16 * (size_t)r.size) || tb.len < 3 * (Py_ssize_t)sizeof(int64_t)) {
             PyErr_SetString(PyExc_ValueError, "inflight region or tracker state too small");
             goto out;
         }
@@ -904,8 +1034,9 @@ static PyObject *blk_serve(PyObject *self, PyObject *args) {
             for (int i = nr; i < n; i++)
                 log_mark(&r.log, segs[i].gpa, segs[i].len);
             uint16_t slot = (uint16_t)(ui + taken) & r.mask;
-            put_used(r.used, slot, h, (uint32_t)wlen);
-            log_mark(&r.log, r.used_gpa + 4 + 8 * (uint64_t)slot, 8);
+            uint32_t e[2] = {h, (uint32_t)wlen};
+            memcpy(r.used + 4 + 8 * (size_t)slot, e, 8);
+            log_mark(&r.log, r.log_gpa + 4 + 8 * (uint64_t)slot, 8);
             seen[h >> 3] |= (uint8_t)(1u << (h & 7));
             heads[taken++] = (uint16_t)h;
         }
@@ -923,7 +1054,7 @@ static PyObject *blk_serve(PyObject *self, PyObject *args) {
             }
             /* Status bytes, data and used elements before used.idx (release store). */
             store16_release((uint16_t *)(r.used + 2), nu);
-            log_mark(&r.log, r.used_gpa + 2, 2);
+            log_mark(&r.log, r.log_gpa + 2, 2);
             if (ia != NULL) {
                 /* After: clear the inflight flags, then the area's used_idx. */
                 for (uint32_t i = 0; i < taken; i++)
@@ -958,14 +1089,15 @@ out:
 }
 
 static PyMethodDef methods[] = {
-    {"split_forward", split_forward, METH_VARARGS,
-     "split_forward(src, dsts, decide, budget) -> (taken, rx_bytes, flooded, filtered, "
-     "per_dst, stop)\n\n"
-     "One transmit burst of a split ring switched into split receive rings (see the "
-     "module source for the contract)."},
+    {"forward", forward, METH_VARARGS,
+     "forward((ring_view, regions, hdr_len, min_len, max_len, log), dsts, decide, budget) "
+     "-> (taken, rx_bytes, flooded, filtered, per_dst, stop)\n\n"
+     "One transmit burst of a split or packed ring switched into receive rings of either "
+     "kind; dsts: None or (ring_view, regions, rx_header, log) each (see the module "
+     "source for the contract)."},
     {"blk_serve", blk_serve, METH_VARARGS,
-     "blk_serve((state, desc, avail, used, size), regions, used_gpa, log, fd, capacity, "
-     "blk_size, read_only, indirect, budget, inflight_region, tracker_state) -> (taken, "
+     "blk_serve(ring_view, regions, log, fd, capacity, blk_size, read_only, indirect, "
+     "budget, inflight_region, tracker_state) -> (taken, "
      "reads, writes, read_errors, write_errors, last_errno, last_sector, stop)\n\n"
      "One burst of a virtio-blk split request queue served from a file descriptor (see "
      "the module source for the contract)."},
@@ -981,7 +1113,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

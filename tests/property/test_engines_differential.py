@@ -2,8 +2,8 @@
 guest memory, ring states and counters with the compiled engine as with pure Python.
 
 Two worlds are built alike - a switch with two or three ports, each a virtio-net device
-over its own bytearray of guest memory with our driver rings (split; header of 10 or 12
-bytes; mergeable buffers or not) - one running ``engine="python"``, one
+over its own bytearray of guest memory with our driver rings (split or packed, in any
+mix; header of 10 or 12 bytes; mergeable buffers or not) - one running ``engine="python"``, one
 ``engine="compiled"``. Hypothesis plays the same random script on both: receive buffers
 posted (big, too small for a frame, split over two descriptors), frames sent (to learned,
 unknown, broadcast and multicast addresses; runts and oversized ones; chains of two
@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.net_rig import MRG, RING_AREA, V1, Rig, eth
+from tests.unit.net_rig import EVENT_IDX, MRG, PACKED, RING_AREA, V1, Rig, eth
 from vhostuser import engine as engines
 from vhostuser.devices.net import VirtioNetDevice
 from vhostuser.memory import DirtyLog
@@ -135,6 +135,7 @@ class World:
                 "state": {q: list(r.state) for q, r in rings.items()},
                 "broken": dict(rig.access.broken),
                 "held": rig.dev.held_rx_chains,
+                "notified": list(rig.access.notified),
             }
         return out
 
@@ -197,6 +198,16 @@ def play(w: World, act: tuple[Any, ...]) -> None:
         drv = rig.drivers[1]
         if drv.broken is not None or drv.num_free < 1:
             return
+        if rig.packed:
+            rig.tx_chain([bytes(rig.hdr_len) + bytes(60)])
+            slot = (drv._next_avail - 1) % drv._size
+            if a == "head":
+                # A buffer id outside the queue.
+                struct.pack_into("<H", drv._desc, 16 * slot + 12, 0x7FFF)
+            else:
+                # The newest descriptor points outside guest memory.
+                struct.pack_into("<Q", drv._desc, 16 * slot, len(rig.buf) + 4096)
+            return
         if a == "head":
             # An avail entry naming a head outside the queue.
             drv._avail_h[2 + (drv._avail_idx & drv._mask)] = 0x7FFF
@@ -209,7 +220,10 @@ def play(w: World, act: tuple[Any, ...]) -> None:
             struct.pack_into("<Q", rig.buf, RING_AREA + 16 * head, len(rig.buf) + 4096)
 
 
-features_st = st.lists(st.sampled_from([V1 | MRG, V1, 0]), min_size=2, max_size=3)
+# Split and packed rings, in any mix on one switch.
+features_st = st.lists(st.sampled_from([V1 | MRG, V1, 0, V1 | MRG | PACKED, V1 | PACKED,
+                                        V1 | MRG | EVENT_IDX, V1 | PACKED | EVENT_IDX]),
+                       min_size=2, max_size=3)
 
 
 @settings(max_examples=150, deadline=None,
@@ -255,16 +269,21 @@ def check_logged(rig: Rig, before: bytes) -> None:
     assert not missing, f"pages written but not logged: {sorted(missing)}"
 
 
-def test_the_compiled_engine_really_runs() -> None:
-    """The differential test is not vacuous: the compiled engine takes the common case."""
-    w = World("compiled", [V1 | MRG, V1 | MRG])
+@pytest.mark.parametrize("features", [[V1 | MRG, V1 | MRG], [V1 | PACKED, V1 | PACKED],
+                                      [V1 | MRG | PACKED, V1], [V1, V1 | MRG | PACKED]],
+                         ids=["split", "packed", "packed-to-split", "split-to-packed"])
+def test_the_compiled_engine_really_runs(features: list[int]) -> None:
+    """The differential test is not vacuous: the compiled engine takes the common case,
+    on split and packed rings in any mix."""
+    w = World("compiled", features)
     calls: list[int] = []
     real = w.switch.compiled_burst
 
-    def spy(port: Port, dev: VirtioNetDevice, index: int, ring: Any, budget: int) -> int:
-        n = real(port, dev, index, ring, budget)
+    def spy(port: Port, dev: VirtioNetDevice, index: int, ring: Any,
+            budget: int) -> tuple[int, bool]:
+        n, complete = real(port, dev, index, ring, budget)
         calls.append(n)
-        return n
+        return n, complete
 
     w.switch.compiled_burst = spy  # type: ignore[method-assign]
     for p in w.ports:
@@ -276,6 +295,8 @@ def test_the_compiled_engine_really_runs() -> None:
         assert calls[0] == 5
         got = w.rigs[1].reap_rx()
         assert [len(f) for _h, f in got] == [64] * 5
+        assert w.rigs[0].dev.held_rx_chains == 0
+        assert not w.rigs[1].access.broken and not w.rigs[0].access.broken
         assert w.ports[1].counters.tx_frames == 5 and w.ports[0].counters.rx_frames == 5
     finally:
         w.close()

@@ -726,16 +726,16 @@ class BlkDevice(Device):
             tstate = tracker.state
         try:
             taken, reads, writes, rerr, werr, err, sector, _stop = fast(
-                ring.engine_view, got[0], ring.used_gpa, got[1], fd, self.capacity,
+                ring.engine_view, got[0], got[1], fd, self.capacity,
                 self.blk_size, self.read_only, ring.indirect, budget, region, tstate)
         finally:
             if region is not None:
                 region.release()
         stats = self.stats
-        for key, n in (("IN OK", reads), ("OUT OK", writes), ("IN IOERR", rerr),
-                       ("OUT IOERR", werr)):
-            if n:
-                stats[key] += n
+        for key, count in (("IN OK", reads), ("OUT OK", writes), ("IN IOERR", rerr),
+                           ("OUT IOERR", werr)):
+            if count:
+                stats[key] += count
         if rerr or werr:
             log.warning("queue %d: %d requests failed, the last at sector %d: %s", index,
                         rerr + werr, sector, os.strerror(err))

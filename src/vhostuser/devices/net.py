@@ -48,6 +48,7 @@ from ..errors import RingError
 from ..protocol.enums import DeviceType, NetFeature, ProtocolFeature, VirtioFeature
 from ..virtq.burst import BurstResult
 from ..virtq.chain import DESC_F_WRITE, Chain
+from ..virtq.packed import PackedDeviceRing
 from ..virtq.split import SplitDeviceRing
 from .base import Device, QueueAccess
 
@@ -369,6 +370,8 @@ class DropSink:
 _HDR_UNPACK = NET_HDR.unpack_from
 _DESC_UNPACK = struct.Struct("<QIHH").unpack_from  # virtio 1.2 2.7.5 struct virtq_desc
 _NO_REGION: tuple[int, int, memoryview, int] = (1, 0, memoryview(b""), 0)  # matches nothing
+#: The rings the compiled engine takes (their ``engine_view``).
+_ENGINE_RINGS: Final = (SplitDeviceRing, PackedDeviceRing)
 _MRG_PACK = NET_HDR_MRG.pack_into
 _LEGACY_PACK = NET_HDR.pack_into
 _NUM_BUFFERS = struct.Struct("<H")
@@ -380,7 +383,7 @@ _MAX_QUEUE_SIZE = 32768
 
 
 #: See ``VirtioNetDevice.accelerator``.
-Accelerator = Callable[["VirtioNetDevice", int, SplitDeviceRing, int], int]
+Accelerator = Callable[["VirtioNetDevice", int, Any, int], tuple[int, bool]]
 
 
 class VirtioNetDevice(Device):
@@ -465,8 +468,9 @@ class VirtioNetDevice(Device):
         self._zero_done = [(h, 0) for h in range(256)]
         self.accelerator: Accelerator | None = None
         """A compiled transmit burst (set by the switch when the compiled engine runs):
-        ``accelerator(dev, index, ring, budget)`` returns the chains it took, or -1 when
-        the Python engine must take the next chain."""
+        ``accelerator(dev, index, ring, budget)`` returns ``(taken, complete)``: the
+        chains it took, and False when it stopped before a chain the Python engine must
+        take (which then carries on in the same burst)."""
 
     # -- negotiation --------------------------------------------------------------------
     def _set_features(self, features: int) -> None:
@@ -714,23 +718,36 @@ class VirtioNetDevice(Device):
         to ``budget`` chains, forward their frames, complete them, then let the sink
         publish what it delivered (:meth:`FrameSink.commit`).
 
-        Split rings go through :meth:`_tx_fast` (one-descriptor chains in one memory
-        region, the layout QEMU, Linux and DPDK use) and everything else through the ring
-        engine (:meth:`Device.run_queue`), which validates every case of SECURITY.md.
+        With an :attr:`accelerator` (the compiled engine, set by the switch) split and
+        packed rings go through it first; split rings then go through :meth:`_tx_fast`
+        (one-descriptor chains in one memory region, the layout QEMU, Linux and DPDK use);
+        everything else goes through the ring engine (:meth:`Device.run_queue`), which
+        validates every case of SECURITY.md.
         Guest faults come back in the result; nothing is raised for guest data.
         """
         try:
-            if self.fast_path and enabled and index & 1 and type(ring) is SplitDeviceRing:
+            taken = 0
+            complete = False
+            if self.fast_path and enabled and index & 1 and type(ring) in _ENGINE_RINGS:
                 accel = self.accelerator
                 if accel is not None:
-                    n = accel(self, index, ring, budget)
+                    taken, complete = accel(self, index, ring, budget)
+                if not complete and ring.broken is None and type(ring) is SplitDeviceRing:
+                    n = self._tx_fast(index, ring, budget - taken)
                     if n >= 0:
-                        return BurstResult(n, n, bool(n) and ring.should_notify(),
-                                           ring.broken)
-                n = self._tx_fast(index, ring, budget)
-                if n >= 0:
-                    return BurstResult(n, n, bool(n) and ring.should_notify(), ring.broken)
-            return super().run_queue(index, ring, budget, enabled)
+                        taken += n
+                        complete = taken >= budget or not ring.pending()
+            if complete or ring.broken is not None:
+                return BurstResult(taken, taken, bool(taken) and ring.should_notify(),
+                                   ring.broken)
+            if not taken:
+                return super().run_queue(index, ring, budget, enabled)
+            # A fast path stopped before a chain it leaves to the ring engine: carry on in
+            # the same burst (one notification decision for the whole burst, whichever
+            # engine took which chain).
+            rest = super().run_queue(index, ring, budget - taken, enabled)
+            return BurstResult(taken + rest.popped, taken + rest.pushed,
+                               rest.notify or ring.should_notify(), rest.broken)
         finally:
             # The transmit buffers are back with the driver: now the copies may appear.
             self.sink.commit(self)
@@ -850,34 +867,33 @@ class VirtioNetDevice(Device):
         return total
 
     # -- what the compiled engine needs ------------------------------------------------------
-    def compiled_tx_source(self, ring: SplitDeviceRing) -> tuple[Any, ...] | None:
-        """The transmit side of ``vhostuser._fastpath.split_forward``: the ring's state
-        block and areas, the regions, the header and frame length limits, the used ring's
-        address and the dirty log; None while the compiled engine may not run here."""
+    def compiled_tx_source(self, ring: SplitDeviceRing | PackedDeviceRing
+                           ) -> tuple[Any, ...] | None:
+        """The transmit side of ``vhostuser._fastpath.forward``: the ring's engine view,
+        the regions, the header and frame length limits and the dirty log; None while the
+        compiled engine may not run here."""
         usable, log = self._compiled_log()
         if not usable:
             return None
         hl = self.hdr_len
-        return (ring.state, ring.descriptor_table, ring.avail_area, ring.used_area, ring.size,
-                self._regions, hl, hl + ETH_HLEN, hl + self._max_frame, ring.used_gpa, log)
+        return (ring.engine_view, self._regions, hl, hl + ETH_HLEN, hl + self._max_frame, log)
 
     def compiled_rx_target(self) -> tuple[Any, ...] | None:
-        """The receive side of ``split_forward`` for this NIC, or None when the compiled
-        engine cannot deliver here (the Python engine then does): not exactly one receive
-        pair up, a packed ring, receive chains held back, or an observer of writes."""
+        """The receive side of ``forward`` for this NIC, or None when the compiled engine
+        cannot deliver here (the Python engine then does): not exactly one receive pair
+        up, receive chains held back, or an observer of writes."""
         pairs = self._rx_pairs
         usable, log = self._compiled_log()
         if len(pairs) != 1 or not usable:
             return None
         pair = pairs[0]
         ring = self._rx_ring(pair)
-        if type(ring) is not SplitDeviceRing or self._carry[pair]:
+        if type(ring) not in _ENGINE_RINGS or self._carry[pair]:
             return None
-        return (ring.state, ring.descriptor_table, ring.avail_area, ring.used_area, ring.size,
-                self._regions, self._plain_hdr, ring.used_gpa, log)
+        return (ring.engine_view, self._regions, self._plain_hdr, log)
 
     def compiled_delivered(self, frames: int, nbytes: int, no_buffer: int) -> None:
-        """Count what ``split_forward`` delivered here and queue its publication."""
+        """Count what ``forward`` delivered here and queue its publication."""
         counters = self.counters
         counters.tx_frames += frames
         counters.tx_bytes += nbytes

@@ -231,19 +231,19 @@ class Switch:
         self._aging_timer = self.reactor.call_later(min(self.aging / 4, 10.0), self._age)
 
     def compiled_burst(self, port: Port, dev: VirtioNetDevice, index: int, ring: Any,
-                       budget: int) -> int:
+                       budget: int) -> tuple[int, bool]:
         """One transmit burst of ``port`` through the compiled engine: frames are switched
         straight from the transmit ring into the destinations' receive rings (published at
-        :meth:`commit`). Returns the chains taken, or -1 when the Python engine must take
-        the next chain (a layout, a destination or a state the compiled engine leaves to
-        it)."""
+        :meth:`commit`). Returns ``(taken, complete)``: the chains taken, and False when
+        the Python engine must take the next chain (a layout, a destination or a state the
+        compiled engine leaves to it)."""
         fp = self._fp
         if fp is None:
-            return -1
+            return 0, False
         fabric = self.fabric
         members = [m for m in fabric.members if m is not port]
         if len(members) > 64:
-            return -1
+            return 0, False
         dsts = [m.compiled_target() for m in members]
         flood = tuple(range(len(members)))
         index_of = {id(m): i for i, m in enumerate(members)}
@@ -260,8 +260,8 @@ class Switch:
 
         src = dev.compiled_tx_source(ring)
         if src is None:
-            return -1
-        taken, rx_bytes, flooded, filtered, per, stop = fp.split_forward(
+            return 0, False
+        taken, rx_bytes, flooded, filtered, per, stop = fp.forward(
             src, dsts, decide, budget)
         if taken:
             port.counters.rx_frames += taken
@@ -273,9 +273,7 @@ class Switch:
                 m.compiled_delivered(frames, nbytes, nobuf)
                 if frames:
                     self.to_publish(m)
-        if taken:
-            return int(taken)
-        return 0 if stop == "empty" else -1
+        return int(taken), stop in ("done", "empty")
 
     def to_publish(self, port: Port) -> None:
         """``port`` holds delivered frames back until :meth:`commit`."""

@@ -24,6 +24,7 @@ avail wrap counter, bits 16-30 used index, bit 31 used wrap counter
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Sequence
 from typing import Final, Generic, NamedTuple, NoReturn, TypeVar
 
@@ -82,6 +83,17 @@ T = TypeVar("T")
 def _avail_pattern(wrap: int) -> int:
     """AVAIL/USED bits of a descriptor the driver made available in a lap with ``wrap``."""
     return PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED
+
+
+#: The fields of :attr:`PackedDeviceRing.state`, in order (the first five mean what
+#: they mean in a split ring's block, except ``held``: the 16-bit offset of the held
+#: used descriptor's flags, -1 for none).
+PACKED_STATE_FIELDS: Final = ("next_avail", "used_idx", "in_flight", "held", "pushed",
+                              "avail_wrap", "used_wrap", "in_flight_descs", "held_flags",
+                              "since_signal")
+PACKED_STATE_LEN: Final = 12
+#: ``engine_view`` kinds: a split ring is 0, a packed ring 1.
+PACKED_KIND: Final = 1
 
 
 class PackedBase(NamedTuple):
@@ -158,8 +170,6 @@ class PackedDeviceRing:
 
     __slots__ = (
         "__weakref__",  # a QueueRunner refers to its ring without keeping it alive
-        "_avail_pat",
-        "_avail_wrap",
         "_broken",
         "_desc",
         "_desc_gpa",
@@ -169,22 +179,15 @@ class PackedDeviceRing:
         "_device_gpa",
         "_drv_w",
         "_event_idx",
-        "_held_flags",
-        "_held_off",
         "_ids",
-        "_in_flight",
         "_indirect",
-        "_inflight_descs",
         "_mem",
         "_name",
-        "_next_avail",
-        "_pushed",
         "_signalled_valid",
-        "_since_signal",
         "_size",
         "_slot_of",
-        "_used_idx",
-        "_used_wrap",
+        "_st",
+        "_view",
         "_walked",
     )
 
@@ -227,9 +230,11 @@ class PackedDeviceRing:
         self._dev_w = dev.cast("I")
         self._desc_gpa = desc_gpa
         self._device_gpa = device_gpa
+        # The ring's mutable state lives in one small block (PACKED_STATE_FIELDS) that the
+        # compiled engine reads and writes too.
+        self._st = array("q", bytes(8 * PACKED_STATE_LEN))
         self._next_avail = b.avail_idx
         self._avail_wrap = int(b.avail_wrap)
-        self._avail_pat = _avail_pattern(self._avail_wrap)
         self._used_idx = b.used_idx
         self._used_wrap = int(b.used_wrap)
         self._ids: list[Chain | None] = [None] * size
@@ -244,8 +249,106 @@ class PackedDeviceRing:
         self._held_off = -1
         self._held_flags = 0
         self._since_signal = 0
+        self._view = (PACKED_KIND, self._st, desc, None, None, size, desc_gpa)
         self._signalled_valid = False
         self._walked = 0  # descriptors read by the current pop()
+
+    # -- the state block (PACKED_STATE_FIELDS): every mutable index, in one array ---------
+    @property
+    def state(self) -> array[int]:
+        """The state block (see :data:`PACKED_STATE_FIELDS`), for the compiled engine."""
+        return self._st
+
+    @property
+    def engine_view(self) -> tuple[int, array[int], memoryview, None, None, int, int]:
+        """``(kind, state, descriptor ring, None, None, size, descriptor ring gpa)``: the
+        ring as the compiled engine takes it (built once; :meth:`close` releases the
+        views)."""
+        return self._view
+
+    @property
+    def _next_avail(self) -> int:
+        return self._st[0]
+
+    @_next_avail.setter
+    def _next_avail(self, v: int) -> None:
+        self._st[0] = v
+
+    @property
+    def _used_idx(self) -> int:
+        return self._st[1]
+
+    @_used_idx.setter
+    def _used_idx(self, v: int) -> None:
+        self._st[1] = v
+
+    @property
+    def _in_flight(self) -> int:
+        return self._st[2]
+
+    @_in_flight.setter
+    def _in_flight(self, v: int) -> None:
+        self._st[2] = v
+
+    @property
+    def _held_off(self) -> int:
+        return self._st[3]
+
+    @_held_off.setter
+    def _held_off(self, v: int) -> None:
+        self._st[3] = v
+
+    @property
+    def _pushed(self) -> bool:
+        return bool(self._st[4])
+
+    @_pushed.setter
+    def _pushed(self, v: bool) -> None:
+        self._st[4] = int(v)
+
+    @property
+    def _avail_wrap(self) -> int:
+        return self._st[5]
+
+    @_avail_wrap.setter
+    def _avail_wrap(self, v: int) -> None:
+        self._st[5] = v
+
+    @property
+    def _avail_pat(self) -> int:
+        return _avail_pattern(self._st[5])
+
+    @property
+    def _used_wrap(self) -> int:
+        return self._st[6]
+
+    @_used_wrap.setter
+    def _used_wrap(self, v: int) -> None:
+        self._st[6] = v
+
+    @property
+    def _inflight_descs(self) -> int:
+        return self._st[7]
+
+    @_inflight_descs.setter
+    def _inflight_descs(self, v: int) -> None:
+        self._st[7] = v
+
+    @property
+    def _held_flags(self) -> int:
+        return self._st[8]
+
+    @_held_flags.setter
+    def _held_flags(self, v: int) -> None:
+        self._st[8] = v
+
+    @property
+    def _since_signal(self) -> int:
+        return self._st[9]
+
+    @_since_signal.setter
+    def _since_signal(self, v: int) -> None:
+        self._st[9] = v
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -541,9 +644,7 @@ class PackedDeviceRing:
             slot = 0
             wrap ^= 1
         self._next_avail = slot
-        if wrap != self._avail_wrap:
-            self._avail_wrap = wrap
-            self._avail_pat = _avail_pattern(wrap)
+        self._avail_wrap = wrap
         return chain
 
     # -- inflight tracking (vhost-user.rst "Inflight I/O tracking", packed) ----------------
@@ -683,7 +784,6 @@ class PackedDeviceRing:
                 t.release()
         self._next_avail = next_avail
         self._avail_wrap = int(avail_wrap)
-        self._avail_pat = _avail_pattern(self._avail_wrap)
         self._used_idx = used_idx
         self._used_wrap = int(used_wrap)
         self._signalled_valid = False

@@ -65,6 +65,8 @@ T = TypeVar("T")
 STATE_FIELDS: Final = ("next_avail", "used_idx", "in_flight", "held", "pushed")
 _NA, _UI, _IF, _HELD, _PUSHED = range(5)
 STATE_LEN: Final = 8  # room to grow without changing the compiled engine's checks
+#: ``engine_view`` kinds: a split ring is 0 (a packed ring 1, virtq/packed.py).
+SPLIT_KIND: Final = 0
 
 
 def split_layout(size: int, base_gpa: int = 0) -> tuple[int, int, int, int]:
@@ -191,7 +193,7 @@ class SplitDeviceRing:
         self._st[_UI] = self._used_h[1]
         self._chains: list[Chain | None] = [None] * size
         self._broken: str | None = None
-        self._view = (self._st, desc, self._avail_h, self._used_h, size)
+        self._view = (SPLIT_KIND, self._st, desc, self._avail_h, self._used_h, size, used_gpa)
         # _HELD: used elements written past the published used.idx (push(publish=False)).
         self._signalled_used = self._st[_UI]
         self._signalled_valid = False
@@ -213,9 +215,11 @@ class SplitDeviceRing:
         return self._st
 
     @property
-    def engine_view(self) -> tuple[array[int], memoryview, memoryview, memoryview, int]:
-        """``(state, descriptor_table, avail_area, used_area, size)``: the ring as the
-        compiled engine takes it (built once; the views are released by :meth:`close`)."""
+    def engine_view(self) -> tuple[int, array[int], memoryview, memoryview, memoryview, int,
+                                   int]:
+        """``(kind, state, descriptor_table, avail_area, used_area, size, used ring gpa)``:
+        the ring as the compiled engine takes it (built once; :meth:`close` releases the
+        views). The gpa is where the engine's writes to the ring are logged."""
         return self._view
 
     @property
