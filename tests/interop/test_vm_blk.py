@@ -62,19 +62,26 @@ def _require_guest() -> None:
     require_peer("guest")
 
 
-@pytest.fixture(params=["ours", "qsd"])
+@pytest.fixture(params=["ours", "ours-python", "qsd"])
 def backend(request: pytest.FixtureRequest, sock_dir: Path) -> Iterator[tuple[str, Path, Path]]:
-    """(kind, socket, image) of a running back-end on a fresh 16 MiB raw image."""
+    """(kind, socket, image) of a running back-end on a fresh 16 MiB raw image: ours with
+    each request engine (compiled when built: it must be in CI), or qemu-storage-daemon."""
     _require_guest()
     kind: str = request.param
     if kind == "qsd":
         require_peer("qemu-storage-daemon")
+    engine = "python" if kind == "ours-python" else "auto"
     image = make_raw_image(sock_dir / "disk.raw", DISK_SIZE)
     sock = sock_dir / "blk.sock"
     peer: OurBlk | QemuStorageDaemon
-    peer = OurBlk(sock, image) if kind == "ours" else QemuStorageDaemon(sock, image)
+    if kind == "qsd":
+        peer = QemuStorageDaemon(sock, image)
+    else:
+        peer = OurBlk(sock, image, extra=("--engine", engine))
     with peer:
         peer.wait_ready()
+        if kind == "ours" and os.environ.get("CI") == "true":
+            peer.wait_for(r"compiled engine", 5.0)  # CI builds it: it must be what runs
         yield kind, sock, image
         assert peer.running(), f"{kind} back-end died:\n{peer.tail()}"
 
