@@ -460,8 +460,9 @@ class VirtioNetDevice(Device):
         self._with_hdr = False
         self._nbytes = 0
         self._used: list[int] = []
+        self._tx_used: list[int] = []
         self.fast_path = True
-        """Use the split-ring fast paths (False: always the ring engine; for tests)."""
+        """Use the fast paths (False: always the ring engine; for tests)."""
         self._regions: list[tuple[int, int, memoryview, int]] = []
         self._last_region: tuple[int, int, memoryview, int] = _NO_REGION
         self._mem: Any = None  # the GuestMemory of the current table
@@ -732,7 +733,7 @@ class VirtioNetDevice(Device):
                 accel = self.accelerator
                 if accel is not None:
                     taken, complete = accel(self, index, ring, budget)
-                if not complete and ring.broken is None and type(ring) is SplitDeviceRing:
+                if not complete and ring.broken is None:
                     n = self._tx_fast(index, ring, budget - taken)
                     if n >= 0:
                         taken += n
@@ -752,17 +753,16 @@ class VirtioNetDevice(Device):
             # The transmit buffers are back with the driver: now the copies may appear.
             self.sink.commit(self)
 
-    # -- split-ring fast paths ------------------------------------------------------------
+    # -- fast paths (split and packed rings) -------------------------------------------
     #
-    # These use SplitDeviceRing's in-place API (peek_heads, descriptor_table,
-    # complete_in_place). They handle only the common layout - a chain of ONE descriptor
-    # with no NEXT/INDIRECT flag (and WRITE only on receive), whose buffer lies inside one
-    # memory region - and stop at the first chain that is anything else, leaving it (and
-    # everything after) to the ring engine, which validates every SECURITY.md case and
-    # breaks the ring where needed. Guarantees kept: avail.idx is read once per burst and
-    # never trusted beyond the queue size (peek_heads); each descriptor is read once (one
-    # struct call) into locals, checked, then used; the ring publishes the used elements
-    # before used.idx; the bytes written into buffers are reported with mark_dirty.
+    # These use the rings' in-place API (peek_simple, complete_in_place). They handle only
+    # the common layout - a buffer of ONE descriptor with no NEXT/INDIRECT flag (and WRITE
+    # only on receive), lying inside one memory region - and stop at the first buffer that
+    # is anything else, leaving it (and everything after) to the ring engine, which
+    # validates every SECURITY.md case and breaks the ring where needed. Guarantees kept:
+    # the avail side is read once per burst and never trusted beyond the queue size; each
+    # descriptor is read once into locals, checked, then used; the ring publishes the used
+    # entries last; the bytes written into buffers are reported with mark_dirty.
 
     def _region(self, addr: int, ln: int) -> tuple[int, int, memoryview, int] | None:
         """The region holding ``addr``..``addr+ln`` (remembered for the next lookup)."""
@@ -772,16 +772,15 @@ class VirtioNetDevice(Device):
                 return r
         return None
 
-    def _tx_fast(self, index: int, ring: SplitDeviceRing, budget: int) -> int:
+    def _tx_fast(self, index: int, ring: SplitDeviceRing | PackedDeviceRing,
+                 budget: int) -> int:
         """Transmit fast path; chains completed, or -1 when the engine must take the next
         chain (see the comment above)."""
-        heads = ring.peek_heads(budget)
-        if heads is None:
+        ents = ring.peek_simple(budget, 0)
+        if ents is None:
             return -1
-        if not heads:
+        if not ents:
             return 0
-        desc = ring.descriptor_table
-        unpack = _DESC_UNPACK
         g0, g1, rbuf, mo = self._last_region
         hl = self.hdr_len
         minlen = hl + ETH_HLEN
@@ -790,13 +789,12 @@ class VirtioNetDevice(Device):
         hdrs = self._hdrs
         slow = self._take_frame
         with_hdr = self._with_hdr
+        used = self._tx_used  # not _used: the sink may deliver back to this NIC (echo)
+        used.clear()
         nbytes = 0
         taken = 0
         try:
-            for h in heads:
-                addr, ln, fl, _nx = unpack(desc, h << 4)  # read once, into locals
-                if fl:
-                    break  # NEXT, INDIRECT or WRITE: the engine walks it
+            for bid, addr, ln in ents:
                 if not (g0 <= addr and addr + ln <= g1):
                     r = self._region(addr, ln)
                     if r is None:
@@ -804,6 +802,8 @@ class VirtioNetDevice(Device):
                     g0, g1, rbuf, mo = r
                 o = mo + addr - g0
                 taken += 1
+                used.append(bid)
+                used.append(0)
                 if minlen <= ln <= maxlen and not rbuf[o] & HDR_F_NEEDS_CSUM and not rbuf[o + 1]:
                     frames.append(rbuf[o + hl : o + ln])
                     nbytes += ln - hl
@@ -817,8 +817,6 @@ class VirtioNetDevice(Device):
                 self._flush_frames(index)
         finally:
             if taken:
-                used = [0] * (2 * taken)
-                used[0::2] = heads[:taken]
                 ring.complete_in_place(used, taken)
         return taken if taken else -1
 
@@ -962,7 +960,7 @@ class VirtioNetDevice(Device):
         nbytes = 0
         pos = 0  # next unused chain in carry
         i = 0
-        if self.fast_path and not carry and type(ring) is SplitDeviceRing:
+        if self.fast_path and not carry and type(ring) in _ENGINE_RINGS:
             i, nbytes = self._rx_fast(ring, frames, hdrs, defer)
             delivered = i
         try:
@@ -1050,18 +1048,16 @@ class VirtioNetDevice(Device):
 
     def _rx_fast(
         self,
-        ring: SplitDeviceRing,
+        ring: SplitDeviceRing | PackedDeviceRing,
         frames: Sequence[memoryview | bytes | bytearray],
         hdrs: Sequence[bytes | None] | None,
         defer: bool = False,
     ) -> tuple[int, int]:
-        """Receive fast path (see the comment on the split-ring fast paths): deliver a prefix
-        of ``frames`` into one-descriptor buffers; returns (frames delivered, bytes)."""
-        heads = ring.peek_heads(len(frames))
-        if not heads:
+        """Receive fast path (see the comment on the fast paths): deliver a prefix of
+        ``frames`` into one-descriptor buffers; returns (frames delivered, bytes)."""
+        ents = ring.peek_simple(len(frames), DESC_F_WRITE)
+        if not ents:
             return 0, 0
-        desc = ring.descriptor_table
-        unpack = _DESC_UNPACK
         hl = self.hdr_len
         plain = self._plain_hdr
         mark = self._marker()
@@ -1070,15 +1066,14 @@ class VirtioNetDevice(Device):
         used.clear()
         k = 0
         nbytes = 0
-        for h in heads:
+        for bid, addr, ln in ents:
             if hdrs is not None and hdrs[k] is not None:
                 break  # offload fields: the general path adapts them
             frame = frames[k]
-            addr, ln, fl, _nx = unpack(desc, h << 4)  # read once, into locals
             n = len(frame)
             need = hl + n
-            if fl != DESC_F_WRITE or ln < need:
-                break  # a chain, an indirect table or a short buffer: the engine walks it
+            if ln < need:
+                break  # a short buffer: the engine walks it
             if not (g0 <= addr and addr + need <= g1):
                 r = self._region(addr, need)
                 if r is None:
@@ -1089,7 +1084,7 @@ class VirtioNetDevice(Device):
             buf[o + hl : o + need] = frame  # the one copy of the frame
             if mark is not None:
                 mark(addr, need)
-            used.append(h)
+            used.append(bid)
             used.append(need)
             k += 1
             nbytes += n

@@ -647,6 +647,113 @@ class PackedDeviceRing:
         self._avail_wrap = wrap
         return chain
 
+    # -- in-place fast path (device handlers that consume one-descriptor buffers) ---------
+    #
+    # As SplitDeviceRing's peek_heads/complete_in_place: a device may consume buffers of
+    # ONE descriptor without Chain objects. peek_simple() reads them (flags first, then the
+    # rest, each once), stopping at anything else, which it leaves to pop() - the engine
+    # that validates every SECURITY.md case; complete_in_place() writes their used
+    # descriptors. Every store to the descriptor ring stays in this class.
+
+    def peek_simple(self, limit: int, flags: int) -> list[tuple[int, int, int]] | None:
+        """Up to ``limit`` available buffers of one descriptor whose flags (AVAIL/USED
+        aside) are exactly ``flags`` (0 to transmit, DESC_F_WRITE to receive), from
+        ``next_avail`` on, as ``(buffer_id, addr, len)``, without taking them.
+
+        ``[]``: none available. None: the caller must :meth:`pop` the next buffer (it is
+        not of that kind, its id is outside the queue or repeated, or buffers are in
+        flight - the in-place path works only on an idle ring).
+        """
+        if self._broken is not None:
+            return []
+        st = self._st
+        if st[2]:  # in flight
+            return None
+        desc_h = self._desc_h
+        desc = self._desc
+        size = self._size
+        slot = st[0]
+        wrap = st[5]
+        pat = _avail_pattern(wrap)
+        out: list[tuple[int, int, int]] = []
+        seen: set[int] = set()
+        while len(out) < limit:
+            f: int = desc_h[(slot << 3) + 7]  # flags first, one aligned 16-bit load
+            if f & _AU != pat:
+                break
+            if f & ~_AU != flags:
+                break
+            addr, ln, bid = _PREST_UNPACK(desc, slot << 4)  # read once, after the flags
+            if bid >= size or bid in seen:
+                break
+            seen.add(bid)
+            out.append((bid, addr, ln))
+            slot += 1
+            if slot == size:
+                slot = 0
+                wrap ^= 1
+                pat = _avail_pattern(wrap)
+        if not out and desc_h[(st[0] << 3) + 7] & _AU == _avail_pattern(st[5]):
+            return None  # available, but not for this path
+        return out
+
+    def complete_in_place(self, used: Sequence[int], taken: int, *, publish: bool = True) -> None:
+        """The first ``taken`` buffers of :meth:`peek_simple` were consumed in place:
+        write ``used`` (id, len, id, len ...) as their used descriptors, move the ring past
+        them, report the descriptor bytes written to ``mem.mark_dirty`` (the caller reports
+        the buffer bytes it wrote). The flags of the first one are stored last; with
+        ``publish=False`` they are held for :meth:`publish`, as :meth:`push` does.
+        """
+        if not taken or self._broken is not None:
+            return
+        st = self._st
+        size = self._size
+        desc_h = self._desc_h
+        desc_w = self._desc_w
+        mark = self._mem.mark_dirty
+        desc_gpa = self._desc_gpa
+        idx = st[1]
+        wrap = st[6]
+        used_bits = _AU if wrap else 0
+        first_off = -1
+        first_flags = 0
+        for k in range(taken):
+            bid = used[2 * k]
+            written = used[2 * k + 1]
+            h = idx << 3
+            # virtio 1.2 2.8.3/2.8.4: id and written length, then the flags (WRITE when
+            # data was written).
+            desc_w[(idx << 2) + 2] = written
+            desc_h[h + 6] = bid
+            fl = used_bits | (DESC_F_WRITE if written else 0)
+            if first_off < 0:
+                first_off = h + 7
+                first_flags = fl
+            else:
+                desc_h[h + 7] = fl
+            mark(desc_gpa + (idx << 4) + 8, 8)
+            idx += 1
+            if idx == size:
+                idx = 0
+                wrap ^= 1
+                used_bits = _AU if wrap else 0
+        held = st[3]
+        if publish or held >= 0:
+            # After every other store of the batch (store->store, barrier.py); behind a
+            # held descriptor they are invisible anyway (the driver reads in ring order).
+            desc_h[first_off] = first_flags
+        else:
+            st[3] = first_off
+            st[8] = first_flags
+        if publish and st[3] >= 0:
+            desc_h[st[3]] = st[8]
+            st[3] = -1
+        # An idle ring: the avail position moves with the used one.
+        st[1] = st[0] = idx
+        st[6] = st[5] = wrap
+        st[9] += taken
+        st[4] = int(st[3] < 0)
+
     # -- inflight tracking (vhost-user.rst "Inflight I/O tracking", packed) ----------------
     def descriptors(self, buffer_id: int) -> list[tuple[int, int, int, int]]:
         """The ring descriptors of in-flight buffer ``buffer_id``: ``(addr, len, id, flags)``

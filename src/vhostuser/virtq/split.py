@@ -538,6 +538,27 @@ class SplitDeviceRing:
                 return None
         return heads
 
+    def peek_simple(self, limit: int, flags: int) -> list[tuple[int, int, int]] | None:
+        """Up to ``limit`` available chains of ONE descriptor whose flags are exactly
+        ``flags`` (0 to transmit, DESC_F_WRITE to receive), as ``(head, addr, len)``,
+        without taking them; each descriptor is read once. Stops before the first other
+        chain. ``[]``: none available; None: the caller must :meth:`pop` the next chain
+        (not of that kind, or the avail ring is not plausible - see :meth:`peek_heads`).
+        """
+        heads = self.peek_heads(limit)
+        if heads is None:
+            return None
+        if not heads:
+            return []
+        desc = self._desc
+        out: list[tuple[int, int, int]] = []
+        for h in heads:
+            addr, ln, fl, _nx = _DESC_UNPACK(desc, h << 4)  # read once, into locals
+            if fl != flags:
+                break
+            out.append((h, addr, ln))
+        return out or None
+
     def complete_in_place(self, used: Sequence[int], taken: int, *, publish: bool = True) -> None:
         """The first ``taken`` heads of :meth:`peek_heads` were consumed in place:
         write ``used`` (head, len, head, len ...) as their used elements, in one or two
