@@ -1,11 +1,13 @@
 """Which burst engine runs: the compiled one (``vhostuser._fastpath``) or pure Python.
 
 The compiled engine is built by ``pip install`` when a C compiler and Python's headers are
-present; it replaces the per-frame work of a transmit burst only (see the C source), and
-falls back to the Python engine for every chain it does not handle, so both engines give
-the same ring states, bytes and counters. Chosen automatically (compiled when built),
+present. It replaces the per-frame work of a net transmit burst (switched straight into
+the receivers' rings, split or packed) and the per-request work of a blk request queue
+(reads and writes straight between the image and guest memory); for every buffer it does
+not handle it stops and the Python engine carries on in the same burst, so both engines
+give the same ring states, bytes and counters. Chosen automatically (compiled when built),
 forced with the environment variable ``VHOSTUSER_ENGINE=python|compiled`` or a command's
-``--engine``.
+``--engine`` (``vhost-user switch``, ``vhost-user blk``).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import RingError
+from .state import StateField
 
 if TYPE_CHECKING:
     pass
@@ -318,21 +319,8 @@ class SplitInflightTracker:
         """Heads this tracker has marked in flight and not completed."""
         return self._st[2]
 
-    @property
-    def _counter(self) -> int:
-        return self._st[0]
-
-    @_counter.setter
-    def _counter(self, value: int) -> None:
-        self._st[0] = value
-
-    @property
-    def _last_batch(self) -> int:
-        return self._st[1]
-
-    @_last_batch.setter
-    def _last_batch(self, value: int) -> None:
-        self._st[1] = value
+    _counter = StateField(0)
+    _last_batch = StateField(1)
 
     def region(self) -> memoryview:
         """A fresh byte view of this queue's region of the area, for the compiled engine

@@ -42,6 +42,7 @@ from .chain import (
     map_area,
     vring_need_event,
 )
+from .state import StateField
 
 __all__ = [
     "INITIAL_BASE",
@@ -266,89 +267,21 @@ class PackedDeviceRing:
         views)."""
         return self._view
 
-    @property
-    def _next_avail(self) -> int:
-        return self._st[0]
-
-    @_next_avail.setter
-    def _next_avail(self, v: int) -> None:
-        self._st[0] = v
-
-    @property
-    def _used_idx(self) -> int:
-        return self._st[1]
-
-    @_used_idx.setter
-    def _used_idx(self, v: int) -> None:
-        self._st[1] = v
-
-    @property
-    def _in_flight(self) -> int:
-        return self._st[2]
-
-    @_in_flight.setter
-    def _in_flight(self, v: int) -> None:
-        self._st[2] = v
-
-    @property
-    def _held_off(self) -> int:
-        return self._st[3]
-
-    @_held_off.setter
-    def _held_off(self, v: int) -> None:
-        self._st[3] = v
-
-    @property
-    def _pushed(self) -> bool:
-        return bool(self._st[4])
-
-    @_pushed.setter
-    def _pushed(self, v: bool) -> None:
-        self._st[4] = int(v)
-
-    @property
-    def _avail_wrap(self) -> int:
-        return self._st[5]
-
-    @_avail_wrap.setter
-    def _avail_wrap(self, v: int) -> None:
-        self._st[5] = v
+    # Attribute names for the state block's slots (PACKED_STATE_FIELDS order).
+    _next_avail = StateField(0)
+    _used_idx = StateField(1)
+    _in_flight = StateField(2)
+    _held_off = StateField(3)
+    _pushed = StateField(4)
+    _avail_wrap = StateField(5)
+    _used_wrap = StateField(6)
+    _inflight_descs = StateField(7)
+    _held_flags = StateField(8)
+    _since_signal = StateField(9)
 
     @property
     def _avail_pat(self) -> int:
         return _avail_pattern(self._st[5])
-
-    @property
-    def _used_wrap(self) -> int:
-        return self._st[6]
-
-    @_used_wrap.setter
-    def _used_wrap(self, v: int) -> None:
-        self._st[6] = v
-
-    @property
-    def _inflight_descs(self) -> int:
-        return self._st[7]
-
-    @_inflight_descs.setter
-    def _inflight_descs(self, v: int) -> None:
-        self._st[7] = v
-
-    @property
-    def _held_flags(self) -> int:
-        return self._st[8]
-
-    @_held_flags.setter
-    def _held_flags(self, v: int) -> None:
-        self._st[8] = v
-
-    @property
-    def _since_signal(self) -> int:
-        return self._st[9]
-
-    @_since_signal.setter
-    def _since_signal(self, v: int) -> None:
-        self._st[9] = v
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -706,53 +639,11 @@ class PackedDeviceRing:
         """
         if not taken or self._broken is not None:
             return
-        st = self._st
-        size = self._size
-        desc_h = self._desc_h
-        desc_w = self._desc_w
-        mark = self._mem.mark_dirty
-        desc_gpa = self._desc_gpa
-        idx = st[1]
-        wrap = st[6]
-        used_bits = _AU if wrap else 0
-        first_off = -1
-        first_flags = 0
-        for k in range(taken):
-            bid = used[2 * k]
-            written = used[2 * k + 1]
-            h = idx << 3
-            # virtio 1.2 2.8.3/2.8.4: id and written length, then the flags (WRITE when
-            # data was written).
-            desc_w[(idx << 2) + 2] = written
-            desc_h[h + 6] = bid
-            fl = used_bits | (DESC_F_WRITE if written else 0)
-            if first_off < 0:
-                first_off = h + 7
-                first_flags = fl
-            else:
-                desc_h[h + 7] = fl
-            mark(desc_gpa + (idx << 4) + 8, 8)
-            idx += 1
-            if idx == size:
-                idx = 0
-                wrap ^= 1
-                used_bits = _AU if wrap else 0
-        held = st[3]
-        if publish or held >= 0:
-            # After every other store of the batch (store->store, barrier.py); behind a
-            # held descriptor they are invisible anyway (the driver reads in ring order).
-            desc_h[first_off] = first_flags
-        else:
-            st[3] = first_off
-            st[8] = first_flags
-        if publish and st[3] >= 0:
-            desc_h[st[3]] = st[8]
-            st[3] = -1
+        self._store_used([(used[2 * k], used[2 * k + 1], 1) for k in range(taken)], publish)
         # An idle ring: the avail position moves with the used one.
-        st[1] = st[0] = idx
-        st[6] = st[5] = wrap
-        st[9] += taken
-        st[4] = int(st[3] < 0)
+        st = self._st
+        st[0] = st[1]
+        st[5] = st[6]
 
     # -- inflight tracking (vhost-user.rst "Inflight I/O tracking", packed) ----------------
     def descriptors(self, buffer_id: int) -> list[tuple[int, int, int, int]]:
@@ -918,17 +809,8 @@ class PackedDeviceRing:
             return
         ids = self._ids
         size = self._size
-        desc_h = self._desc_h
-        desc_w = self._desc_w
         mark = self._mem.mark_dirty
-        desc_gpa = self._desc_gpa
-        idx = self._used_idx
-        wrap = self._used_wrap
-        used_bits = _AU if wrap else 0
-        first_off = -1
-        first_flags = 0
-        count = 0
-        slots = 0
+        entries: list[tuple[int, int, int]] = []
         error: str | None = None
         for bid, written in elems:
             chain = ids[bid] if 0 <= bid < size else None
@@ -942,6 +824,41 @@ class PackedDeviceRing:
                 )
                 break
             ids[bid] = None
+            if written:
+                rest = written
+                for gpa, ln in chain.writable_gpas:
+                    if ln >= rest:
+                        mark(gpa, rest)
+                        break
+                    if ln:
+                        mark(gpa, ln)
+                        rest -= ln
+            entries.append((bid, written, chain.ring_descs))
+        if entries:
+            slots = self._store_used(entries, publish)
+            self._in_flight -= len(entries)
+            self._inflight_descs -= slots
+        if error is not None:
+            raise ValueError(error)
+
+    def _store_used(self, entries: Sequence[tuple[int, int, int]], publish: bool) -> int:
+        """Write ``(buffer_id, written_len, ring_descriptors)`` as used descriptors from
+        ``used_idx`` on, each advancing it by its ring descriptors (virtio 1.2 2.8.6);
+        report the descriptor bytes to ``mem.mark_dirty``; store the first flags last, or
+        hold them (``publish=False``); return the slots used."""
+        size = self._size
+        desc_h = self._desc_h
+        desc_w = self._desc_w
+        mark = self._mem.mark_dirty
+        desc_gpa = self._desc_gpa
+        st = self._st
+        idx = st[1]
+        wrap = st[6]
+        used_bits = _AU if wrap else 0
+        first_off = -1
+        first_flags = 0
+        slots = 0
+        for bid, written, nd in entries:
             h = idx << 3
             # virtio 1.2 2.8.3/2.8.4: a used descriptor carries id and written length, and
             # WRITE when data was written. id and len are stored before the flags.
@@ -954,44 +871,29 @@ class PackedDeviceRing:
             else:
                 desc_h[h + 7] = flags
             mark(desc_gpa + (idx << 4) + 8, 8)
-            if written:
-                rest = written
-                for gpa, ln in chain.writable_gpas:
-                    if ln >= rest:
-                        mark(gpa, rest)
-                        break
-                    if ln:
-                        mark(gpa, ln)
-                        rest -= ln
-            nd = chain.ring_descs
             idx += nd
             if idx >= size:
                 idx -= size
                 wrap ^= 1
                 used_bits = _AU if wrap else 0
-            count += 1
             slots += nd
-        if count:
-            if publish or self._held_off >= 0:
-                # The first used descriptor's flags go last: every other store of the burst
-                # (ids, lengths, later flags, buffer contents) precedes it - program order
-                # plus x86-64 store->store order (barrier.py). Behind a held descriptor
-                # they are invisible anyway (the driver reads in ring order).
-                desc_h[first_off] = first_flags
-            else:
-                self._held_off = first_off
-                self._held_flags = first_flags
-            if publish and self._held_off >= 0:
-                desc_h[self._held_off] = self._held_flags
-                self._held_off = -1
-            self._used_idx = idx
-            self._used_wrap = wrap
-            self._in_flight -= count
-            self._inflight_descs -= slots
-            self._since_signal += slots
-            self._pushed = self._held_off < 0
-        if error is not None:
-            raise ValueError(error)
+        if publish or st[3] >= 0:
+            # The first used descriptor's flags go last: every other store of the burst
+            # (ids, lengths, later flags, buffer contents) precedes it - program order
+            # plus x86-64 store->store order (barrier.py). Behind a held descriptor they
+            # are invisible anyway (the driver reads in ring order).
+            desc_h[first_off] = first_flags
+        else:
+            st[3] = first_off
+            st[8] = first_flags
+        if publish and st[3] >= 0:
+            desc_h[st[3]] = st[8]
+            st[3] = -1
+        st[1] = idx
+        st[6] = wrap
+        st[9] += slots
+        st[4] = int(st[3] < 0)
+        return slots
 
     @property
     def held(self) -> bool:
