@@ -77,3 +77,18 @@ def stop_on_signals(reactor: Reactor) -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, old_term)
         wake_r.close()
         wake_w.close()
+
+
+def error_text(e: BaseException) -> str:
+    """One line for a user: an OSError as ``PATH: what happened`` (no errno number, no
+    internal function name), anything else as its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
+
+
+def path_error(path: str, e: BaseException) -> str:
+    """:func:`error_text` of an error about ``path``, naming the path once."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return error_text(e)
+    return f"{path}: {error_text(e)}"

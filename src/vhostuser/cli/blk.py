@@ -11,7 +11,14 @@ from ..devices.blk import SECTOR_SIZE, BlkDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.blkfile import BlkFile
 from ..io.reactor import Reactor
-from ._common import add_verbose, octal_mode, setup_logging, stop_on_signals
+from ._common import (
+    add_verbose,
+    error_text,
+    octal_mode,
+    path_error,
+    setup_logging,
+    stop_on_signals,
+)
 
 EPILOG = """\
 examples:
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         image = BlkFile.open(args.image, read_only=args.read_only)
     except (OSError, ValueError) as e:
-        print(f"vhost-user blk: cannot open image: {e}", file=sys.stderr)
+        print(f"vhost-user blk: cannot open image: {error_text(e)}", file=sys.stderr)
         return 2
 
     def make_device() -> BlkDevice:
@@ -145,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         image.close()
         reactor.close()
-        print(f"vhost-user blk: cannot serve on {args.socket}: {e}", file=sys.stderr)
+        print(f"vhost-user blk: {path_error(args.socket, e)}", file=sys.stderr)
         return 2
 
     where = "connecting to" if args.connect else "listening on"

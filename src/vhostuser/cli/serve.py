@@ -11,7 +11,13 @@ from ..devices.base import Device
 from ..devices.net import NullNetDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.reactor import Reactor
-from ._common import add_verbose, octal_mode, setup_logging, stop_on_signals
+from ._common import (
+    add_verbose,
+    octal_mode,
+    path_error,
+    setup_logging,
+    stop_on_signals,
+)
 
 DEVICES = {
     "null-net": "virtio-net that completes the handshake, reports link up and drops TX",
@@ -73,11 +79,16 @@ def run(args: argparse.Namespace) -> int:
     def on_session(s: BackendSession) -> None:
         print(f"front-end connected ({s.name})", flush=True)
 
-    server = BackendServer(
-        reactor, args.socket, lambda: make_device(args.device, args.queue_pairs),
-        connect=args.connect, mode=args.mode, on_session=on_session,
-        dialect=Dialect.DRAFT_2014 if args.draft else Dialect.CURRENT,
-    )
+    try:
+        server = BackendServer(
+            reactor, args.socket, lambda: make_device(args.device, args.queue_pairs),
+            connect=args.connect, mode=args.mode, on_session=on_session,
+            dialect=Dialect.DRAFT_2014 if args.draft else Dialect.CURRENT,
+        )
+    except (OSError, ValueError) as e:
+        reactor.close()
+        print(f"vhost-user serve: {path_error(args.socket, e)}", file=sys.stderr)
+        return 2
 
     where = "connecting to" if args.connect else "listening on"
     print(f"vhost-user serve: {args.device} {where} {args.socket}", flush=True)

@@ -33,7 +33,15 @@ from ..protocol import payloads as P
 from ..protocol.enums import BackendRequest, ProtocolFeature
 from ..virtq.burst import BurstResult
 from ..virtq.runner import QueueRunner
-from .fdpass import OwnedFd, connect_unix, listen_unix, recv_some, send_msg
+from .fdpass import (
+    OwnedFd,
+    connect_unix,
+    listen_unix,
+    recv_some,
+    send_msg,
+    socket_identity,
+    unlink_socket,
+)
 from .mapping import Mapping, map_region_fd, reap_deferred
 from .reactor import Reactor, Timer
 
@@ -523,10 +531,12 @@ class BackendServer:
         self._listener: socket.socket | None = None
         self._timer: Timer | None = None
         self._closing = False
+        self._identity: tuple[int, int, int] | None = None
         if connect:
             self._try_connect()
         else:
             self._listener = listen_unix(path, mode=mode)
+            self._identity = socket_identity(path)
             reactor.add_reader(self._listener.fileno(), self._on_accept)
 
     def _on_accept(self) -> None:
@@ -589,5 +599,5 @@ class BackendServer:
             self.reactor.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            # Only if the file is still ours: another server may have replaced it.
+            unlink_socket(self.path, self._identity)

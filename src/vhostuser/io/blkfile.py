@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -83,10 +84,15 @@ class BlkFile:
     def open(cls, path: str, *, read_only: bool = False) -> BlkFile:
         """Open ``path`` (a regular file or a block device) for the back-end.
 
+        The image is locked (``flock``): exclusively, or shared with ``read_only``; the
+        lock lasts until :meth:`close`.
+
         Raises:
-            FileNotFoundError, PermissionError, OSError: the open failed.
-            ValueError: ``path`` is neither a regular file nor a block device, or its size
-                is not a multiple of 512 bytes (capacity is counted in 512-byte sectors).
+            FileNotFoundError, PermissionError, OSError: the open failed; EBUSY: another
+                process holds a conflicting lock on the image.
+            ValueError: ``path`` is neither a regular file nor a block device, is empty,
+                or its size is not a multiple of 512 bytes (capacity is counted in
+                512-byte sectors).
         """
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         fd = os.open(path, flags)
@@ -100,10 +106,25 @@ class BlkFile:
                 is_blk = False
             else:
                 raise ValueError(f"{path!r} is neither a regular file nor a block device")
+            if size == 0:
+                raise ValueError(f"{path!r} is empty: a disk needs at least one sector")
             if size % 512:
                 raise ValueError(
                     f"{path!r} is {size} bytes, not a multiple of the 512-byte sector"
                 )
+            # One writer per image: an exclusive lock (shared for read-only use), so a
+            # second back-end started on the same image by mistake fails here instead of
+            # both writing it. The lock goes with the descriptor.
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX)
+                            | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OSError(
+                    errno.EBUSY,
+                    "the image is in use by another process (it holds a lock on it"
+                    + ("" if read_only else "; a writer needs it alone") + ")",
+                    path,
+                ) from None
         except BaseException:
             os.close(fd)
             raise

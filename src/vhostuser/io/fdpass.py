@@ -320,28 +320,30 @@ def _check_sun_path(path: str, who: str) -> None:
     encoded = os.fsencode(path)
     if not encoded or len(encoded) > _SUN_PATH_MAX:
         raise ValueError(
-            f"{who}: socket path {path!r} is {len(encoded)} bytes; AF_UNIX allows 1 to "
-            f"{_SUN_PATH_MAX}"
+            f"socket path {path!r} is {len(encoded)} bytes; AF_UNIX allows 1 to "
+            f"{_SUN_PATH_MAX} (choose a shorter path)"
         )
 
 
 def listen_unix(path: str, *, mode: int = 0o600, backlog: int = 16) -> socket.socket:
     """Create a listening AF_UNIX stream socket at ``path``, non-blocking and close-on-exec.
 
-    A stale socket file at ``path`` (left by an earlier run) is removed first; anything
-    else at ``path`` is left alone. The socket file gets permission bits ``mode``: the
-    process umask is narrowed around ``bind`` so the file is never more open than ``mode``,
-    then ``chmod`` sets it exactly. The umask is process-wide, so do not create files from
-    other threads while this runs.
-
-    Note: a socket file is removed even if another process still listens on it (as QEMU
-    and DPDK do); probing it with a connection would disturb that process's peer logic.
+    A socket file already at ``path`` is probed with a connection first: if nobody
+    accepts it (ECONNREFUSED: left by a run that died) it is removed and replaced; if a
+    process listens there it is left alone and this fails (two servers on one path would
+    strand each other; with a disk, two processes would write one image). Anything else at
+    ``path`` is never touched. The socket file gets permission bits ``mode``: the process
+    umask is narrowed around ``bind`` so the file is never more open than ``mode``, then
+    ``chmod`` sets it exactly. The umask is process-wide, so do not create files from
+    other threads while this runs. Remove the file afterwards with :func:`unlink_socket`,
+    which leaves it alone if it is no longer ours.
 
     Raises:
         ValueError: the path is empty or too long for AF_UNIX, or ``mode`` has bits
             outside 0o777.
-        FileExistsError: ``path`` exists and is not a socket (it is never deleted).
-        OSError: bind/listen failed (e.g. EADDRINUSE, EACCES).
+        FileExistsError: ``path`` exists and is not a socket (it is never deleted), or a
+            live server listens on it (errno EADDRINUSE).
+        OSError: bind/listen failed (e.g. EACCES, ENOENT for a missing directory).
     """
     _check_sun_path(path, "listen_unix")
     if mode & ~0o777:
@@ -354,8 +356,15 @@ def listen_unix(path: str, *, mode: int = 0o600, backlog: int = 16) -> socket.so
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(
                 errno.EEXIST,
-                f"listen_unix: refusing to replace {_describe_path_kind(st.st_mode)} "
-                "that is not a socket",
+                f"refusing to replace {_describe_path_kind(st.st_mode)} that is not a "
+                "socket",
+                path,
+            )
+        if _socket_is_live(path):
+            raise FileExistsError(
+                errno.EADDRINUSE,
+                "a server is listening on this socket already (another vhost-user "
+                "process?); stop it or choose another path",
                 path,
             )
         logger.debug("listen_unix: removing stale socket %s", path)
@@ -370,6 +379,12 @@ def listen_unix(path: str, *, mode: int = 0o600, backlog: int = 16) -> socket.so
         try:
             sock.bind(path)
             bound = True
+        except OSError as e:
+            parent = os.path.dirname(path) or "."
+            if e.errno == errno.ENOENT and not os.path.isdir(parent):
+                raise FileNotFoundError(
+                    errno.ENOENT, f"the directory {parent} does not exist", path) from None
+            raise OSError(e.errno, e.strerror, path) from None
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
@@ -382,6 +397,43 @@ def listen_unix(path: str, *, mode: int = 0o600, backlog: int = 16) -> socket.so
                 os.unlink(path)
         raise
     return sock
+
+
+def _socket_is_live(path: str) -> bool:
+    """True if a process accepts connections on the socket file ``path`` (a connect that
+    does not fail with ECONNREFUSED or ENOENT; a full backlog counts as live)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+    except OSError as e:
+        return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
+
+
+def socket_identity(path: str) -> tuple[int, int, int] | None:
+    """``(st_dev, st_ino, st_ctime_ns)`` of the socket file at ``path`` (the change time
+    tells a new file apart from an old one whose inode number was reused), or None if
+    there is no socket there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def unlink_socket(path: str, identity: tuple[int, int, int] | None) -> bool:
+    """Remove the socket file at ``path`` if it is still the one with ``identity`` (see
+    :func:`socket_identity`, taken right after :func:`listen_unix`); a file another
+    process has put there since is left alone. True if removed."""
+    if identity is None or socket_identity(path) != identity:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        return True
+    return False
 
 
 # Errors that mean "nobody is listening yet" (or the backlog is momentarily full).

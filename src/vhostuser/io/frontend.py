@@ -10,7 +10,6 @@ front-ends are built on, and what a test in another project can script directly.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import select
 import socket
@@ -26,7 +25,16 @@ from ..protocol import payloads as P
 from ..protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MAX_MEM_TABLE_REGIONS
 from .eventfd import EventFd
-from .fdpass import OwnedFd, close_all, connect_unix, listen_unix, recv_some, send_msg
+from .fdpass import (
+    OwnedFd,
+    close_all,
+    connect_unix,
+    listen_unix,
+    recv_some,
+    send_msg,
+    socket_identity,
+    unlink_socket,
+)
 from .guestram import GuestRam
 
 log = logging.getLogger(__name__)
@@ -118,6 +126,7 @@ class FrontendClient:
             MessageTimeoutError: nobody connected within ``accept_timeout``.
         """
         lsock = listen_unix(path)
+        identity = socket_identity(path)
         try:
             r, _, _ = select.select([lsock], [], [], accept_timeout)
             if not r:
@@ -127,10 +136,7 @@ class FrontendClient:
             sock, _ = lsock.accept()
         finally:
             lsock.close()
-            with contextlib.suppress(FileNotFoundError):
-                import os
-
-                os.unlink(path)
+            unlink_socket(path, identity)
         return cls(sock, timeout=timeout, name=path)
 
     def __enter__(self) -> FrontendClient:
