@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
+import os
 import signal
 import socket
+import stat
+import sys
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 from ..io.reactor import Reactor
 
@@ -92,3 +97,73 @@ def path_error(path: str, e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename:
         return error_text(e)
     return f"{path}: {error_text(e)}"
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds >= 0.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, negative, or not finite.
+    """
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} seconds: must be 0 or more")
+    return v
+
+
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` greater than 0."""
+
+    def parse(text: str) -> int | float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not 0 < v < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text}: must be greater than 0")
+        return v
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def add_wait(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--wait SECONDS``: how long to wait for a back-end to listen (default: not at all)."""
+    p.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for a back-end to listen on SOCKET (default 0: "
+                        "fail at once, saying what is at the path)")
+
+
+def announce_wait(cmd: str, path: str, wait: float) -> None:
+    """Say on stderr that ``cmd`` waits for ``path`` (when it does)."""
+    if wait > 0:
+        print(f"vhost-user {cmd}: waiting up to {wait:g} s for a back-end on {path}",
+              file=sys.stderr, flush=True)
+
+
+def connect_error(path: str, e: BaseException) -> str:
+    """Why connecting to the socket ``path`` failed, in words a user can act on: nothing
+    there, not a socket (and what it is), a socket nobody listens on, or the error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return (f"{path}: no such socket (is the back-end running? --wait SECONDS waits "
+                "for it)")
+    except OSError as e2:
+        return f"{path}: {e2.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path}: is a directory, not a socket"
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket file"
+        return f"{path}: is {kind}, not a socket"
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+    if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+        return (f"{path}: nothing listens on this socket (a stale socket left by a back-end "
+                "that stopped?)")
+    return path_error(path, e)

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from ..errors import VhostUserError
 from ..frontends.blk import BlkOp, VirtioBlkFrontend
+from ._common import add_wait, announce_wait, connect_error, positive
 
 PATTERNS = ("read", "write", "randread", "randwrite")
 
@@ -69,13 +70,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rw", choices=PATTERNS, default="randread", help="access pattern")
     p.add_argument("--bs", type=parse_size, default=4096, metavar="SIZE",
                    help="bytes per request, a multiple of 512 (default 4k)")
-    p.add_argument("--iodepth", type=int, default=1, metavar="N",
+    p.add_argument("--iodepth", type=positive(int), default=1, metavar="N",
                    help="requests in flight (default 1)")
-    p.add_argument("--time", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--time", type=positive(float), default=5.0, metavar="SECONDS",
                    help="duration of the run (default 5)")
     p.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
                    help="bytes of the disk to use from offset 0 (default: all of it)")
-    p.add_argument("--queues", type=int, default=1, metavar="N",
+    p.add_argument("--queues", type=positive(int), default=1, metavar="N",
                    help="request queues to use if the back-end offers MQ (default 1)")
     p.add_argument("--seed", type=int, default=1, help="random seed (offsets, data)")
     p.add_argument("--verify", action="store_true",
@@ -85,7 +86,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-inflight", action="store_true",
                    help="do not negotiate INFLIGHT_SHMFD (measures the cost of tracking)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    add_wait(p)
+    p.add_argument("--timeout", type=positive(float), default=10.0, metavar="SECONDS",
                    help="how long a request may take before the run fails (default 10)")
     p.set_defaults(func=run)
 
@@ -112,6 +114,8 @@ class BenchResult:
     reconnects: int
     verify_blocks: int | None = None
     verify_mismatches: int | None = None
+    interrupted: bool = False
+    """Stopped early by Ctrl-C: the numbers cover the time it ran."""
 
 
 def percentile(sorted_ns: array[int] | list[int], q: float) -> float:
@@ -130,7 +134,8 @@ def _next_pow2(n: int) -> int:
 
 
 def open_frontend(path: str, *, bs: int, iodepth: int, queues: int, timeout: float,
-                  packed: bool = False, inflight: bool = True) -> VirtioBlkFrontend:
+                  packed: bool = False, inflight: bool = True,
+                  connect_timeout: float = 10.0) -> VirtioBlkFrontend:
     """A front-end sized for ``iodepth`` requests of ``bs`` bytes (packed rings and
     INFLIGHT_SHMFD as asked).
 
@@ -141,7 +146,7 @@ def open_frontend(path: str, *, bs: int, iodepth: int, queues: int, timeout: flo
     size = min(32768, max(128, _next_pow2(3 * per_queue)))
     return VirtioBlkFrontend(path, queue_size=size, depth=per_queue, num_queues=queues,
                              max_io=max(bs, 4096), timeout=timeout, packed=packed,
-                             inflight=inflight)
+                             inflight=inflight, connect_timeout=connect_timeout)
 
 
 class Runner:
@@ -184,9 +189,34 @@ class Runner:
         lat = self.lat
         start = time.monotonic()
         end = start + seconds
+        interrupted = False
+        disk.submit_many(self._op() for _ in range(self.iodepth))
+        try:
+            self._loop(start, end, seconds)
+        except KeyboardInterrupt:
+            interrupted = True  # report what completed until now (requests in flight not)
+        elapsed = time.monotonic() - start
+        if self.progress is not None:
+            self.progress.write("\r" + " " * 79 + "\r")
+            self.progress.flush()
+        srt = sorted(lat)
+        n = len(srt)
+        return BenchResult(
+            rw=self.rw, bs=self.bs, iodepth=self.iodepth, seconds=round(elapsed, 3), ops=n,
+            bytes=n * self.bs, iops=round(n / elapsed, 1) if elapsed > 0 else 0.0,
+            mb_per_s=round(n * self.bs / elapsed / 1e6, 2) if elapsed > 0 else 0.0,
+            lat_min_us=percentile(srt, 0.0), lat_mean_us=round(sum(srt) / n / 1000, 1) if n
+            else 0.0, lat_p50_us=percentile(srt, 0.5), lat_p99_us=percentile(srt, 0.99),
+            lat_p999_us=percentile(srt, 0.999), lat_max_us=srt[-1] / 1000 if n else 0.0,
+            errors=self.errors, reconnects=disk.reconnects, interrupted=interrupted,
+        )
+
+    def _loop(self, start: float, end: float, seconds: float) -> None:
+        """Keep the queue full until ``end``, then drain."""
+        disk = self.disk
+        lat = self.lat
         next_report = start + 0.5
         done = 0
-        disk.submit_many(self._op() for _ in range(self.iodepth))
         while True:
             got = disk.wait(disk.timeout)
             if not got:
@@ -209,21 +239,6 @@ class Runner:
                     f"\r{self.rw} bs={self.bs} qd={self.iodepth}  {el:5.1f}/{seconds:.0f} s  "
                     f"{done / el:9.0f} IOPS  {done * self.bs / el / 1e6:8.1f} MB/s  ")
                 self.progress.flush()
-        elapsed = time.monotonic() - start
-        if self.progress is not None:
-            self.progress.write("\r" + " " * 79 + "\r")
-            self.progress.flush()
-        srt = sorted(lat)
-        n = len(srt)
-        return BenchResult(
-            rw=self.rw, bs=self.bs, iodepth=self.iodepth, seconds=round(elapsed, 3), ops=n,
-            bytes=n * self.bs, iops=round(n / elapsed, 1),
-            mb_per_s=round(n * self.bs / elapsed / 1e6, 2),
-            lat_min_us=percentile(srt, 0.0), lat_mean_us=round(sum(srt) / n / 1000, 1) if n
-            else 0.0, lat_p50_us=percentile(srt, 0.5), lat_p99_us=percentile(srt, 0.99),
-            lat_p999_us=percentile(srt, 0.999), lat_max_us=srt[-1] / 1000 if n else 0.0,
-            errors=self.errors, reconnects=disk.reconnects,
-        )
 
 
 def pattern(offset: int, size: int, seed: int) -> bytes:
@@ -276,6 +291,8 @@ def print_text(r: BenchResult, out: TextIO) -> None:
         f"  latency  min {r.lat_min_us:.1f}  mean {r.lat_mean_us:.1f}  p50 {r.lat_p50_us:.1f}"
         f"  p99 {r.lat_p99_us:.1f}  p999 {r.lat_p999_us:.1f}  max {r.lat_max_us:.1f} us\n"
     )
+    if r.interrupted:
+        out.write("  interrupted (Ctrl-C): the numbers cover the time it ran\n")
     if r.errors:
         out.write(f"  errors   {r.errors}\n")
     if r.reconnects:
@@ -293,12 +310,16 @@ def run(args: argparse.Namespace) -> int:
         print("vhost-user blkbench: --iodepth, --queues and --time must be positive",
               file=sys.stderr)
         return 2
+    announce_wait("blkbench", args.socket, args.wait)
     try:
         disk = open_frontend(args.socket, bs=args.bs, iodepth=args.iodepth,
                              queues=args.queues, timeout=args.timeout, packed=args.packed,
-                             inflight=not args.no_inflight)
+                             inflight=not args.no_inflight, connect_timeout=args.wait)
+    except KeyboardInterrupt:
+        print(f"vhost-user blkbench: interrupted ({args.socket})", file=sys.stderr)
+        return 130
     except (VhostUserError, OSError, ValueError) as e:
-        print(f"vhost-user blkbench: cannot drive {args.socket}: {e}", file=sys.stderr)
+        print(f"vhost-user blkbench: {connect_error(args.socket, e)}", file=sys.stderr)
         return 2
     status = 0
     try:
@@ -315,7 +336,9 @@ def run(args: argparse.Namespace) -> int:
         runner = Runner(disk, rw=args.rw, bs=args.bs, iodepth=args.iodepth, region=region,
                         seed=args.seed, progress=progress)
         result = runner.run(args.time)
-        if args.verify:
+        if result.interrupted:
+            status = 130
+        elif args.verify:
             blocks, bad = verify(disk, region=region, bs=args.bs, iodepth=args.iodepth,
                                  seed=args.seed)
             result.verify_blocks, result.verify_mismatches = blocks, bad

@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        # Ctrl-C where a command had nothing better to do with it: one line, no traceback.
+        print(f"vhost-user {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # Output piped into e.g. `head`, which exited: not an error of ours.
         sys.stderr.close()

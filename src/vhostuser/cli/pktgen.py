@@ -19,6 +19,7 @@ from ..frontends.net import (
     read_probe,
     stamp_probe,
 )
+from ._common import add_wait, announce_wait, connect_error, path_error, positive, seconds
 
 DESCRIPTION = """\
 Connect to a vhost-user net back-end as a virtio-net driver (no VM), send UDP probe frames
@@ -54,21 +55,21 @@ def add_parser(sub: Any) -> None:
     t = p.add_argument_group("traffic")
     t.add_argument("--size", type=int, default=64, metavar="BYTES",
                    help=f"frame size without FCS, {PROBE_MIN_FRAME}..MTU+14 (default 64)")
-    t.add_argument("--count", type=int, default=None, metavar="N",
+    t.add_argument("--count", type=positive(int), default=None, metavar="N",
                    help="frames to send (default: unlimited with --duration, else 10000)")
-    t.add_argument("--rate", type=float, default=0.0, metavar="PPS",
-                   help="frames per second (default 0: as fast as possible)")
-    t.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+    t.add_argument("--rate", type=positive(float), default=None, metavar="PPS",
+                   help="frames per second (default: as fast as possible)")
+    t.add_argument("--duration", type=positive(float), default=None, metavar="SECONDS",
                    help="stop sending after this long")
-    t.add_argument("--flows", type=int, default=1, metavar="N",
+    t.add_argument("--flows", type=positive(int), default=1, metavar="N",
                    help="distinct flows (IPv4 source + UDP port), round robin (default 1)")
-    t.add_argument("--burst", type=int, default=32, metavar="N",
+    t.add_argument("--burst", type=positive(int), default=32, metavar="N",
                    help="frames per kick (default 32)")
     t.add_argument("--src-mac", default="02:00:00:00:00:01", metavar="MAC",
                    help="source MAC (default 02:00:00:00:00:01)")
     t.add_argument("--dst-mac", default="02:00:00:00:00:02", metavar="MAC",
                    help="destination MAC (default 02:00:00:00:00:02)")
-    t.add_argument("--drain", type=float, default=1.0, metavar="SECONDS",
+    t.add_argument("--drain", type=seconds, default=1.0, metavar="SECONDS",
                    help="after sending, wait this long for frames still coming (default 1)")
     m = p.add_argument_group("mode")
     x = m.add_mutually_exclusive_group()
@@ -86,6 +87,7 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--mtu", type=int, default=1500, metavar="N", help="MTU (default 1500)")
     d.add_argument("--listen", action="store_true",
                    help="listen on SOCKET for a back-end in client mode (DPDK client=1)")
+    add_wait(d)
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     o.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
@@ -107,6 +109,7 @@ class Result:
     tx_bytes: int = 0
     rx_bytes: int = 0
     latencies_ns: list[int] = field(default_factory=list)
+    interrupted: bool = False
 
     def summary(self, expect_back: bool) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -125,6 +128,7 @@ class Result:
             if self.rx_seconds > 0 else 0.0,
             "duplicates": self.duplicates,
             "reordered": self.reordered,
+            "interrupted": self.interrupted,
         }
         if expect_back:
             out["lost"] = max(0, self.sent - self.ours)
@@ -198,17 +202,40 @@ class Pktgen:
         ``progress(result, elapsed)`` is called about every second.
         """
         r = self.result
-        nic = self.nic
-        templates = self.templates
-        nflows = len(templates)
         if count is not None and count > 100_000:
             self._lat_every = max(1, count // 100_000)
         t0 = time.monotonic()
+        pool = [bytearray(len(self.templates[0])) for _ in range(burst)]
+        try:
+            if send:
+                self._send(count, rate, duration, burst, expect_back, progress, t0, pool)
+        except KeyboardInterrupt:
+            # Ctrl-C: stop sending; the summary covers the time it ran, and frames still
+            # on their way get a short drain instead of being counted as lost.
+            r.interrupted = True
+            drain = min(drain, 0.5)
+        r.tx_seconds = time.monotonic() - t0
+        # Receive what is still on its way.
+        end = time.monotonic() + (drain if send else (duration or 0.0))
+        if r.interrupted:
+            end = time.monotonic() + drain
+        try:
+            self._drain(end, send, expect_back, progress, t0)
+        except KeyboardInterrupt:
+            r.interrupted = True
+        r.rx_seconds = time.monotonic() - t0
+        return r
+
+    def _send(self, count: int | None, rate: float, duration: float | None, burst: int,
+              expect_back: bool, progress: Any, t0: float, pool: list[bytearray]) -> None:
+        r = self.result
+        nic = self.nic
+        templates = self.templates
+        nflows = len(templates)
+        size = len(templates[0])
         next_progress = t0 + 1.0
         seq = 0
-        size = len(templates[0])
-        pool = [bytearray(size) for _ in range(burst)]
-        while send:
+        while True:
             now = time.monotonic()
             elapsed = now - t0
             if (count is not None and seq >= count) or (duration is not None
@@ -244,10 +271,13 @@ class Pktgen:
             if progress is not None and now >= next_progress:
                 progress(r, now - t0)
                 next_progress = now + 1.0
-        r.tx_seconds = time.monotonic() - t0
-        # Receive what is still on its way.
-        end = time.monotonic() + (drain if send else (duration or 0.0))
+
+    def _drain(self, end: float, send: bool, expect_back: bool, progress: Any,
+               t0: float) -> None:
+        r = self.result
+        nic = self.nic
         last_got = time.monotonic()
+        next_progress = t0 + 1.0
         while True:
             now = time.monotonic()
             if now >= end:
@@ -262,8 +292,6 @@ class Pktgen:
             if progress is not None and now >= next_progress:
                 progress(r, now - t0)
                 next_progress = now + 1.0
-        r.rx_seconds = time.monotonic() - t0
-        return r
 
 
 def run(args: argparse.Namespace) -> int:
@@ -292,11 +320,17 @@ def run(args: argparse.Namespace) -> int:
         "event_idx": not args.no_event_idx, "queue_size": args.queue_size, "mtu": args.mtu,
         "mac": args.src_mac,
     }
+    if not args.listen:
+        announce_wait("pktgen", args.socket, args.wait)
     try:
         nic = (VirtioNetFrontend.accept(args.socket, **kw) if args.listen
-               else VirtioNetFrontend.connect(args.socket, **kw))
+               else VirtioNetFrontend.connect(args.socket, connect_timeout=args.wait, **kw))
+    except KeyboardInterrupt:
+        print(f"vhost-user pktgen: interrupted ({args.socket})", file=sys.stderr)
+        return 130
     except (VhostUserError, OSError, ValueError) as e:
-        print(f"vhost-user pktgen: {args.socket}: {e}", file=sys.stderr)
+        msg = path_error(args.socket, e) if args.listen else connect_error(args.socket, e)
+        print(f"vhost-user pktgen: {msg}", file=sys.stderr)
         return 2
     live = sys.stderr.isatty() and not args.quiet
 
@@ -314,13 +348,15 @@ def run(args: argparse.Namespace) -> int:
     with nic:
         gen = Pktgen(nic, size=args.size, flows=args.flows, src_mac=src, dst_mac=dst)
         try:
-            res = gen.run(count=count, rate=args.rate, duration=args.duration,
+            res = gen.run(count=count, rate=args.rate or 0.0, duration=args.duration,
                           burst=args.burst, drain=args.drain, send=not args.rx_only,
                           expect_back=expect, progress=progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # (between the loops; inside them run() handles it)
             res = gen.result
+            res.interrupted = True
         except VhostUserError as e:
-            print(f"\nvhost-user pktgen: {e}", file=sys.stderr)
+            print(f"\nvhost-user pktgen: the back-end on {args.socket} went away or broke "
+                  f"the queue after {gen.result.sent} frames: {e}", file=sys.stderr)
             return 2
         summary = res.summary(expect)
         summary["device"] = {"features": hex(nic.features), "packed": nic.packed,
@@ -343,4 +379,8 @@ def run(args: argparse.Namespace) -> int:
         if lat:
             print(f"latency   min {lat['min']} / avg {lat['avg']} / p50 {lat['p50']} / "
                   f"p99 {lat['p99']} / max {lat['max']} us ({lat['samples']} samples)")
+        if res.interrupted:
+            print("interrupted (Ctrl-C): the numbers cover the time it ran")
+    if res.interrupted:
+        return 130
     return 1 if expect and summary.get("lost") else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ..devices.blk import BlkConfig, blk_config_size
@@ -18,6 +19,7 @@ from ..protocol.enums import (
     feature_names,
     protocol_feature_names,
 )
+from ._common import add_wait, announce_wait, connect_error, positive
 
 NET_ONLY_BITS = 0x1FF << 15
 """Bits 15-23: net's MRG_RXBUF, STATUS, CTRL_* , GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR. Blk
@@ -131,20 +133,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (raw integers included)")
     p.add_argument("--device", choices=["auto", "net", "blk", "none"], default="auto",
                    help="how to name device bits and decode config (default: auto)")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+    p.add_argument("--timeout", type=positive(float), default=5.0, metavar="S",
                    help="seconds to wait for each reply (default 5)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
-                   help="seconds to keep retrying the connection (default 5)")
+    add_wait(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vhost-user probe``."""
+    announce_wait("probe", args.socket, args.wait)
     try:
         r = probe(args.socket, device=args.device, timeout=args.timeout,
-                  connect_timeout=args.connect_timeout)
-    except (VhostUserError, OSError) as e:
-        print(f"vhost-user probe: {args.socket}: {e}")
+                  connect_timeout=args.wait)
+    except KeyboardInterrupt:
+        print(f"vhost-user probe: interrupted ({args.socket})", file=sys.stderr)
+        return 130
+    except (VhostUserError, OSError, ValueError) as e:
+        print(f"vhost-user probe: {connect_error(args.socket, e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(r, indent=2))

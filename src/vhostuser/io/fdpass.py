@@ -471,7 +471,7 @@ def connect_unix(path: str, *, timeout: float = 5.0, retry_interval: float = 0.1
         except OSError as e:
             sock.close()
             if e.errno not in _RETRY_CONNECT:
-                raise OSError(e.errno, f"connect_unix: {e.strerror}", path) from e
+                raise OSError(e.errno, e.strerror, path) from e
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MessageTimeoutError(
