@@ -188,3 +188,25 @@ def test_bad_socket_paths_get_one_line(tmp_path: Path, command: str, where: str,
     assert err.startswith(f"vhost-user {command}: ")
     assert re.search(expect, err), err
     assert (tmp_path / "regular").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["blk", "--image", "IMG", "--socket", "S", "--queues", "0"], "--queues 0 is outside"),
+    (["blk", "--image", "IMG", "--socket", "S", "--blk-size", "1000"], "--blk-size 1000"),
+    (["blk", "--image", "IMG", "--socket", "S", "--serial", "x" * 30], "--serial 'xxx"),
+    (["serve", "--socket", "S", "--queue-pairs", "0"], "--queue-pairs 0 is outside"),
+    (["switch", "--port", "S", "--queue-pairs", "0"], "--queue-pairs 0 is outside"),
+    (["switch", "--port", "S", "--max-macs", "0"], "--max-macs 0"),
+    (["switch", "--port", "S", "--aging", "-1"], "--aging -1"),
+])
+def test_errors_name_the_flag(tmp_path: Path, args: list[str], expect: str) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(1 << 20))
+    argv = [str(img) if a == "IMG" else str(tmp_path / "s.sock") if a == "S" else a
+            for a in args]
+    proc = _cli(*argv)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"vhost-user {args[0]}: {expect}"), err
+    assert not (tmp_path / "s.sock").exists()

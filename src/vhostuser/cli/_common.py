@@ -167,3 +167,21 @@ def connect_error(path: str, e: BaseException) -> str:
         return (f"{path}: nothing listens on this socket (a stale socket left by a back-end "
                 "that stopped?)")
     return path_error(path, e)
+
+
+#: Library parameter names and the command-line flags that set them, so that an error
+#: raised by a constructor names what the user typed.
+FLAGS = {
+    "num_queues": "--queues", "blk_size": "--blk-size", "serial": "--serial",
+    "queue_pairs": "--queue-pairs", "mtu": "--mtu", "aging": "--aging",
+    "max_macs": "--max-macs", "latency": "--latency",
+}
+
+
+def flag_text(e: BaseException) -> str:
+    """:func:`error_text`, with a leading library parameter name replaced by its flag."""
+    text = error_text(e)
+    for name, flag in FLAGS.items():
+        if text.startswith(name + " "):
+            return flag + text[len(name):]
+    return text

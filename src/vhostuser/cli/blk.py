@@ -14,6 +14,7 @@ from ..io.reactor import Reactor
 from ._common import (
     add_verbose,
     error_text,
+    flag_text,
     octal_mode,
     path_error,
     setup_logging,
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine = engines.select(args.engine)
     except engines.EngineUnavailableError as e:
-        print(f"vhost-user blk: {e}", file=sys.stderr)
+        print(f"vhost-user blk: {flag_text(e)}", file=sys.stderr)
         return 2
     fast = engines.compiled() if engine == "compiled" else None
     try:
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         make_device()  # check the parameters once, before any front-end sees them
     except ValueError as e:
         image.close()
-        print(f"vhost-user blk: {e}", file=sys.stderr)
+        print(f"vhost-user blk: {flag_text(e)}", file=sys.stderr)
         return 2
     reactor = Reactor()
 

@@ -323,7 +323,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     status = 0
     try:
-        region = disk.capacity if args.size is None else min(args.size, disk.capacity)
+        if args.size is not None and args.size > disk.capacity:
+            print(f"vhost-user blkbench: --size {args.size} is larger than the disk "
+                  f"({disk.capacity} bytes)", file=sys.stderr)
+            return 2
+        region = disk.capacity if args.size is None else args.size
         region -= region % args.bs
         if region < args.bs:
             print(f"vhost-user blkbench: the disk ({disk.capacity} bytes) is smaller than one "

@@ -13,6 +13,7 @@ from ..io.backend import BackendServer, BackendSession
 from ..io.reactor import Reactor
 from ._common import (
     add_verbose,
+    flag_text,
     octal_mode,
     path_error,
     setup_logging,
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         make_device(args.device, args.queue_pairs)
     except ValueError as e:
-        print(f"vhost-user serve: {e}", file=sys.stderr)
+        print(f"vhost-user serve: {flag_text(e)}", file=sys.stderr)
         return 2
     reactor = Reactor()
 

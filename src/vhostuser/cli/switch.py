@@ -17,7 +17,7 @@ from ..engine import ENGINES, ENV
 from ..errors import VhostUserError
 from ..io.reactor import Reactor
 from ..switch import DEFAULT_AGING, Switch
-from ._common import add_verbose, error_text, octal_mode, setup_logging, stop_on_signals
+from ._common import add_verbose, flag_text, octal_mode, setup_logging, stop_on_signals
 
 DESCRIPTION = """\
 Run a learning Ethernet switch whose ports are vhost-user NICs (QEMU guests, DPDK
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         sw = build_switch(reactor, args)
     except (ValueError, OSError, VhostUserError) as e:
         reactor.close()
-        print(f"vhost-user switch: {error_text(e)}", file=sys.stderr)
+        print(f"vhost-user switch: {flag_text(e)}", file=sys.stderr)
         return 2
 
     live = sys.stdout.isatty() and not args.quiet and args.stats_json != "-"
