@@ -707,7 +707,8 @@ class BlkDevice(Device):
         """Run the compiled engine on ``ring`` if it may; requests it completed (0: none,
         or it may not run here)."""
         fast = self.accelerator
-        if (fast is None or type(ring) is not SplitDeviceRing or self.latency
+        if (fast is None or type(ring) is not SplitDeviceRing or ring.broken is not None
+                or self.latency
                 or not self._own_requests or self._done[index] or index in self._resubmit
                 or ring.in_flight):
             return 0

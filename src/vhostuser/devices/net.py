@@ -729,7 +729,8 @@ class VirtioNetDevice(Device):
         try:
             taken = 0
             complete = False
-            if self.fast_path and enabled and index & 1 and type(ring) in _ENGINE_RINGS:
+            if (self.fast_path and enabled and index & 1 and type(ring) in _ENGINE_RINGS
+                    and ring.broken is None):
                 accel = self.accelerator
                 if accel is not None:
                     taken, complete = accel(self, index, ring, budget)
