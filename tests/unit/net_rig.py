@@ -203,11 +203,11 @@ class Rig:
                 return total
             res, again = runner.step(ring)
             total += res.popped
+            if res.notify:  # as the session: completions first, then the break
+                self.access.notify(q)
             if res.broken is not None:
                 self.access.ring_broken(q, res.broken)
                 return total
-            if res.notify:
-                self.access.notify(q)
             if not again:
                 return total
 

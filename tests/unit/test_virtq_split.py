@@ -389,10 +389,26 @@ def test_avail_idx_jump_across_wrap() -> None:
 
 
 def test_same_head_twice_in_one_batch() -> None:
+    """The first is handed over; the call stops in front of the second, which the next
+    call meets first: still in flight, it breaks the ring."""
     r = Ring()
     r.d(2, DATA, 4)
     r.offer(2, 2)
-    broken(r.device(), "head 2, which is already in flight")
+    dev = r.device()
+    assert [c.head for c in dev.pop(4)] == [2]
+    assert dev.broken is None and dev.next_avail == 1
+    broken(dev, "head 2, which is already in flight")
+
+
+def test_fault_behind_good_chains_stops_the_call_in_front_of_it() -> None:
+    r = Ring()
+    r.d(0, DATA, 4)
+    r.d(1, DATA, 4)
+    r.offer(0, 1, 100)  # the third names a head outside the queue
+    dev = r.device()
+    assert [c.head for c in dev.pop(8)] == [0, 1]
+    assert dev.broken is None
+    broken(dev, "holds head 100 >= queue size")
 
 
 def test_same_head_again_while_in_flight() -> None:

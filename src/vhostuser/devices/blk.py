@@ -697,11 +697,15 @@ class BlkDevice(Device):
         taken = self._compiled_burst(index, ring, budget) if enabled else 0
         if taken <= 0:
             return super().run_queue(index, ring, budget, enabled)
+        # The notification decision for what the compiled engine completed comes first:
+        # the Python engine may break the ring at the next chain, and the driver must
+        # still hear about these (as it would from one Python burst before the fault).
+        notify = ring.should_notify()
         if taken < budget and ring.broken is None:
             rest = super().run_queue(index, ring, budget - taken, enabled)
             return BurstResult(taken + rest.popped, taken + rest.pushed,
-                               rest.notify or ring.should_notify(), rest.broken)
-        return BurstResult(taken, taken, ring.should_notify(), ring.broken)
+                               notify or rest.notify, rest.broken)
+        return BurstResult(taken, taken, notify, ring.broken)
 
     def _compiled_burst(self, index: int, ring: Any, budget: int) -> int:
         """Run the compiled engine on ``ring`` if it may; requests it completed (0: none,

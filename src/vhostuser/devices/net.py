@@ -747,9 +747,10 @@ class VirtioNetDevice(Device):
             # A fast path stopped before a chain it leaves to the ring engine: carry on in
             # the same burst (one notification decision for the whole burst, whichever
             # engine took which chain).
+            notify = ring.should_notify()  # before the ring engine may break the ring
             rest = super().run_queue(index, ring, budget - taken, enabled)
             return BurstResult(taken + rest.popped, taken + rest.pushed,
-                               rest.notify or ring.should_notify(), rest.broken)
+                               notify or rest.notify, rest.broken)
         finally:
             # The transmit buffers are back with the driver: now the copies may appear.
             self.sink.commit(self)

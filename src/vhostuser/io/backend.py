@@ -452,12 +452,13 @@ class BackendSession:
             log.exception("%s: ring %d: device error", self.name, index)
             self.ring_broken(index, f"ring {index}: device error: {exc!r}")
             return 0
+        if result.notify:
+            # Before a break is reported: what completed in this burst is the driver's.
+            signal_fd(v.call)
         if result.broken is not None:
             if v.broken is None:
                 self._on_event(self.conn.ring_broken(index, result.broken))
             return result.popped
-        if result.notify:
-            signal_fd(v.call)
         if again:
             # More may be waiting: yield to other fds and queues first (call_soon runs
             # on the next reactor iteration).

@@ -376,9 +376,12 @@ class PackedDeviceRing:
         available (virtio 1.2 2.8.1); popping stops there. It also stops once the call has
         read ``DESCS_PER_CHAIN * budget`` descriptors (the rest wait for the next call).
 
+        A buffer the guest broke stops the call: the buffers before it are returned, and
+        the next call meets it first.
+
         Raises:
-            RingError: the guest broke the ring; the ring is now broken and every later
-                ``pop`` returns ``[]``. Buffers popped earlier in the same call are dropped.
+            RingError: the first buffer of the call breaks the ring; the ring is now broken
+                and every later ``pop`` returns ``[]``.
         """
         if self._broken is not None or budget <= 0:
             return []
@@ -394,7 +397,15 @@ class PackedDeviceRing:
             f: int = desc_h[(slot << 3) + 7]
             if f & _AU != self._avail_pat:
                 break
-            out.append(walk(slot, f))
+            try:
+                out.append(walk(slot, f))
+            except RingError:
+                if not out:
+                    raise
+                # Hand over the good buffers before the faulty one; the next pop meets it
+                # first and breaks the ring (as SplitDeviceRing.pop).
+                self._broken = None
+                return out
         return out
 
     def _walk(

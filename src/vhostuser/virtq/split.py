@@ -309,10 +309,13 @@ class SplitDeviceRing:
         :meth:`push` returns it. Fewer chains come back when the call has already read
         ``DESCS_PER_CHAIN * budget`` descriptors (the rest wait for the next call).
 
+        A chain the guest broke stops the call: the chains before it are returned, and the
+        next call meets it first.
+
         Raises:
-            RingError: the guest broke the ring; the ring is now broken (``broken`` holds the
-                same message) and every later ``pop`` returns ``[]``. Chains popped earlier
-                in the same call are dropped.
+            RingError: the first chain of the call breaks the ring (or avail.idx does); the
+                ring is now broken (``broken`` holds the same message) and every later
+                ``pop`` returns ``[]``.
         """
         if self._broken is not None or budget <= 0:
             return []
@@ -340,11 +343,23 @@ class SplitDeviceRing:
         out: list[Chain] = []
         for _ in range(pending):
             head: int = avail_h[2 + (nxt & mask)]  # read once
-            if head >= size:
-                self._fail(f"avail ring entry {nxt} holds head {head} >= queue size {size}")
-            if chains[head] is not None:
-                self._fail(f"avail ring entry {nxt} holds head {head}, which is already in flight")
-            chain = walk(head)
+            try:
+                if head >= size:
+                    self._fail(f"avail ring entry {nxt} holds head {head} >= queue size {size}")
+                if chains[head] is not None:
+                    self._fail(
+                        f"avail ring entry {nxt} holds head {head}, which is already in flight"
+                    )
+                chain = walk(head)
+            except RingError:
+                if not out:
+                    raise
+                # The chains before the faulty one are good: hand them over (the device
+                # serves them, as it would have before the driver published the bad one)
+                # and stop in front of it; the next pop meets the fault first and breaks
+                # the ring. The compiled engines work the same way.
+                self._broken = None
+                return out
             chains[head] = chain
             out.append(chain)
             nxt = (nxt + 1) & 0xFFFF
