@@ -235,6 +235,8 @@ class Pktgen:
         size = len(templates[0])
         next_progress = t0 + 1.0
         seq = 0
+        window = max(1, nic.queue_size - burst)
+        blocked: float | None = None
         while True:
             now = time.monotonic()
             elapsed = now - t0
@@ -244,6 +246,21 @@ class Pktgen:
             n = burst
             if count is not None:
                 n = min(n, count - seq)
+            if expect_back:
+                # Never more frames on their way back than our receive ring holds: beyond
+                # that the back-end finds no receive buffer and drops them (counted there
+                # as no_rx_buffer), which would be our loss, not the back-end's.
+                room = window - (seq - r.ours - r.foreign)
+                if room <= 0:
+                    if blocked is None:
+                        blocked = now
+                    elif now - blocked > 5.0:
+                        break  # nothing comes back: stop; the summary counts the loss
+                    if not self.receive():
+                        nic.wait(0.001)
+                    continue
+                blocked = None
+                n = min(n, room)
             if rate > 0:
                 due = int(elapsed * rate) + 1 - seq
                 if due <= 0:
