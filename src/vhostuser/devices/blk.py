@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -743,7 +742,7 @@ class BlkDevice(Device):
                 stats[key] += count
         if rerr or werr:
             log.warning("queue %d: %d requests failed, the last at sector %d: %s", index,
-                        rerr + werr, sector, os.strerror(err))
+                        rerr + werr, sector, errno.errorcode.get(err, f"errno {err}"))
         n: int = taken
         return n
 
