@@ -125,19 +125,29 @@ def _wait_file(path: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
-def test_ctrl_c_during_pktgen_gives_the_partial_summary(tmp_path: Path) -> None:
-    sock = tmp_path / "echo.sock"
-    sw = _start("switch", "--echo", str(sock), "--quiet")
+def _interrupt_client(sock: Path, server: list[str], client: list[str]
+                      ) -> tuple[int, str, str]:
+    """Start ``server`` (listening on ``sock``), run ``client`` against it for 3 s, send it
+    SIGINT; its exit status and output. The server is stopped afterwards."""
+    srv = _start(*server)
     try:
-        _wait_file(sock, sw)
-        p = _start("pktgen", str(sock), "--rate", "2000", "--duration", "60", "--quiet")
+        _wait_file(sock, srv)
+        p = _start(*client)
         time.sleep(3.0)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=20)
+        out, err = p.communicate(timeout=30)
     finally:
-        sw.send_signal(signal.SIGTERM)
-        sw.communicate(timeout=20)
-    assert p.returncode == 130, (out, err)
+        srv.send_signal(signal.SIGTERM)
+        srv.communicate(timeout=20)
+    return p.returncode, out, err
+
+
+def test_ctrl_c_during_pktgen_gives_the_partial_summary(tmp_path: Path) -> None:
+    sock = tmp_path / "echo.sock"
+    rc, out, err = _interrupt_client(sock, ["switch", "--echo", str(sock), "--quiet"],
+                                     ["pktgen", str(sock), "--rate", "2000", "--duration",
+                                      "60", "--quiet"])
+    assert rc == 130, (out, err)
     assert "Traceback" not in err and "interrupted (Ctrl-C)" in out, (out, err)
     sent_line = next(x for x in out.splitlines() if x.startswith("sent"))
     seconds = float(sent_line.split(" in ")[1].split(" s")[0])
@@ -150,17 +160,9 @@ def test_ctrl_c_during_blkbench_prints_the_partial_result(tmp_path: Path) -> Non
     img = tmp_path / "disk.raw"
     img.write_bytes(bytes(8 << 20))
     sock = tmp_path / "blk.sock"
-    blk = _start("blk", "--image", str(img), "--socket", str(sock))
-    try:
-        _wait_file(sock, blk)
-        p = _start("blkbench", str(sock), "--time", "60", "--iodepth", "4")
-        time.sleep(3.0)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        blk.send_signal(signal.SIGTERM)
-        blk.communicate(timeout=20)
-    assert p.returncode == 130, (out, err)
+    rc, out, err = _interrupt_client(sock, ["blk", "--image", str(img), "--socket", str(sock)],
+                                     ["blkbench", str(sock), "--time", "60", "--iodepth", "4"])
+    assert rc == 130, (out, err)
     assert "Traceback" not in err, err
     assert "IOPS" in out and "interrupted (Ctrl-C)" in out, out
     assert os.path.exists(img)

@@ -6,6 +6,7 @@ chain) already walked, validated and translated to ``memoryview`` slices of gues
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from ..errors import GuestMemoryError, RingError
@@ -119,6 +120,20 @@ class Chain:
             if pos == total:
                 break
         return pos
+
+    def mark_written(self, mark: Callable[[int, int], None], written: int) -> None:
+        """Report the first ``written`` bytes of the writable part to ``mark(gpa, len)``
+        (``mem.mark_dirty``), buffer by buffer."""
+        rest = written
+        for gpa, ln in self.writable_gpas:
+            if not rest:
+                return
+            if ln >= rest:
+                mark(gpa, rest)
+                return
+            if ln:
+                mark(gpa, ln)
+                rest -= ln
 
     def __repr__(self) -> str:
         return (

@@ -836,14 +836,7 @@ class PackedDeviceRing:
                 break
             ids[bid] = None
             if written:
-                rest = written
-                for gpa, ln in chain.writable_gpas:
-                    if ln >= rest:
-                        mark(gpa, rest)
-                        break
-                    if ln:
-                        mark(gpa, ln)
-                        rest -= ln
+                chain.mark_written(mark, written)
             entries.append((bid, written, chain.ring_descs))
         if entries:
             slots = self._store_used(entries, publish)

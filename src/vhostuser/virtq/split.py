@@ -654,14 +654,7 @@ class SplitDeviceRing:
             used_w[1 + 2 * slot] = head
             used_w[2 + 2 * slot] = written
             if written:
-                rest = written
-                for gpa, ln in chain.writable_gpas:
-                    if ln >= rest:
-                        mark(gpa, rest)
-                        break
-                    if ln:
-                        mark(gpa, ln)
-                        rest -= ln
+                chain.mark_written(mark, written)
             idx = (idx + 1) & 0xFFFF
         n = (idx - start) & 0xFFFF
         if n:
