@@ -33,8 +33,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' >/dev/null 2>
   rm -f /tmp/vhostuser-venv.err
 fi
 
-# The compiled engine (src/vhostuser/_fastpath.c) needs a C compiler and Python.h; without
-# them pip still installs the package, with the pure-Python engine only.
+# The compiled modules (src/vhostuser/_fastpath.c: the burst engine; _memguard.c: the SIGBUS
+# guard for unsealed guest memory) need a C compiler and Python.h; without them pip still
+# installs the package, with the pure-Python engine only.
 py_include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 if ! command -v cc >/dev/null 2>&1 || [ ! -f "$py_include/Python.h" ]; then
   if command -v apt-get >/dev/null 2>&1; then
@@ -48,10 +49,10 @@ if ! command -v cc >/dev/null 2>&1 || [ ! -f "$py_include/Python.h" ]; then
 fi
 
 stamp=.venv/.vhostuser-setup-stamp
-want=$(cat pyproject.toml setup.py src/vhostuser/_fastpath.c | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py src/vhostuser/_fastpath.c src/vhostuser/_memguard.c | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
    && .venv/bin/python -c 'import importlib.metadata as m; [m.version(d) for d in ("vhostuser", "pytest", "mypy", "hypothesis", "ruff")]' >/dev/null 2>&1 \
-   && { ! command -v cc >/dev/null 2>&1 || .venv/bin/python -c 'import vhostuser._fastpath' >/dev/null 2>&1; } \
+   && { ! command -v cc >/dev/null 2>&1 || .venv/bin/python -c 'import vhostuser._fastpath, vhostuser._memguard' >/dev/null 2>&1; } \
    && [ -x .venv/bin/ruff ]; then
   log ".venv up to date"
 else

@@ -33,6 +33,7 @@ from ..protocol import payloads as P
 from ..protocol.enums import BackendRequest, ProtocolFeature
 from ..virtq.burst import BurstResult
 from ..virtq.runner import QueueRunner
+from . import memguard
 from .fdpass import (
     OwnedFd,
     connect_unix,
@@ -57,11 +58,25 @@ MESSAGE_DEADLINE = 5.0
 
 
 class ShellHost:
-    """The :class:`~vhostuser.connection.BackendHost` of the real shell."""
+    """The :class:`~vhostuser.connection.BackendHost` of the real shell.
+
+    ``on_mapped`` is called with every guest memory mapping made (the session watches the
+    SIGBUS guard of unsealed ones).
+    """
+
+    def __init__(self, on_mapped: Callable[[Mapping], None] | None = None) -> None:
+        self.on_mapped = on_mapped
 
     def map_region(self, fd: OwnedFd, *, mmap_offset: int, size: int) -> Mapping:
-        """Map a region fd (consumes it). See :func:`map_region_fd`."""
-        return map_region_fd(fd, mmap_offset=mmap_offset, size=size)
+        """Map a region fd (consumes it). See :func:`map_region_fd`.
+
+        Raises:
+            GuestMemoryError: see :func:`map_region_fd`.
+        """
+        mapping = map_region_fd(fd, mmap_offset=mmap_offset, size=size)
+        if self.on_mapped is not None:
+            self.on_mapped(mapping)
+        return mapping
 
     def release_fd(self, fd: OwnedFd) -> None:
         """Close an fd the core owned."""
@@ -160,7 +175,7 @@ class BackendSession:
         self.busy_poll = busy_poll
         self.on_close = on_close
         self.conn: BackendConnection[OwnedFd] = BackendConnection(
-            device, ShellHost(), dialect=dialect, name=name
+            device, ShellHost(self._watch_mapping), dialect=dialect, name=name
         )
         self.closed = False
         self.close_reason: str | None = None
@@ -204,6 +219,24 @@ class BackendSession:
     def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
         """Run ``callback`` on this session's reactor after ``delay`` seconds."""
         return self.reactor.call_later(delay, callback)
+
+    # -- guest memory that shrinks under us --------------------------------------------------
+    def _watch_mapping(self, mapping: Mapping) -> None:
+        """Close this session (only) if the front-end truncates an unsealed region's file."""
+        if mapping.guard is not None:
+            mapping.guard.watch(self.reactor, functools.partial(self._memory_lost, mapping))
+
+    def _memory_lost(self, mapping: Mapping, fault: memguard.Fault) -> None:
+        # SECURITY.md "memory": a truncated region must end this connection, not the process.
+        if self.closed:
+            return
+        reason = (
+            f"guest memory lost: the front-end shrank the file behind a memory region "
+            f"under our mapping ({mapping.length:#x} bytes mapped, file offset "
+            f"{fault.offset:#x} gone, {fault.count} fault(s) caught); give guest memory "
+            "as a sealed memfd (QEMU: memory-backend-memfd) or never truncate it")
+        log.error("%s: %s; closing this session only", self.name, reason)
+        self.close(reason)
 
     # -- control socket ---------------------------------------------------------------------
     def _on_readable(self) -> None:

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from ..errors import GuestMemoryError
+from . import memguard
 from .fdpass import OwnedFd
 
 __all__ = ["Mapping", "deferred_count", "map_region_fd", "reap_deferred"]
@@ -31,8 +32,6 @@ __all__ = ["Mapping", "deferred_count", "map_region_fd", "reap_deferred"]
 logger = logging.getLogger(__name__)
 
 _U64_MAX = (1 << 64) - 1
-_F_GET_SEALS: int = getattr(fcntl, "F_GET_SEALS", 1034)
-_F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
 
 # Python < 3.13 keeps a dup() of the fd inside every mmap object; 3.13 can be told not to.
 _MMAP_EXTRA: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
@@ -67,8 +66,10 @@ class Mapping:
     Attributes: :attr:`mm` (the mmap), :attr:`buf` (a byte memoryview of all of it, what
     :class:`vhostuser.memory.Region` takes as ``buf``), :attr:`length`,
     :attr:`mmap_offset`, :attr:`size`, :attr:`fd_size` (the file's size at map time),
-    :attr:`readonly` and :attr:`shrink_sealed` (the front-end sealed the file against
-    shrinking, so it cannot SIGBUS us by truncating it).
+    :attr:`readonly`, :attr:`shrink_sealed` (the file is sealed against shrinking, by the
+    front-end or by us, so it cannot SIGBUS us by truncating it) and :attr:`guard` (for an
+    unsealed file, its SIGBUS guard, see :mod:`vhostuser.io.memguard`; None when sealed or
+    when the guard is not built).
     """
 
     __slots__ = (
@@ -76,6 +77,7 @@ class Mapping:
         "_close_requested",
         "_mm",
         "fd_size",
+        "guard",
         "length",
         "mmap_offset",
         "readonly",
@@ -103,6 +105,7 @@ class Mapping:
         self.fd_size = fd_size
         self.readonly = readonly
         self.shrink_sealed = shrink_sealed
+        self.guard: memguard.Guard | None = None
 
     @property
     def closed(self) -> bool:
@@ -155,6 +158,9 @@ class Mapping:
             # Slices of .buf (or other views of the mmap) are still alive.
             return False
         self._mm = None
+        if self.guard is not None:  # only now: the range is gone, overlays included
+            self.guard.release()
+            self.guard = None
         return True
 
     def close(self) -> bool:
@@ -201,6 +207,23 @@ class Mapping:
         )
 
 
+def _page_size(fd: int, length: int) -> int:
+    """The page size of a mapping of ``fd``: the huge page size on hugetlbfs, else PAGESIZE.
+
+    The file system's block size is the huge page size on hugetlbfs (PAGESIZE on tmpfs);
+    it is used only when the mapping is a whole number of it, so the guard never maps
+    over a neighbour (the guard also refuses a mapping not aligned to it).
+    """
+    page = mmap.PAGESIZE
+    try:
+        bsize = os.fstatvfs(fd).f_bsize
+    except OSError:
+        return page
+    if bsize > page and bsize & (bsize - 1) == 0 and length % bsize == 0:
+        return bsize
+    return page
+
+
 def reap_deferred() -> int:
     """Retry every deferred unmap; return how many are still pending."""
     if _deferred:
@@ -220,10 +243,11 @@ def map_region_fd(fd: OwnedFd, *, mmap_offset: int, size: int, readonly: bool = 
     mapping does not need it; SECURITY.md: every fd released on every error path).
 
     The fd must be a regular file (memfd, tmpfs and hugetlbfs files are); it is checked
-    with fstat to be at least ``mmap_offset + size`` bytes long. The check cannot stop a
-    front-end from truncating an *unsealed* file afterwards — touching the lost pages then
-    raises SIGBUS; :attr:`Mapping.shrink_sealed` tells whether the front-end sealed it
-    (QEMU's memory-backend-memfd does by default).
+    with fstat to be at least ``mmap_offset + size`` bytes long. The check alone cannot
+    stop a front-end from truncating the file afterwards (touching the lost pages would
+    raise SIGBUS), so a memfd that allows it is sealed against shrinking
+    (:func:`memguard.seal_shrink`; QEMU's memory-backend-memfd seals by default), and any
+    other file is guarded (:attr:`Mapping.guard`, :func:`memguard.guard`).
 
     Raises:
         ValueError: ``fd`` is already closed.
@@ -270,10 +294,6 @@ def map_region_fd(fd: OwnedFd, *, mmap_offset: int, size: int, readonly: bool = 
             raise GuestMemoryError(
                 f"memory region fd {fdnum} was opened {mode}; it cannot be mapped {want}"
             )
-        try:
-            seals = fcntl.fcntl(fdnum, _F_GET_SEALS)
-        except OSError:  # EINVAL: not a memfd (tmpfs/hugetlbfs file), so no seals
-            seals = 0
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
             mm = mmap.mmap(fdnum, length, flags=mmap.MAP_SHARED, prot=prot, offset=0, **_MMAP_EXTRA)
@@ -284,13 +304,25 @@ def map_region_fd(fd: OwnedFd, *, mmap_offset: int, size: int, readonly: bool = 
                 f"memory region fd {fdnum}: mmap of {length:#x} bytes "
                 f"({'read-only' if readonly else 'read-write'}) failed: {e}"
             ) from e
-        return Mapping(
+        sealed = memguard.seal_shrink(fdnum)
+        mapping = Mapping(
             mm,
             mmap_offset=mmap_offset,
             size=size,
             fd_size=st.st_size,
             readonly=readonly,
-            shrink_sealed=bool(seals & _F_SEAL_SHRINK),
+            shrink_sealed=sealed,
         )
+        if not sealed:
+            try:
+                mapping.guard = memguard.guard(
+                    mm, _page_size(fdnum, length),
+                    f"guest memory {_describe_fd(fdnum, st)} ({length:#x} bytes)")
+            except (OSError, ValueError) as e:
+                mapping.close()
+                raise GuestMemoryError(
+                    f"memory region fd {fdnum}: cannot guard the unsealed mapping: {e}"
+                ) from e
+        return mapping
     finally:
         fd.close()
