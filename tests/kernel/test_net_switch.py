@@ -185,20 +185,27 @@ def test_echo_port_reflects_everything(no_leaks: Any, sock_dir: Path) -> None:
 
 
 def test_learning_reconnect_and_announce(no_leaks: Any, sock_dir: Path) -> None:
-    """A front-end that goes away is forgotten (its MACs too); a new one on the same port
-    works at once; SEND_RARP re-learns and floods the announcement."""
+    """A front-end that goes away leaves its MACs learned on its port; a new one on the
+    same port is reached at once (unicast, not flooded); SEND_RARP re-learns and floods
+    the announcement."""
     a, b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
     mac_table: Callable[[SwitchThread], dict[str, str]] = lambda st: {  # noqa: E731
         e["mac"]: e["port"] for e in st.call(lambda: st.switch.mac_table())  # type: ignore[union-attr]
     }
+    flooded: Callable[[SwitchThread], int] = lambda st: st.stats()["flooded"]  # noqa: E731
     with SwitchThread(two_ports(a, b)) as st, VirtioNetFrontend.connect(b) as nb:
         with VirtioNetFrontend.connect(a) as na:
             na.send_all(frames_seq(5, 60, MAC_A, MAC_B))
             assert len(receive_n(nb, 5)) == 5
             assert mac_table(st) == {"02:00:00:00:00:0a": "a"}
         wait_until(lambda: port_info(st, "a")["connected"] is False, 10, "a disconnected")
-        assert mac_table(st) == {}
+        assert mac_table(st) == {"02:00:00:00:00:0a": "a"}
         with VirtioNetFrontend.connect(a) as na2:
+            before = flooded(st)
+            back = frames_seq(5, 60, MAC_B, MAC_A, magic=0x77)
+            nb.send_all(back)
+            assert receive_n(na2, 5) == back
+            assert flooded(st) == before  # straight to a: its address was still known
             na2.send_all(frames_seq(5, 60, MAC_A, MAC_B))
             assert len(receive_n(nb, 5)) == 5
             assert port_info(st, "a")["sessions"] == 2
@@ -208,6 +215,59 @@ def test_learning_reconnect_and_announce(no_leaks: Any, sock_dir: Path) -> None:
             assert got == [build_rarp(MAC_A)]
             assert mac_table(st)["02:00:00:00:00:0a"] == "b"
         assert not st.errors
+
+
+@pytest.mark.parametrize("mode", ["listen", "connect"])
+def test_counters_add_up_across_a_reconnect(no_leaks: Any, sock_dir: Path, mode: str) -> None:
+    """A port's counters go on across its front-end's reconnect (a QEMU reconnecting to a
+    listening port, a --connect port dialing a restarted front-end): the stats after are
+    the stats before plus what crossed since, on both ports, and frames for the port
+    while it has no front-end are counted there as rx_down."""
+    a, b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
+
+    def setup(sw: Switch) -> None:
+        sw.add_vhost_user_port(a, name="a", connect=mode == "connect", reconnect_interval=0.1)
+        sw.add_vhost_user_port(b, name="b")
+
+    def open_a() -> VirtioNetFrontend:
+        if mode == "connect":
+            return VirtioNetFrontend.accept(a, accept_timeout=10)
+        return VirtioNetFrontend.connect(a)
+
+    def counts(st: SwitchThread) -> dict[str, dict[str, Any]]:
+        return {p["name"]: p for p in st.stats()["ports"]}
+
+    with SwitchThread(setup) as st, VirtioNetFrontend.connect(b) as nb:
+        with open_a() as na:
+            na.send_all(frames_seq(30, 100, MAC_A, MAC_B))
+            assert len(receive_n(nb, 30)) == 30
+            nb.send_all(frames_seq(20, 200, MAC_B, MAC_A))
+            assert len(receive_n(na, 20)) == 20
+        wait_until(lambda: port_info(st, "a")["connected"] is False, 10, "a gone")
+        first = counts(st)
+        nb.send_all(frames_seq(7, 200, MAC_B, MAC_A, magic=0x99))  # a has no front-end
+        wait_until(lambda: counts(st)["b"]["rx_frames"] == 27, 10, "b's 7 frames")
+        with open_a() as na2:
+            na2.send_all(frames_seq(11, 100, MAC_A, MAC_B, magic=0x98))
+            assert len(receive_n(nb, 11)) == 11
+            back = frames_seq(13, 200, MAC_B, MAC_A, magic=0x97)
+            nb.send_all(back)
+            assert receive_n(na2, 13) == back
+            second = counts(st)
+        assert not st.errors
+    fa, fb, sa, sb = first["a"], first["b"], second["a"], second["b"]
+    assert (fa["rx_frames"], fa["tx_frames"], fb["rx_frames"], fb["tx_frames"]) == (30, 20, 20, 30)
+    assert sa["sessions"] == 2 and sa["connected"] and sb["sessions"] == 1
+    assert sa["rx_frames"] == fa["rx_frames"] + 11
+    assert sa["rx_bytes"] == fa["rx_bytes"] + 11 * 100
+    assert sa["tx_frames"] == fa["tx_frames"] + 13
+    assert sa["tx_bytes"] == fa["tx_bytes"] + 13 * 200
+    assert sa["drops"]["rx_down"] == fa["drops"]["rx_down"] + 7
+    assert sb["rx_frames"] == fb["rx_frames"] + 7 + 13
+    assert sb["tx_frames"] == fb["tx_frames"] + 11
+    # every frame a port took in went out of the other one or was dropped there
+    assert sa["rx_frames"] == sb["tx_frames"] + sb["dropped"]
+    assert sb["rx_frames"] == sa["tx_frames"] + sa["dropped"]
 
 
 def test_connect_mode_reconnects(no_leaks: Any, sock_dir: Path) -> None:

@@ -220,7 +220,8 @@ class Switch:
         log.info("%s: RARP announcement for %s", src.name, format_mac(bytes(mac)))
 
     def port_down(self, port: Port) -> None:
-        """Forget every address learned on ``port`` (its front-end went away)."""
+        """Forget every address learned on ``port`` (it is being removed). A front-end
+        that merely goes away keeps them: it may reconnect (see VhostUserPort)."""
         self.fabric.forget_member(port)
 
     def _age(self) -> None:

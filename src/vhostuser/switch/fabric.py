@@ -7,9 +7,10 @@ members here: anything with the staging lists of :class:`Member`.
 Forwarding (IEEE 802.1D, simplified): the source address of every frame is learned on its
 ingress port; frames to a learned unicast address go to that port only (and are filtered
 when it is the ingress port); broadcast, multicast and unknown unicast are flooded to every
-other member. Entries age out after ``aging`` seconds without traffic, vanish when their
-port goes down, and the table is bounded (``max_macs``; beyond it new addresses are
-flooded, not learned).
+other member. Entries age out after ``aging`` seconds without traffic and vanish when
+their port is removed (:meth:`Fabric.forget_member`); a port whose front-end reconnects
+keeps them. The table is bounded (``max_macs``; beyond it new addresses are flooded, not
+learned).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class Fabric:
         self.macs[bytes(mac)] = [member, now]
 
     def forget_member(self, member: Any) -> int:
-        """Forget every address learned on ``member`` (its front-end went away); how many."""
+        """Forget every address learned on ``member`` (it is removed); how many."""
         gone = [m for m, e in self.macs.items() if e[0] is member]
         for mac in gone:
             del self.macs[mac]

@@ -101,7 +101,8 @@ class VhostUserPort(Port):
     """A virtio-net NIC served over vhost-user (see the module docstring).
 
     One front-end at a time: a second connection is refused while one is up; after it goes
-    away the next one gets a fresh device (a reconnecting QEMU, a restarted DPDK).
+    away the next one gets a fresh device (a reconnecting QEMU, a restarted DPDK) on the
+    same counters, and the addresses learned on the port stay in the switch's table.
     """
 
     kind = "vhost-user"
@@ -200,7 +201,10 @@ class VhostUserPort(Port):
             self.session = None
             self.device = None
             self.last_close_reason = s.close_reason
-            self.switch.port_down(self)
+            # The addresses learned here stay (aging removes them if nobody comes back): a
+            # front-end that reconnects (QEMU reconnect=1, a --connect port dialing again)
+            # is reached at once instead of by flooding. Frames for them meanwhile are
+            # counted here as rx_down. The counters stay too: one port, one set.
             log.info("%s: front-end gone: %s", self.name, s.close_reason)
 
     # -- FrameSink (the device hands us what its driver transmitted) ------------------------
