@@ -13,6 +13,7 @@ released, and the reactor and other sessions go on.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -55,6 +56,22 @@ DEFAULT_BUDGET = 256
 
 MESSAGE_DEADLINE = 5.0
 """Seconds a started message may take to arrive whole (SECURITY.md rule 6)."""
+
+UNSHARED_KICKS = 2
+"""Kicks that found nothing, with no ring ever having moved, after which a session says
+(once) that the guest's memory is probably not shared with us. A driver kicks only after
+publishing a buffer, so a kick that finds nothing before anything was ever consumed means
+we look at a copy of guest RAM the guest does not write (QEMU's RAM mapped MAP_PRIVATE).
+It is two, not more, because such a driver kicks each ring about once: with EVENT_IDX it
+reads our ``avail_event`` from its own copy, where it stays 0 (virtio 1.2 2.7.10)."""
+
+LOOP_WINDOW = 2.0
+LOOP_SESSIONS = 20
+"""A listener that starts LOOP_SESSIONS sessions within LOOP_WINDOW seconds is being
+reconnected to in a tight loop (a front-end that retries at once whatever went wrong)."""
+
+LOOP_LOG_INTERVAL = 10.0
+"""Seconds between two reports of a tight reconnect loop."""
 
 
 class ShellHost:
@@ -189,6 +206,10 @@ class BackendSession:
         """Recent events, for tests and tools (bounded)."""
         self._channel: BackendChannel[OwnedFd] | None = None
         self._channel_sock: socket.socket | None = None
+        self.empty_kicks = 0
+        """Kicks that found nothing available while no ring had ever shown a buffer."""
+        self._work_seen = False
+        self._first_avail: dict[int, int] = {}  # ring -> next_avail when it started
         reactor.add_reader(sock.fileno(), self._on_readable)
         device.attach(self)
 
@@ -296,6 +317,8 @@ class BackendSession:
         if isinstance(e, ev.VringFdSet) and e.kind == "kick":
             self._set_kick(e.index, e.fd)
         elif isinstance(e, ev.VringStarted | ev.VringEnabled):
+            if isinstance(e, ev.VringStarted) and (ring := self.ring(e.index)) is not None:
+                self._first_avail[e.index] = ring.next_avail
             self._wake(e.index)
         elif isinstance(e, ev.VringStopped):
             self._unregister_kick(e.index)
@@ -415,7 +438,39 @@ class BackendSession:
             drain_fd(v.kick)
         for e in self.conn.kick(index):
             self._on_event(e)
+        if not self._work_seen:
+            self._check_shared(index)
         self._wake(index, now=True)
+
+    def _check_shared(self, index: int) -> None:
+        """Diagnose guest memory that is not shared with us (see :data:`UNSHARED_KICKS`).
+
+        With QEMU's RAM mapped privately (``-mem-path`` or a memory backend without
+        ``share=on``) the handshake completes, the guest kicks, and every ring stays empty
+        as seen from here: each frame is lost and only ``no_rx_buffer`` drops are counted.
+        """
+        if any(r.chains for r in self._runners.values()):
+            self._work_seen = True
+            return
+        for i in range(len(self.conn.vrings)):
+            ring = self.ring(i)
+            if ring is not None and (ring.pending() or ring.in_flight or ring.next_avail
+                                     != self._first_avail.get(i, ring.next_avail)):
+                self._work_seen = True
+                return
+        if self.ring(index) is None:
+            return
+        self.empty_kicks += 1
+        if self.empty_kicks == UNSHARED_KICKS:
+            log.warning(
+                "%s: %d kicks arrived, but the front-end never made a buffer available in "
+                "any ring: guest memory is probably not shared with this back-end, so "
+                "every frame or request is lost (or the ring addresses point at memory "
+                "the driver does not use). QEMU needs a shared memory backend: "
+                "-object memory-backend-memfd,id=mem,size=SIZE,share=on (or "
+                "memory-backend-file,...,mem-path=DIR,share=on) with -numa node,memdev=mem; "
+                "a plain -mem-path maps guest RAM privately",
+                self.name, self.empty_kicks)
 
     def _poll(self) -> bool:
         worked = False
@@ -566,6 +621,9 @@ class BackendServer:
         self._timer: Timer | None = None
         self._closing = False
         self._identity: tuple[int, int, int] | None = None
+        self._starts: collections.deque[float] = collections.deque()
+        self._loop_logged = 0.0
+        self._loop_count = 0
         if connect:
             self._try_connect()
         else:
@@ -592,6 +650,7 @@ class BackendServer:
         self._start(sock)
 
     def _start(self, sock: socket.socket) -> BackendSession:
+        self._note_start()
         s = BackendSession(
             self.reactor, sock, self.device_factory(), on_close=self._session_closed,
             dialect=self.dialect, busy_poll=self.busy_poll,
@@ -601,6 +660,26 @@ class BackendServer:
         if self.on_session is not None:
             self.on_session(s)
         return s
+
+    def _note_start(self) -> None:
+        """Report, at most every :data:`LOOP_LOG_INTERVAL` s, a front-end that reconnects
+        in a tight loop, with the reason the last session ended (what it keeps tripping on)."""
+        now = self.reactor.time()
+        starts = self._starts
+        starts.append(now)
+        while starts and starts[0] < now - LOOP_WINDOW:
+            starts.popleft()
+        self._loop_count += 1
+        if len(starts) < LOOP_SESSIONS or now - self._loop_logged < LOOP_LOG_INTERVAL:
+            return
+        since = "" if self._loop_logged == 0.0 else (
+            f" ({self._loop_count} sessions since the last report)")
+        log.warning(
+            "%s: the front-end is reconnecting in a tight loop: %d sessions in the last "
+            "%.0f s%s; the last one ended with: %s", self.path, len(starts), LOOP_WINDOW,
+            since, self.last_close_reason or "(still open)")
+        self._loop_logged = now
+        self._loop_count = 0
 
     def _session_closed(self, s: BackendSession) -> None:
         if s in self.sessions:
