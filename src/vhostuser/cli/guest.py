@@ -816,6 +816,9 @@ class GuestVM:
     ethtool to raise it). ``params`` become ``vu.KEY=VALUE`` on the kernel command line
     (see the module docstring); ``script`` is run by the guest after them (``vu.cmd64``).
 
+    ``mem_path``/``mem_share`` put guest RAM in a file instead (QEMU's
+    memory-backend-file), shared or not.
+
     Use as a context manager: leaving it stops QEMU (SIGTERM, then SIGKILL) and reaps it.
     """
 
@@ -835,6 +838,8 @@ class GuestVM:
         kernel: Path | None = None,
         initrd: Path | None = None,
         extra_args: Sequence[str] = (),
+        mem_path: str | os.PathLike[str] | None = None,
+        mem_share: bool = True,
     ) -> None:
         if end not in ("poweroff", "shell", "hold"):
             raise ValueError(f"end {end!r} is not one of poweroff, shell, hold")
@@ -873,6 +878,10 @@ class GuestVM:
         self.kernel = kernel
         self.initrd = initrd
         self.extra_args = tuple(extra_args)
+        self.mem_path = None if mem_path is None else os.fspath(mem_path)
+        self.mem_share = mem_share
+        if mem_path is None and not mem_share:
+            raise ValueError("mem_share=False needs a mem_path (a memfd is always shared)")
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self.command_line = ""
@@ -913,7 +922,7 @@ class GuestVM:
             "-name", self.name,
             "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", str(self.smp),
             "-m", f"{m}M",
-            "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on",
+            "-object", self._memory_backend(),
             "-numa", "node,memdev=mem",
             "-kernel", os.fspath(kernel), "-initrd", os.fspath(initrd),
             "-append", self.append_line(),
@@ -932,6 +941,19 @@ class GuestVM:
                      "-device", f"vhost-user-blk-pci,chardev=blkc{i},num-queues={b.num_queues}"
                      + (",packed=on" if b.packed else "")]
         return [*argv, *self.extra_args]
+
+    def _memory_backend(self) -> str:
+        """Guest RAM: a shared memfd, or a file (``mem_path``: a directory on tmpfs or
+        hugetlbfs, where QEMU makes and unlinks a file, or a file it uses as is) mapped
+        shared or, with ``mem_share=False``, privately (the seed's ``-mem-path`` without
+        share: vhost-user cannot work, which diagnostics tests rely on)."""
+        m = self.mem_mb
+        if self.mem_path is None:
+            return f"memory-backend-memfd,id=mem,size={m}M,share=on"
+        if "," in self.mem_path:
+            raise GuestError(f"{self.name}: mem_path {self.mem_path!r} contains a comma")
+        share = "on" if self.mem_share else "off"
+        return f"memory-backend-file,id=mem,size={m}M,mem-path={self.mem_path},share={share}"
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> Self:

@@ -57,13 +57,19 @@ DEFAULT_BUDGET = 256
 MESSAGE_DEADLINE = 5.0
 """Seconds a started message may take to arrive whole (SECURITY.md rule 6)."""
 
-UNSHARED_KICKS = 2
-"""Kicks that found nothing, with no ring ever having moved, after which a session says
-(once) that the guest's memory is probably not shared with us. A driver kicks only after
-publishing a buffer, so a kick that finds nothing before anything was ever consumed means
-we look at a copy of guest RAM the guest does not write (QEMU's RAM mapped MAP_PRIVATE).
-It is two, not more, because such a driver kicks each ring about once: with EVENT_IDX it
-reads our ``avail_event`` from its own copy, where it stays 0 (virtio 1.2 2.7.10)."""
+UNSHARED_GRACE = 1.0
+"""Seconds after a kick fd is set during which kicks are not taken as a sign of unshared
+memory: QEMU kicks every ring once when it starts it, before the driver published
+anything (so that no kick is lost across the switch of notifiers)."""
+
+UNSHARED_KICKS = 1
+"""Kicks that found nothing, with no ring ever having moved and arriving after
+:data:`UNSHARED_GRACE`, after which a session says (once) that the guest's memory is
+probably not shared with us. A driver kicks only after publishing a buffer, so such a
+kick means we look at a copy of guest RAM the guest does not write (QEMU's RAM mapped
+MAP_PRIVATE). One is enough, and needed: such a driver kicks each ring about once, since
+with EVENT_IDX it reads our ``avail_event`` from its own copy, where it stays 0 (virtio
+1.2 2.7.10)."""
 
 LOOP_WINDOW = 2.0
 LOOP_SESSIONS = 20
@@ -210,6 +216,7 @@ class BackendSession:
         """Kicks that found nothing available while no ring had ever shown a buffer."""
         self._work_seen = False
         self._first_avail: dict[int, int] = {}  # ring -> next_avail when it started
+        self._kick_set_at = 0.0  # reactor time the last kick fd was set
         reactor.add_reader(sock.fileno(), self._on_readable)
         device.attach(self)
 
@@ -315,6 +322,7 @@ class BackendSession:
         if len(self.events) > 1000:
             del self.events[:500]
         if isinstance(e, ev.VringFdSet) and e.kind == "kick":
+            self._kick_set_at = self.reactor.time()
             self._set_kick(e.index, e.fd)
         elif isinstance(e, ev.VringStarted | ev.VringEnabled):
             if isinstance(e, ev.VringStarted) and (ring := self.ring(e.index)) is not None:
@@ -458,7 +466,7 @@ class BackendSession:
                                      != self._first_avail.get(i, ring.next_avail)):
                 self._work_seen = True
                 return
-        if self.ring(index) is None:
+        if self.ring(index) is None or self.reactor.time() - self._kick_set_at < UNSHARED_GRACE:
             return
         self.empty_kicks += 1
         if self.empty_kicks == UNSHARED_KICKS:
