@@ -6,6 +6,7 @@ the partial result of a run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -125,15 +126,34 @@ def _wait_file(path: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
+def _eventfds(pid: int) -> int:
+    """How many eventfds process ``pid`` has open."""
+    n = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        pass
+    return n
+
+
 def _interrupt_client(sock: Path, server: list[str], client: list[str]
                       ) -> tuple[int, str, str]:
-    """Start ``server`` (listening on ``sock``), run ``client`` against it for 3 s, send it
-    SIGINT; its exit status and output. The server is stopped afterwards."""
+    """Start ``server`` (listening on ``sock``), run ``client`` against it for 2 s once its
+    rings are set up, send it SIGINT; its exit status and output. The server is stopped
+    afterwards. (Waiting for the rings, not a fixed time: a loaded machine may take
+    seconds just to start Python.)"""
     srv = _start(*server)
     try:
         _wait_file(sock, srv)
         p = _start(*client)
-        time.sleep(3.0)
+        deadline = time.monotonic() + 60
+        while _eventfds(p.pid) < 3:  # the guard's, a kick and a call fd: the rings run
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "the client never set up its rings"
+            time.sleep(0.05)
+        time.sleep(2.0)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)
     finally:
