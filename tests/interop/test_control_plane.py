@@ -183,15 +183,15 @@ def _check_qemu(srv: ServerThread) -> dict[str, Any]:
 
 
 def test_backend_draft_dialect_echo(no_leaks: Any, sock_dir: Path) -> None:
-    """The seed's 2014 draft dialect: ECHO (id 1) comes back with the REPLY flag, and
-    GET_FEATURES is id 2."""
+    """The 2014 draft dialect (text numbering): ECHO (id 1) comes back with the REPLY
+    flag, GET_FEATURES is id 2 and offers only bits of 2014 (no VERSION_1)."""
     import socket as so
     import struct
 
     from vhostuser.connection.backend import Dialect
 
     sock = str(sock_dir / "draft.sock")
-    with ServerThread(sock, NullNetDevice, dialect=Dialect.DRAFT_2014):
+    with ServerThread(sock, NullNetDevice, dialect=Dialect.DRAFT_TEXT):
         c = so.socket(so.AF_UNIX, so.SOCK_STREAM)
         try:
             c.settimeout(5)
@@ -202,7 +202,8 @@ def test_backend_draft_dialect_echo(no_leaks: Any, sock_dir: Path) -> None:
             hdr = c.recv(12)
             assert struct.unpack("<III", hdr)[:2] == (2, 5)
             (features,) = struct.unpack("<Q", c.recv(8))
-            assert features & VirtioFeature.VERSION_1
+            assert not features & (VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+            assert features & VirtioFeature.RING_EVENT_IDX
         finally:
             c.close()
 

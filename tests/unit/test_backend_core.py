@@ -21,13 +21,11 @@ from vhostuser.connection.backend import (
     BASE_PROTOCOL_FEATURES,
     BASE_VIRTIO_FEATURES,
     BackendConnection,
-    Dialect,
 )
 from vhostuser.connection.vring import TRANSITIONS, RingEvent, VringControl
 from vhostuser.errors import LocalProtocolError, RemoteProtocolError
 from vhostuser.protocol import payloads as P
 from vhostuser.protocol.enums import (
-    DraftRequest,
     FrontendRequest,
     NetFeature,
     ProtocolFeature,
@@ -1042,67 +1040,6 @@ def test_reset_owner_keeps_the_owner_and_releases_the_session(ready: Setup) -> N
     assert not conn.vrings[0].started
     host.assert_all_released(fds.given)
     assert host.live_mappings() == []
-
-
-# -- the 2014 draft dialect ----------------------------------------------------------------------
-
-
-def test_draft_echo_is_echoed_with_reply_set() -> None:
-    conn, _host, _f, _fds = make_backend(net_device(), dialect=Dialect.DRAFT_2014)
-    feed(conn, raw(DraftRequest.ECHO, b"ping"))
-    assert replies(conn) == [(1, 0x5, b"ping")]
-    feed(conn, raw(DraftRequest.ECHO))
-    assert replies(conn) == [(1, 0x5, b"")]
-
-
-def test_draft_get_features_is_id_2_and_its_reply_too() -> None:
-    conn, _h, _f, _fds = make_backend(net_device(), dialect=Dialect.DRAFT_2014)
-    feed(conn, raw(DraftRequest.GET_FEATURES))
-    out = replies(conn)
-    assert len(out) == 1
-    assert out[0][1:] == (0x5, u64(conn.offered_features))
-    assert out[0][0] == DraftRequest.GET_FEATURES.value == 2
-
-
-def test_draft_set_mem_table_uses_24_byte_regions() -> None:
-    conn, host, _f, fds = make_backend(net_device(), dialect=Dialect.DRAFT_2014)
-    feed(conn, raw(DraftRequest.SET_OWNER))
-    feed(conn, raw(DraftRequest.SET_FEATURES, u64(int(VF.VERSION_1))))
-    table = P.DraftMemoryTable(regions=(ram_region(),))
-    assert len(table.encode()) == 8 + 24
-    assert feed(conn, raw(DraftRequest.SET_MEM_TABLE, table.encode()), fds.take(1)) == [
-        ev.MemTableSet(1)
-    ]
-    (r,) = conn.mem.regions
-    assert (r.guest_phys_addr, r.size, r.userspace_addr, r.mmap_offset) == (0, RAM_SIZE,
-                                                                            RAM_UVA, 0)
-    # a 32-byte region table is a violation in the draft dialect
-    with pytest.raises(RemoteProtocolError):
-        feed(conn, raw(DraftRequest.SET_MEM_TABLE, P.MemoryTable(regions=(ram_region(),))
-                       .encode()), fds.take(1))
-    host.assert_all_released(fds.given)
-
-
-def test_draft_get_vring_base_reply_uses_draft_id() -> None:
-    conn, _h, _f, fds = make_backend(net_device(), dialect=Dialect.DRAFT_2014)
-    feed(conn, raw(DraftRequest.SET_OWNER))
-    feed(conn, raw(DraftRequest.SET_FEATURES, u64(int(VF.VERSION_1))))
-    feed(conn, raw(DraftRequest.SET_MEM_TABLE,
-                   P.DraftMemoryTable(regions=(ram_region(),)).encode()), fds.take(1))
-    feed(conn, raw(DraftRequest.SET_VRING_NUM, P.VringState(index=0, num=64).encode()))
-    feed(conn, raw(DraftRequest.SET_VRING_BASE, P.VringState(index=0, num=4).encode()))
-    feed(conn, raw(DraftRequest.SET_VRING_ADDR, ring_addr(0, 64).encode()))
-    replies(conn)
-    feed(conn, raw(DraftRequest.GET_VRING_BASE, P.VringState(index=0, num=0).encode()))
-    assert replies(conn) == [(DraftRequest.GET_VRING_BASE, 0x5,
-                              P.VringState(index=0, num=4).encode())]
-
-
-@pytest.mark.parametrize("code", [0, 16, 17, 99])
-def test_draft_unknown_code_is_a_remote_error(code: int) -> None:
-    # The draft has no NEED_REPLY (it came with REPLY_ACK in 2016): only the error matters.
-    setup = make_backend(net_device(), dialect=Dialect.DRAFT_2014)
-    expect_violation(setup, raw(code, b"", 0x9), names=[str(code)], check_nack=False)
 
 
 # -- Hypothesis: any message sequence --------------------------------------------------------

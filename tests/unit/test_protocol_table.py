@@ -9,7 +9,7 @@ from vhostuser.protocol.enums import (
     BackendRequest,
     BlkFeature,
     DeviceType,
-    DraftRequest,
+    DraftTextRequest,
     FrontendRequest,
     NetFeature,
     ProtocolFeature,
@@ -102,7 +102,7 @@ PROTOCOL_BITS = {
     "DEVICE_STATE": 19,
 }
 
-# PROTOCOL.md "The seed's draft dialect (2014)".
+# The 2014 draft as its protocol text numbers it (vhost-user v6 thread, qemu-devel).
 DRAFT_IDS = {
     "ECHO": 1,
     "GET_FEATURES": 2,
@@ -202,7 +202,7 @@ def test_virtio_bits_used_by_vhost_user() -> None:
 
 def test_draft_ids_pinned() -> None:
     for name, value in DRAFT_IDS.items():
-        assert DraftRequest[name] == value, name
+        assert DraftTextRequest[name] == value, name
 
 
 # -- rules that PROTOCOL.md states ----------------------------------------------------------

@@ -1,4 +1,8 @@
-"""``vhost-user serve``: run one of our back-ends on a socket until interrupted."""
+"""``vhost-user serve``: run one of our back-ends on a socket until interrupted.
+
+Also home of the ``--draft`` / ``--draft-numbering`` options that ``serve``, ``switch`` and
+``probe`` share (:func:`add_draft_options`, :func:`dialect_of`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,40 @@ from ._common import (
     setup_logging,
     stop_on_signals,
 )
+
+DRAFT_HELP = (
+    "speak the January 2014 draft of vhost-user (the v6 patches) instead of the current "
+    "protocol: ECHO answered, 24-byte memory regions, a u64 SET_LOG_BASE, only the feature "
+    "bits of the time; numbered as the draft's text (ECHO = 1, GET_FEATURES = 2 ... "
+    "SET_VRING_ERR = 15) unless --draft-numbering says otherwise"
+)
+NUMBERING_HELP = (
+    "which numbering of the draft (implies --draft): 'text' (default; ECHO = 1) or 'code', "
+    "as the patches' own code numbered it (GET_FEATURES = 1 ... SET_VRING_ERR = 14, "
+    "NET_SET_BACKEND = 15, ECHO = 16)"
+)
+DRAFT_EXAMPLES = """\
+the 2014 draft dialect (a peer speaking the other dialect is named in the log):
+  vhost-user serve --socket /tmp/draft.sock --draft
+  vhost-user probe --draft /tmp/draft.sock
+  vhost-user serve --socket /tmp/draft.sock --draft-numbering code
+  vhost-user probe --draft-numbering code /tmp/draft.sock"""
+
+
+def add_draft_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--draft`` and ``--draft-numbering text|code`` (see :func:`dialect_of`)."""
+    p.add_argument("--draft", action="store_true", help=DRAFT_HELP)
+    p.add_argument("--draft-numbering", choices=["text", "code"], default=None,
+                   help=NUMBERING_HELP)
+
+
+def dialect_of(args: argparse.Namespace) -> Dialect:
+    """The dialect ``--draft`` / ``--draft-numbering`` ask for (CURRENT without either)."""
+    numbering = args.draft_numbering
+    if numbering is None:
+        return Dialect.DRAFT_TEXT if args.draft else Dialect.CURRENT
+    return Dialect.DRAFT_CODE if numbering == "code" else Dialect.DRAFT_TEXT
+
 
 DEVICES = {
     "null-net": "virtio-net that completes the handshake, reports link up and drops TX",
@@ -50,7 +88,8 @@ def add_parser(sub: Any) -> None:
             "'net_virtio_user0,path=PATH' at it); with --connect it connects to a listening "
             "front-end (QEMU 'server=on', DPDK 'server=1') and reconnects when it goes away."
         ),
-        epilog="devices:\n" + "\n".join(f"  {k:10} {v}" for k, v in DEVICES.items()),
+        epilog="devices:\n" + "\n".join(f"  {k:10} {v}" for k, v in DEVICES.items())
+        + "\n\n" + DRAFT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="socket path")
@@ -59,8 +98,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", choices=list(DEVICES), default="null-net")
     p.add_argument("--queue-pairs", type=int, default=1, metavar="N",
                    help="net queue pairs (default 1)")
-    p.add_argument("--draft", action="store_true",
-                   help="speak the 2014 draft dialect of the seed thread (ECHO = 1)")
+    add_draft_options(p)
     p.add_argument("--mode", type=octal_mode, default=0o600,
                    help="socket file mode in octal (default 600)")
     add_verbose(p, "sessions")
@@ -84,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         server = BackendServer(
             reactor, args.socket, lambda: make_device(args.device, args.queue_pairs),
             connect=args.connect, mode=args.mode, on_session=on_session,
-            dialect=Dialect.DRAFT_2014 if args.draft else Dialect.CURRENT,
+            dialect=dialect_of(args),
         )
     except (OSError, ValueError) as e:
         reactor.close()
@@ -92,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     where = "connecting to" if args.connect else "listening on"
-    print(f"vhost-user serve: {args.device} {where} {args.socket}", flush=True)
+    dialect = dialect_of(args)
+    speaking = f" ({dialect.description})" if dialect.is_draft else ""
+    print(f"vhost-user serve: {args.device} {where} {args.socket}{speaking}", flush=True)
     with stop_on_signals(reactor):
         try:
             reactor.run()

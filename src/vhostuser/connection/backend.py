@@ -9,22 +9,46 @@ runs unchanged over fakes in tests.
 On a peer violation it queues a NACK if a reply was requested, releases every fd and
 mapping the session held, enters a sticky ERROR state and raises
 :class:`~vhostuser.errors.RemoteProtocolError`; the shell then closes the socket.
+
+It speaks one :class:`~vhostuser.protocol.table.Dialect`: the current protocol, or the
+January 2014 draft in either numbering (ECHO answered, 24-byte memory regions, a u64
+SET_LOG_BASE, only the feature bits of the time offered). When a front-end sends a
+message that is malformed in ours but well formed in another dialect, it logs once that
+the front-end looks like it speaks that one (:attr:`BackendConnection.dialect_hint`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..devices.base import Device
 from ..errors import GuestMemoryError, LocalProtocolError, RemoteProtocolError, RingError
 from ..memory import Region, RegionTable
 from ..protocol import payloads as P
-from ..protocol.enums import DraftRequest, FrontendRequest, ProtocolFeature, VirtioFeature
-from ..protocol.framing import Direction, FrameDecoder, Message, encode_message
-from ..protocol.table import FRONTEND_RULES, Fds, Reply, Rule
+from ..protocol.enums import (
+    FrontendRequest,
+    ProtocolFeature,
+    VirtioFeature,
+    draft_feature_mask,
+)
+from ..protocol.framing import FLAG_NEED_REPLY, Direction, FrameDecoder, Message, encode_message
+from ..protocol.table import (
+    FRONTEND_RULES,
+    DraftMessage,
+    Meaning,
+    Reply,
+    Rule,
+    dialect_hint,
+    fd_count_error,
+    meaning_of,
+    other_dialects,
+    readings,
+    rule_for,
+    well_formed,
+)
+from ..protocol.table import Dialect as Dialect  # re-exported: callers import it from here
 from ..virtq.inflight import InflightArea, inflight_area_bytes
 from . import events as ev
 from .vring import RingEvent, VringControl
@@ -59,30 +83,6 @@ MAX_SPLIT_RING = 32768
 """virtio 1.2 §2.7: queue size is at most 32768 (and a power of two for split rings)."""
 
 
-class Dialect(Enum):
-    """Which message numbering the peer speaks."""
-
-    CURRENT = "current"
-    DRAFT_2014 = "draft-2014"
-    """The seed thread's draft: ECHO = 1, ids shifted by one, 24-byte regions."""
-
-
-_DRAFT_TO_CURRENT: dict[int, FrontendRequest] = {
-    DraftRequest.GET_FEATURES: FrontendRequest.GET_FEATURES,
-    DraftRequest.SET_FEATURES: FrontendRequest.SET_FEATURES,
-    DraftRequest.SET_OWNER: FrontendRequest.SET_OWNER,
-    DraftRequest.RESET_OWNER: FrontendRequest.RESET_OWNER,
-    DraftRequest.SET_MEM_TABLE: FrontendRequest.SET_MEM_TABLE,
-    DraftRequest.SET_LOG_BASE: FrontendRequest.SET_LOG_BASE,
-    DraftRequest.SET_LOG_FD: FrontendRequest.SET_LOG_FD,
-    DraftRequest.SET_VRING_NUM: FrontendRequest.SET_VRING_NUM,
-    DraftRequest.SET_VRING_ADDR: FrontendRequest.SET_VRING_ADDR,
-    DraftRequest.SET_VRING_BASE: FrontendRequest.SET_VRING_BASE,
-    DraftRequest.GET_VRING_BASE: FrontendRequest.GET_VRING_BASE,
-    DraftRequest.SET_VRING_KICK: FrontendRequest.SET_VRING_KICK,
-    DraftRequest.SET_VRING_CALL: FrontendRequest.SET_VRING_CALL,
-    DraftRequest.SET_VRING_ERR: FrontendRequest.SET_VRING_ERR,
-}
 
 
 class MappedBuffer(Protocol):
@@ -198,13 +198,21 @@ class BackendConnection(Generic[FdT]):
         if device.offer_config and device.config_space():
             pf |= PF.CONFIG
         self.offered_protocol_features = int(pf)  # plain int, see above
+        if dialect.is_draft:
+            # A 2014 front-end knows 32 feature bits and no protocol features; offer only
+            # what existed then (no VERSION_1, packed rings, PROTOCOL_FEATURES, MTU...).
+            self.offered_features &= draft_feature_mask(device.device_type)
+            self.offered_protocol_features = 0
         self._decoder: FrameDecoder[FdT] = FrameDecoder(
-            Direction.REQUESTS,
-            request_names=DraftRequest if dialect is Dialect.DRAFT_2014 else FrontendRequest,
+            Direction.REQUESTS, request_names=dialect.request_names
         )
         self._out: list[tuple[bytes, list[FdT]]] = []
         self.error: str | None = None
         self.closed = False
+        self.dialect_hint: str | None = None
+        """Set (and logged, once) when the front-end looks like it speaks another dialect."""
+        self._requests_seen = 0
+        self._first_request: Meaning | None = None
         self._reset_session()
 
     # -- session state -------------------------------------------------------------------
@@ -228,6 +236,8 @@ class BackendConnection(Generic[FdT]):
         self.extra_fds: list[FdT] = []
         self.inflight: InflightArea | None = None
         self._inflight_map: MappedBuffer | None = None
+        self.log_base: int | None = None
+        """The draft's SET_LOG_BASE address (a front-end address; logging is never on)."""
 
     def _release_session(self) -> None:
         for v in self.vrings:
@@ -325,10 +335,20 @@ class BackendConnection(Generic[FdT]):
         try:
             if not data:
                 self._decoder.eof_check()
+                self._hint_on_close()
                 self.close()
                 return events
-            for msg in self._decoder.feed(data, fds):
-                events.extend(self._handle(msg))
+            msgs = self._decoder.feed(data, fds)
+            for i, msg in enumerate(msgs):
+                try:
+                    events.extend(self._handle(msg))
+                except RemoteProtocolError:
+                    # The messages behind the bad one in this chunk are never handled:
+                    # their fds are ours to close too.
+                    for later in msgs[i + 1 :]:
+                        for fd in later.fds:
+                            self.host.release_fd(fd)
+                    raise
         except RemoteProtocolError as e:
             self._enter_error(str(e))
             raise
@@ -348,52 +368,102 @@ class BackendConnection(Generic[FdT]):
         # vhost-user.rst, REPLY_ACK: "a zero payload indicates success, non-zero failure".
         self._reply(request, P.U64.pack(0 if ok else 1))
 
-    def _translate_request(self, msg: Message[FdT]) -> FrontendRequest | None:
-        if self.dialect is Dialect.DRAFT_2014:
-            if msg.request == DraftRequest.ECHO:
-                return None
-            req = _DRAFT_TO_CURRENT.get(msg.request)
-            if req is None:
-                raise RemoteProtocolError(f"draft request code {msg.request} is unknown")
-            return req
-        try:
-            return FrontendRequest(msg.request)
-        except ValueError:
-            raise RemoteProtocolError(f"request code {msg.request} is unknown") from None
+    def _translate_request(self, msg: Message[FdT]) -> Meaning:
+        meaning = meaning_of(self.dialect, msg.request)
+        if meaning is None:
+            where = " in the 2014 draft" if self.dialect.is_draft else ""
+            raise RemoteProtocolError(f"request code {msg.request} is unknown{where}")
+        return meaning
 
     def _handle(self, msg: Message[FdT]) -> list[ev.Event]:
         fds = list(msg.fds)
+        nfds = len(fds)
         log.debug(
             "%s: <- %s flags=%#x size=%d fds=%d",
-            self.name, msg.request, msg.flags, len(msg.payload), len(fds),
+            self.name, msg.request, msg.flags, len(msg.payload), nfds,
         )
-        req: FrontendRequest | None = None
+        req: Meaning | None = None
+        parsed = False
+        self._requests_seen += 1
         try:
             req = self._translate_request(msg)
-            if req is None:  # draft ECHO: answer with the same message, REPLY set
-                self._release_all(fds)
-                self._out.append((encode_message(msg.request, msg.payload, reply=True), []))
-                return []
-            rule = FRONTEND_RULES[req]
-            payload = self._check(req, rule, msg, fds)
-            events = self._dispatch(req, rule, payload, msg, fds)
+            if self._requests_seen == 1:
+                self._first_request = req
+            rule = rule_for(self.dialect, req)
+            payload = self._decode(req, rule, msg, fds)
+            parsed = True
+            self._check_state(req, rule, payload)
+            if req is DraftMessage.ECHO:
+                # The draft text: "it is expected that he will send back an ECHO packet
+                # with the REPLY flag set" (the request has no payload, so neither has it).
+                self._reply(msg.request, b"")
+                events: list[ev.Event] = []
+            else:
+                events = self._dispatch(req, rule, payload, msg, fds)
         except (RemoteProtocolError, GuestMemoryError, RingError, ValueError, OSError) as e:
             self._release_all(fds)
             name = req.name if req is not None else f"request {msg.request}"
             text = str(e) if str(e).startswith(name) else f"{name}: {e}"
-            if msg.need_reply:
+            if not parsed:
+                self._hint_malformed(msg, nfds, name, text)
+            if msg.need_reply and not self.dialect.is_draft:
                 self._nack(msg.request, req)
             raise RemoteProtocolError(text) from None
         if msg.need_reply and rule.reply is Reply.NONE:
             # REPLY_ACK: ack requests that have no reply of their own. Like libvhost-user
             # we ack whenever NEED_REPLY is set, so a front-end never waits forever.
+            # (The draft has no NEED_REPLY: _decode refuses it there.)
             self._ack(msg.request, True)
         for event in events:
             self.device.on_event(event)
         return events
 
-    def _nack(self, wire_request: int, req: FrontendRequest | None) -> None:
-        if req is not None:
+    # -- the other dialect -----------------------------------------------------------------
+    def _say_hint(self, hint: str) -> None:
+        if self.dialect_hint is None:
+            self.dialect_hint = hint
+            log.warning("%s: %s", self.name, hint)
+
+    def _hint_malformed(self, msg: Message[FdT], nfds: int, name: str, text: str) -> None:
+        """A request malformed in our dialect: say so if it is well formed in another.
+
+        Only syntax counts (id, flags, payload layout, fd count), never order or state, so
+        a front-end that speaks our dialect correctly can never trigger it.
+        """
+        theirs: list[tuple[Dialect, Meaning]] = []
+        for d in other_dialects(self.dialect):
+            meaning = well_formed(d, msg.request, msg.flags, msg.payload, nfds)
+            if meaning is not None:
+                theirs.append((d, meaning))
+        if theirs:
+            self._say_hint(dialect_hint(
+                "the front-end", theirs,
+                f"request id {msg.request} ({len(msg.payload)} payload bytes, {nfds} fds) is "
+                f"malformed in {self.dialect.description}, which we speak ({text}), but is "
+                f"well formed as {readings(theirs)}",
+            ))
+
+    def _hint_on_close(self) -> None:
+        """The front-end closed the connection: say so if that is how a peer speaking the
+        current protocol ends a session with a draft back-end.
+
+        With the draft text's numbering a current front-end's first request, GET_FEATURES
+        (id 1, no payload), is the draft's ECHO; it gets an empty answer where it wants a
+        u64 and gives up (QEMU: "Received bad msg size"), so the session was that one
+        request. A draft front-end goes on after its first ECHO.
+        """
+        if (self.dialect is Dialect.DRAFT_TEXT and self._requests_seen == 1
+                and self._first_request is DraftMessage.ECHO):
+            self._say_hint(dialect_hint(
+                "the front-end", [(Dialect.CURRENT, FrontendRequest.GET_FEATURES)],
+                "it closed the connection right after its first request, id 1 without payload, "
+                f"which {self.dialect.description} makes an ECHO, answered with an empty reply; "
+                "a front-end speaking the current protocol sends GET_FEATURES as id 1 and "
+                "gives up on an empty reply",
+            ))
+
+    def _nack(self, wire_request: int, req: Meaning | None) -> None:
+        if isinstance(req, FrontendRequest):
             rule = FRONTEND_RULES[req]
             if rule.reply is Reply.ALWAYS and rule.reply_payload is P.ConfigPayload:
                 # vhost-user.rst GET_CONFIG: a reply with size 0 means an error.
@@ -409,30 +479,34 @@ class BackendConnection(Generic[FdT]):
         while fds:
             self.host.release_fd(fds.pop())
 
-    def _check(self, req: FrontendRequest, rule: Rule, msg: Message[FdT], fds: list[FdT]) -> Any:
-        """Apply the rule table: payload syntax, fd count, feature gate, legal state."""
-        if self.dialect is Dialect.DRAFT_2014 and req is FrontendRequest.SET_MEM_TABLE:
-            payload: Any = P.DraftMemoryTable.decode(msg.payload)
-        else:
-            payload = rule.payload.decode(msg.payload)
-        # fd count
-        n = len(fds)
-        if rule.fds is Fds.NONE and n:
-            raise RemoteProtocolError(f"{n} fds attached to a message that takes none")
-        if rule.fds is Fds.ONE and n != 1:
-            raise RemoteProtocolError(f"{n} fds attached, expected exactly 1")
-        if rule.fds is Fds.OPTIONAL and n > 1:
-            raise RemoteProtocolError(f"{n} fds attached, expected at most 1")
-        if rule.fds is Fds.NOFD_BIT:
-            if payload.nofd and n:
-                raise RemoteProtocolError(f"NOFD bit set but {n} fds attached")
-            if not payload.nofd and n != 1:
-                raise RemoteProtocolError(f"NOFD bit clear but {n} fds attached, expected 1")
-        if rule.fds is Fds.PER_REGION and n != len(payload.regions):
+    def _decode(self, req: Meaning, rule: Rule, msg: Message[FdT], fds: list[FdT]) -> Any:
+        """Apply the rule table's syntax: flags, payload layout, fd count.
+
+        Raises:
+            RemoteProtocolError: the message is malformed in our dialect.
+        """
+        if self.dialect.is_draft and msg.flags & FLAG_NEED_REPLY:
+            # The draft's flags are the version (bits 0-1) and REPLY (bit 2); NEED_REPLY
+            # came with REPLY_ACK in 2016.
             raise RemoteProtocolError(
-                f"{len(payload.regions)} regions but {n} fds attached"
+                f"flags {msg.flags:#x} set NEED_REPLY (bit 3), which the 2014 draft does not have"
             )
-        # feature gate
+        payload: Any = rule.payload.decode(msg.payload)
+        why = fd_count_error(rule, payload, len(fds))
+        if why is not None:
+            raise RemoteProtocolError(why)
+        if isinstance(payload, P.DraftVringFile) and req is not DraftMessage.NET_SET_BACKEND:
+            # The draft sends no fd when it has none (its code: "if (file->fd > 0)"); like
+            # the current protocol's NOFD bit, the ring is then polled.
+            payload = P.VringFile(index=payload.index, nofd=not fds)
+        return payload
+
+    def _check_state(self, req: Meaning, rule: Rule, payload: Any) -> None:
+        """Apply the rule table's meaning: feature gate, legal state, ring index.
+
+        Raises:
+            RemoteProtocolError: the request is well formed but not allowed now.
+        """
         gate = rule.gate
         if isinstance(gate, ProtocolFeature):
             if not self.has(gate):
@@ -452,9 +526,8 @@ class BackendConnection(Generic[FdT]):
                 raise RemoteProtocolError(
                     f"ring index {index} is out of range (device has {len(self.vrings)} queues)"
                 )
-        return payload
 
-    def _check_protocol_features_allowed(self, req: FrontendRequest) -> None:
+    def _check_protocol_features_allowed(self, req: Meaning) -> None:
         if not self.offered_features & VF.PROTOCOL_FEATURES:
             raise RemoteProtocolError("VHOST_USER_F_PROTOCOL_FEATURES was never offered")
         if self.features is not None and not self.features & VF.PROTOCOL_FEATURES:
@@ -467,7 +540,7 @@ class BackendConnection(Generic[FdT]):
             raise RemoteProtocolError("received before SET_PROTOCOL_FEATURES")
 
     def _dispatch(
-        self, req: FrontendRequest, rule: Rule, payload: Any, msg: Message[FdT], fds: list[FdT]
+        self, req: Meaning, rule: Rule, payload: Any, msg: Message[FdT], fds: list[FdT]
     ) -> list[ev.Event]:
         handler = _HANDLERS.get(req)
         if handler is None:
@@ -621,7 +694,7 @@ class BackendConnection(Generic[FdT]):
 
     def _rem_mem_reg(self, p: P.SingleRegion, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
         # QEMU up to 7.0 sends the region's fd with REM_MEM_REG; like libvhost-user we
-        # accept it and close it (PROTOCOL.md §4: "close one if it arrives").
+        # accept it and close it.
         self._release_all(fds)
         r = p.region
         found = self.mem.find_exact(r.guest_phys_addr, r.memory_size, r.userspace_addr)
@@ -666,8 +739,27 @@ class BackendConnection(Generic[FdT]):
             v.engine = None
             log.warning("%s: ring %d broken: %s", self.name, v.index, e)
 
-    def _set_log_base(self, p: P.LogBase, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+    def _set_log_base(
+        self, p: P.LogBase | P.U64Payload, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        if isinstance(p, P.U64Payload):
+            # The draft text: SET_LOG_BASE, "Master payload: u64", "Sets the logging base
+            # address". We keep it; logging itself never starts, as LOG_ALL is not offered.
+            self.log_base = p.value
+            log.info("%s: draft SET_LOG_BASE %#x", self.name, p.value)
+            return []
         raise RemoteProtocolError("dirty logging (LOG_SHMFD) is not offered by this back-end")
+
+    def _net_set_backend(
+        self, p: P.DraftVringFile, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        # The draft's code carries VHOST_NET_SET_BACKEND over as is: ring index and,
+        # optionally, the tap fd a kernel vhost-net would read. A vhost-user back-end is
+        # the network itself, so there is nothing to attach: the fd is closed.
+        log.info("%s: draft NET_SET_BACKEND ring %d (%s fd)", self.name, p.index,
+                 "one" if fds else "no")
+        self._release_all(fds)
+        return []
 
     def _set_log_fd(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
         if self.log_fd is not None:
@@ -934,7 +1026,8 @@ class BackendConnection(Generic[FdT]):
 
 _Handler = Callable[[BackendConnection[Any], Any, Message[Any], list[Any]], list[ev.Event]]
 
-_HANDLERS: dict[FrontendRequest, _Handler] = {
+_HANDLERS: dict[Meaning, _Handler] = {
+    DraftMessage.NET_SET_BACKEND: BackendConnection._net_set_backend,
     FrontendRequest.GET_FEATURES: BackendConnection._get_features,
     FrontendRequest.SET_FEATURES: BackendConnection._set_features,
     FrontendRequest.SET_OWNER: BackendConnection._set_owner,

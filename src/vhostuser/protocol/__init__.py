@@ -4,7 +4,8 @@ from .enums import (
     BackendRequest,
     BlkFeature,
     DeviceType,
-    DraftRequest,
+    DraftCodeRequest,
+    DraftTextRequest,
     FrontendRequest,
     NetFeature,
     ProtocolFeature,
@@ -23,10 +24,20 @@ from .framing import (
     Message,
     encode_message,
 )
-from .table import BACKEND_RULES, FRONTEND_RULES, Fds, Reply, Rule
+from .table import (
+    BACKEND_RULES,
+    DRAFT_RULES,
+    FRONTEND_RULES,
+    Dialect,
+    DraftMessage,
+    Fds,
+    Reply,
+    Rule,
+)
 
 __all__ = [
     "BACKEND_RULES",
+    "DRAFT_RULES",
     "FLAG_NEED_REPLY",
     "FLAG_REPLY",
     "FRONTEND_RULES",
@@ -36,8 +47,11 @@ __all__ = [
     "BackendRequest",
     "BlkFeature",
     "DeviceType",
+    "Dialect",
     "Direction",
-    "DraftRequest",
+    "DraftCodeRequest",
+    "DraftMessage",
+    "DraftTextRequest",
     "Fds",
     "FrameDecoder",
     "FrontendRequest",

@@ -55,7 +55,8 @@ class FrontendRequest(IntEnum):
     GET_SHARED_OBJECT = 41
     SET_DEVICE_STATE_FD = 42
     CHECK_DEVICE_STATE = 43
-    # 44 and 45 moved while being merged; these follow QEMU's merged enum (PROTOCOL.md §4).
+    # 44 and 45 moved while being merged; these follow QEMU's merged enum
+    # (include/hw/virtio/vhost-user.h), not the snapshots taken while patches were in flight.
     GET_SHMEM_CONFIG = 44
     GET_VRING_BASE_SKIP_DRAIN = 45
 
@@ -75,8 +76,12 @@ class BackendRequest(IntEnum):
     SHMEM_UNMAP = 10
 
 
-class DraftRequest(IntEnum):
-    """The 2014 draft dialect of the seed thread (PROTOCOL.md, "The seed's draft dialect")."""
+class DraftTextRequest(IntEnum):
+    """The 2014 draft's ids as its protocol text numbers them (DRAFT_TEXT dialect).
+
+    The text posted with the vhost-user v6 patches (qemu-devel, January 2014) puts ECHO
+    first and shifts every vhost ioctl by one; nothing above SET_VRING_ERR = 15 exists.
+    """
 
     ECHO = 1
     GET_FEATURES = 2
@@ -93,6 +98,33 @@ class DraftRequest(IntEnum):
     SET_VRING_KICK = 13
     SET_VRING_CALL = 14
     SET_VRING_ERR = 15
+
+
+class DraftCodeRequest(IntEnum):
+    """The 2014 draft's ids as its code numbered them (DRAFT_CODE dialect).
+
+    The v5/v6 patches' ``VhostUserRequest`` enum (QEMU hw/virtio/vhost-backend.c of that
+    series, and the vapp reference server): ids 1-14 are those that shipped, then
+    NET_SET_BACKEND = 15 and ECHO = 16, both removed in v7. QEMU 2.4 later reused 15 and
+    16 for GET/SET_PROTOCOL_FEATURES.
+    """
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    NET_SET_BACKEND = 15
+    ECHO = 16
 
 
 def _bit(n: int) -> int:
@@ -224,6 +256,43 @@ DEVICE_FEATURES: dict[DeviceType, type[IntFlag]] = {
 
 DEVICE_FEATURE_BITS = (1 << 24) - 1 | (0xFFFF << 48)
 """Bits 0-23 and 48-63 are device-specific (virtio 1.2 §6)."""
+
+# -- what existed when the 2014 draft was written (January 2014) -----------------------------
+# Legacy virtio (0.9.5 and the Linux/QEMU headers of the time) had 32 feature bits: nothing
+# at or above bit 32 (VERSION_1 came with virtio 1.0, packed rings in 2018), and bit 30 was
+# VIRTIO_F_BAD_FEATURE, not yet VHOST_USER_F_PROTOCOL_FEATURES (2015).
+
+DRAFT_VIRTIO_FEATURES = int(
+    VirtioFeature.NOTIFY_ON_EMPTY
+    | VirtioFeature.LOG_ALL
+    | VirtioFeature.ANY_LAYOUT  # QEMU 1.6, 2013
+    | VirtioFeature.RING_INDIRECT_DESC
+    | VirtioFeature.RING_EVENT_IDX
+)
+"""Device-independent bits a 2014 draft peer knew."""
+
+DRAFT_DEVICE_FEATURES: dict[DeviceType, int] = {
+    # Every net bit below 24 but MTU (bit 3, 2016) and bit 4 (never defined).
+    DeviceType.NET: ((1 << 24) - 1) & ~int(NetFeature.MTU) & ~(1 << 4),
+    # Up to CONFIG_WCE (bit 11, 2012); blk MQ came in mid-2014, DISCARD and later in 2018.
+    DeviceType.BLK: int(
+        BlkFeature.BARRIER | BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.GEOMETRY
+        | BlkFeature.RO | BlkFeature.BLK_SIZE | BlkFeature.SCSI | BlkFeature.FLUSH
+        | BlkFeature.TOPOLOGY | BlkFeature.CONFIG_WCE
+    ),
+}
+"""Device-specific bits defined by January 2014, per device type."""
+
+
+def draft_feature_mask(device: DeviceType | None) -> int:
+    """The virtio feature bits a 2014 draft dialect may offer for ``device``.
+
+    For a device type we have no table for, every device-specific bit below 24 is kept
+    (only its own definition can say when it appeared); bits 32 and up never are.
+    """
+    unknown = (1 << 24) - 1
+    device_bits = unknown if device is None else DRAFT_DEVICE_FEATURES.get(device, unknown)
+    return DRAFT_VIRTIO_FEATURES | device_bits
 
 
 def feature_names(value: int, device: DeviceType | None = None) -> list[str]:

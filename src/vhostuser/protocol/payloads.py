@@ -112,6 +112,38 @@ class VringFile:
         return cls(index=v & VRING_INDEX_MASK, nofd=bool(v & VRING_NOFD))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DraftVringFile:
+    """The 2014 draft's KICK/CALL/ERR and NET_SET_BACKEND payload: the ring index as a u64.
+
+    The draft has no NOFD bit: its code attaches the fd when it has one and sends none
+    otherwise (v6: "if (file->fd > 0)"). Rings are numbered as in the current protocol's
+    8-bit index field, so a value of 256 or more names no ring (0x100 is the current
+    protocol's NOFD bit).
+    """
+
+    index: int
+    SIZE: ClassVar[int | None] = 8
+
+    def encode(self) -> bytes:
+        """Encode the index as a u64.
+
+        Raises:
+            ValueError: the index is outside 0..255.
+        """
+        if not 0 <= self.index <= VRING_INDEX_MASK:
+            raise ValueError(f"draft vring file index {self.index} is outside 0..255")
+        return U64.pack(self.index)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Self:
+        _need("draft vring file", data, 8)
+        (v,) = U64.unpack(data)
+        if v > VRING_INDEX_MASK:
+            raise RemoteProtocolError(f"draft vring file index {v:#x} is outside 0..255")
+        return cls(index=v)
+
+
 VRING_F_LOG = 0x1
 
 
@@ -209,12 +241,27 @@ class MemoryTable:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DraftMemoryTable(MemoryTable):
-    """The 2014 draft's SET_MEM_TABLE: 24-byte regions without mmap_offset (taken as 0)."""
+    """The 2014 draft's SET_MEM_TABLE: 24-byte regions without mmap_offset (taken as 0).
+
+    mmap_offset was added later (QEMU commit 3fd74b84); the draft maps each region's fd
+    from offset 0.
+    """
 
     REGION_SIZE: ClassVar[int] = 24
     _R24: ClassVar[struct.Struct] = struct.Struct("<QQQ")
 
     def encode(self) -> bytes:
+        """Encode nregions, padding and the 24-byte regions.
+
+        Raises:
+            ValueError: a region has a non-zero mmap_offset, which the layout cannot carry.
+        """
+        for r in self.regions:
+            if r.mmap_offset:
+                raise ValueError(
+                    f"region at gpa {r.guest_phys_addr:#x} has mmap_offset {r.mmap_offset:#x}; "
+                    "the draft's 24-byte regions have no mmap_offset"
+                )
         return _NREGIONS.pack(len(self.regions), 0) + b"".join(
             self._R24.pack(r.guest_phys_addr, r.memory_size, r.userspace_addr)
             for r in self.regions

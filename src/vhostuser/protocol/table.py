@@ -1,17 +1,34 @@
 """One table per request: payload layout, fd count, feature gate, reply and legal states. No I/O.
 
-Everything that enforces a per-request rule reads it from here (DESIGN.md rule 3), so a
-rule is stated once. Sources: vhost-user.rst "Front-end message types" / "Back-end message
-types" and QEMU hw/virtio/vhost-user.c; see PROTOCOL.md §4-5.
+Everything that enforces a per-request rule reads it from here, so a rule is stated once.
+Sources: vhost-user.rst "Front-end message types" / "Back-end message types" and QEMU
+hw/virtio/vhost-user.c.
+
+The dialects live here too (:class:`Dialect`): the current protocol, and the January 2014
+draft in the two numberings it had (its protocol text's and its code's), each a map from
+wire ids to meanings and a rule per meaning. :func:`well_formed` and :func:`reply_fits`
+tell whether a message is valid in a dialect, so a connection that meets a malformed
+message can say that it is valid in another one (:func:`dialect_hint`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
+from typing import Any
 
+from ..errors import RemoteProtocolError
 from . import payloads as P
-from .enums import BackendRequest, FrontendRequest, ProtocolFeature, VirtioFeature
+from .enums import (
+    BackendRequest,
+    DraftCodeRequest,
+    DraftTextRequest,
+    FrontendRequest,
+    ProtocolFeature,
+    VirtioFeature,
+)
+from .framing import FLAG_NEED_REPLY
 
 
 class Fds(Enum):
@@ -142,3 +159,212 @@ BACKEND_RULES: dict[BackendRequest, Rule] = {
     B.SHMEM_MAP: Rule(P.ShmemMap, fds=Fds.ONE, gate=PF.SHMEM, needs_owner=False),
     B.SHMEM_UNMAP: Rule(P.ShmemMap, gate=PF.SHMEM, needs_owner=False),
 }
+
+
+def fd_count_error(rule: Rule, payload: Any, nfds: int) -> str | None:
+    """Why ``nfds`` fds do not fit ``rule`` for this decoded payload; None when they do."""
+    if rule.fds is Fds.NONE and nfds:
+        return f"{nfds} fds attached to a message that takes none"
+    if rule.fds is Fds.ONE and nfds != 1:
+        return f"{nfds} fds attached, expected exactly 1"
+    if rule.fds is Fds.OPTIONAL and nfds > 1:
+        return f"{nfds} fds attached, expected at most 1"
+    if rule.fds is Fds.NOFD_BIT:
+        if payload.nofd and nfds:
+            return f"NOFD bit set but {nfds} fds attached"
+        if not payload.nofd and nfds != 1:
+            return f"NOFD bit clear but {nfds} fds attached, expected 1"
+    if rule.fds is Fds.PER_REGION and nfds != len(payload.regions):
+        return f"{len(payload.regions)} regions but {nfds} fds attached"
+    return None
+
+
+# -- dialects ----------------------------------------------------------------------------------
+
+
+class Dialect(Enum):
+    """Which numbering and layouts a peer speaks."""
+
+    CURRENT = "current"
+    """vhost-user as QEMU 2.1 shipped it and as it has grown since (vhost-user.rst)."""
+    DRAFT_TEXT = "draft-text"
+    """The January 2014 draft as its protocol text numbers it: ECHO = 1, GET_FEATURES = 2
+    ... SET_VRING_ERR = 15."""
+    DRAFT_CODE = "draft-code"
+    """The same draft as its code numbered it: GET_FEATURES = 1 ... SET_VRING_ERR = 14,
+    NET_SET_BACKEND = 15, ECHO = 16."""
+
+    @property
+    def is_draft(self) -> bool:
+        """True for either numbering of the 2014 draft."""
+        return self is not Dialect.CURRENT
+
+    @property
+    def request_names(self) -> type[IntEnum]:
+        """The enum that names this dialect's wire ids (for messages and logs)."""
+        return _NAMES[self]
+
+    @property
+    def description(self) -> str:
+        """How a person would name the dialect."""
+        return _DESCRIPTIONS[self]
+
+    @property
+    def how_to_speak(self) -> str:
+        """How to make our side speak it (library and command line)."""
+        return _HOW[self]
+
+
+_NAMES: dict[Dialect, type[IntEnum]] = {
+    Dialect.CURRENT: FrontendRequest,
+    Dialect.DRAFT_TEXT: DraftTextRequest,
+    Dialect.DRAFT_CODE: DraftCodeRequest,
+}
+_DESCRIPTIONS = {
+    Dialect.CURRENT: "the current vhost-user protocol",
+    Dialect.DRAFT_TEXT: "the 2014 draft numbered as its text (ECHO = 1, GET_FEATURES = 2)",
+    Dialect.DRAFT_CODE: "the 2014 draft numbered as its code (GET_FEATURES = 1, ECHO = 16)",
+}
+_HOW = {
+    Dialect.CURRENT: "Dialect.CURRENT (command line: no --draft)",
+    Dialect.DRAFT_TEXT: "Dialect.DRAFT_TEXT (command line: --draft)",
+    Dialect.DRAFT_CODE: "Dialect.DRAFT_CODE (command line: --draft-numbering code)",
+}
+
+
+class DraftMessage(Enum):
+    """Draft requests with no counterpart in the current protocol."""
+
+    ECHO = "ECHO"
+    """Liveness probe: the back-end answers with the same message, REPLY set."""
+    NET_SET_BACKEND = "NET_SET_BACKEND"
+    """VHOST_NET_SET_BACKEND carried over: ring index, optionally a tap fd (code only)."""
+
+
+Meaning = FrontendRequest | DraftMessage
+"""What a wire id means in some dialect."""
+
+
+def _draft_ids(names: type[IntEnum]) -> dict[int, Meaning]:
+    out: dict[int, Meaning] = {}
+    for m in names:
+        meaning: Meaning = (DraftMessage[m.name] if m.name in DraftMessage.__members__
+                            else FrontendRequest[m.name])
+        out[int(m)] = meaning
+    return out
+
+
+WIRE_IDS: dict[Dialect, dict[int, Meaning]] = {
+    Dialect.CURRENT: {int(r): r for r in FrontendRequest},
+    Dialect.DRAFT_TEXT: _draft_ids(DraftTextRequest),
+    Dialect.DRAFT_CODE: _draft_ids(DraftCodeRequest),
+}
+"""Wire id -> meaning, per dialect."""
+
+_WIRE_OF: dict[Dialect, dict[Meaning, int]] = {
+    d: {meaning: wire for wire, meaning in ids.items()} for d, ids in WIRE_IDS.items()
+}
+
+_VRING_FILE_DRAFT = Rule(P.DraftVringFile, fds=Fds.OPTIONAL, ring_index=True)
+
+DRAFT_RULES: dict[Meaning, Rule] = {
+    **{m: FRONTEND_RULES[m] for m in WIRE_IDS[Dialect.DRAFT_TEXT].values()
+       if isinstance(m, FrontendRequest)},
+    # The draft text: regions are "guest address, size, user address" (24 bytes).
+    R.SET_MEM_TABLE: Rule(P.DraftMemoryTable, fds=Fds.PER_REGION, needs_features=True),
+    # The draft text: "Master payload: u64" (the log's base address), no fd, no reply.
+    R.SET_LOG_BASE: Rule(P.U64Payload, needs_features=True),
+    # The draft's code sends the ring index as a u64 and the fd only when it has one.
+    R.SET_VRING_KICK: _VRING_FILE_DRAFT,
+    R.SET_VRING_CALL: _VRING_FILE_DRAFT,
+    R.SET_VRING_ERR: _VRING_FILE_DRAFT,
+    # The draft text: ECHO has no payload and is answered with "an ECHO packet with the
+    # REPLY flag set"; it is legal at any time (it probes the connection).
+    DraftMessage.ECHO: Rule(P.Empty, reply=Reply.ALWAYS, reply_payload=P.Empty,
+                            needs_owner=False),
+    DraftMessage.NET_SET_BACKEND: _VRING_FILE_DRAFT,
+}
+"""The rule of every request of either draft numbering."""
+
+
+def meaning_of(dialect: Dialect, request: int) -> Meaning | None:
+    """What wire id ``request`` means in ``dialect`` (None: it does not exist there)."""
+    return WIRE_IDS[dialect].get(request)
+
+
+def wire_id(dialect: Dialect, meaning: Meaning) -> int | None:
+    """The wire id of ``meaning`` in ``dialect`` (None: the dialect does not have it)."""
+    return _WIRE_OF[dialect].get(meaning)
+
+
+def rule_for(dialect: Dialect, meaning: Meaning) -> Rule:
+    """The rule of ``meaning`` in ``dialect``.
+
+    Raises:
+        KeyError: the dialect does not have that request.
+    """
+    if dialect is Dialect.CURRENT:
+        if not isinstance(meaning, FrontendRequest):
+            raise KeyError(meaning)
+        return FRONTEND_RULES[meaning]
+    if wire_id(dialect, meaning) is None:
+        raise KeyError(meaning)
+    return DRAFT_RULES[meaning]
+
+
+def well_formed(dialect: Dialect, request: int, flags: int, payload: bytes, nfds: int
+                ) -> Meaning | None:
+    """The meaning of a front-end request if it is well formed in ``dialect``, else None.
+
+    Syntax only (the id exists, the flags are the dialect's, the payload decodes, the fd
+    count fits); order, features and ranges are the connection's business.
+    """
+    meaning = meaning_of(dialect, request)
+    if meaning is None:
+        return None
+    if dialect.is_draft and flags & FLAG_NEED_REPLY:
+        return None  # NEED_REPLY came with REPLY_ACK in 2016
+    rule = rule_for(dialect, meaning)
+    try:
+        decoded = rule.payload.decode(payload)
+    except RemoteProtocolError:
+        return None
+    if fd_count_error(rule, decoded, nfds) is not None:
+        return None
+    return meaning
+
+
+def reply_fits(dialect: Dialect, request: int, payload: bytes, nfds: int) -> Meaning | None:
+    """The meaning of the request a reply answers, if the reply is well formed as that
+    request's own reply in ``dialect``; else None."""
+    meaning = meaning_of(dialect, request)
+    if meaning is None:
+        return None
+    rule = rule_for(dialect, meaning)
+    if rule.reply is not Reply.ALWAYS or rule.reply_payload is None:
+        return None
+    try:
+        rule.reply_payload.decode(payload)
+    except RemoteProtocolError:
+        return None
+    return meaning if nfds == rule.reply_fds else None
+
+
+def other_dialects(ours: Dialect) -> list[Dialect]:
+    """Every dialect but ``ours``, in declaration order."""
+    return [d for d in Dialect if d is not ours]
+
+
+def readings(theirs: Sequence[tuple[Dialect, Meaning]]) -> str:
+    """``ECHO in <dialect>`` for each reading, joined with "and"."""
+    return " and ".join(f"{m.name} in {d.description}" for d, m in theirs)
+
+
+def dialect_hint(peer: str, theirs: Sequence[tuple[Dialect, Meaning]], evidence: str) -> str:
+    """One sentence: the peer looks like it speaks another dialect, why, and what to do.
+
+    ``theirs``: each dialect the evidence fits, with what the message means there;
+    ``evidence`` says what was seen (and how ``theirs`` reads it).
+    """
+    advice = " or ".join(d.how_to_speak for d, _m in theirs)
+    return f"{peer} looks like it speaks another dialect: {evidence}; to talk to it use {advice}"
