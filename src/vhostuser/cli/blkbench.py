@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from ..errors import VhostUserError
 from ..frontends.blk import BlkOp, VirtioBlkFrontend
-from ._common import add_wait, announce_wait, connect_error, positive
+from ._common import add_wait, announce_wait, connect_error, positive, seconds
 
 PATTERNS = ("read", "write", "randread", "randwrite")
 
@@ -28,6 +28,11 @@ examples:
 
 Latency is measured from submitting a request to reaping its completion in this process
 (Python included). MB/s counts 10^6 bytes. Writes overwrite the disk's contents.
+
+When the back-end goes away mid-run, blkbench waits up to --reconnect seconds for a new one
+on SOCKET, hands it the requests that were in flight (INFLIGHT_SHMFD) and goes on; the
+result counts the reconnects and the time without a back-end. A back-end that comes back
+without a feature the session was built on ends the run at once, naming it.
 """
 
 
@@ -89,6 +94,9 @@ def add_parser(sub: Any) -> None:
     add_wait(p)
     p.add_argument("--timeout", type=positive(float), default=10.0, metavar="SECONDS",
                    help="how long a request may take before the run fails (default 10)")
+    p.add_argument("--reconnect", type=seconds, default=30.0, metavar="SECONDS",
+                   help="when the back-end goes away, wait up to SECONDS for one to take "
+                        "the disk over (default 30; 0: end the run)")
     p.set_defaults(func=run)
 
 
@@ -112,6 +120,8 @@ class BenchResult:
     lat_max_us: float
     errors: int
     reconnects: int
+    outage_seconds: float = 0.0
+    """Time without a back-end (summed over the reconnects)."""
     verify_blocks: int | None = None
     verify_mismatches: int | None = None
     interrupted: bool = False
@@ -135,9 +145,10 @@ def _next_pow2(n: int) -> int:
 
 def open_frontend(path: str, *, bs: int, iodepth: int, queues: int, timeout: float,
                   packed: bool = False, inflight: bool = True,
-                  connect_timeout: float = 10.0) -> VirtioBlkFrontend:
+                  connect_timeout: float = 10.0, reconnect: float = 30.0) -> VirtioBlkFrontend:
     """A front-end sized for ``iodepth`` requests of ``bs`` bytes (packed rings and
-    INFLIGHT_SHMFD as asked).
+    INFLIGHT_SHMFD as asked) that waits up to ``reconnect`` seconds for a back-end that
+    went away (0: not at all).
 
     Raises:
         VhostUserError, OSError: connecting or the handshake failed.
@@ -146,7 +157,8 @@ def open_frontend(path: str, *, bs: int, iodepth: int, queues: int, timeout: flo
     size = min(32768, max(128, _next_pow2(3 * per_queue)))
     return VirtioBlkFrontend(path, queue_size=size, depth=per_queue, num_queues=queues,
                              max_io=max(bs, 4096), timeout=timeout, packed=packed,
-                             inflight=inflight, connect_timeout=connect_timeout)
+                             inflight=inflight, connect_timeout=connect_timeout,
+                             reconnect=reconnect > 0, reconnect_timeout=reconnect)
 
 
 class Runner:
@@ -208,7 +220,8 @@ class Runner:
             lat_min_us=percentile(srt, 0.0), lat_mean_us=round(sum(srt) / n / 1000, 1) if n
             else 0.0, lat_p50_us=percentile(srt, 0.5), lat_p99_us=percentile(srt, 0.99),
             lat_p999_us=percentile(srt, 0.999), lat_max_us=srt[-1] / 1000 if n else 0.0,
-            errors=self.errors, reconnects=disk.reconnects, interrupted=interrupted,
+            errors=self.errors, reconnects=disk.reconnects,
+            outage_seconds=round(disk.outage_seconds, 3), interrupted=interrupted,
         )
 
     def _loop(self, start: float, end: float, seconds: float) -> None:
@@ -296,7 +309,8 @@ def print_text(r: BenchResult, out: TextIO) -> None:
     if r.errors:
         out.write(f"  errors   {r.errors}\n")
     if r.reconnects:
-        out.write(f"  reconnects {r.reconnects}\n")
+        out.write(f"  reconnects {r.reconnects} ({r.outage_seconds:.2f} s without a "
+                  "back-end)\n")
     if r.verify_blocks is not None:
         out.write(f"  verify   {r.verify_blocks} blocks, {r.verify_mismatches} mismatched\n")
 
@@ -314,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         disk = open_frontend(args.socket, bs=args.bs, iodepth=args.iodepth,
                              queues=args.queues, timeout=args.timeout, packed=args.packed,
-                             inflight=not args.no_inflight, connect_timeout=args.wait)
+                             inflight=not args.no_inflight, connect_timeout=args.wait,
+                             reconnect=args.reconnect)
     except KeyboardInterrupt:
         print(f"vhost-user blkbench: interrupted ({args.socket})", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from ..devices.net import parse_mac
 from ..errors import VhostUserError
 from ..frontends.net import (
     PROBE_MIN_FRAME,
+    ProbeLedger,
     VirtioNetFrontend,
     probe_template,
     read_probe,
@@ -28,6 +30,12 @@ a switch port looped back, or DPDK testpmd in macswap/io mode, every frame shoul
 the summary gives the rates, the frames lost, duplicated or reordered, and the round-trip
 latency. Against a sink (DPDK rxonly) use --tx-only; to only count what arrives (e.g. from
 DPDK txonly through a switch) use --rx-only.
+
+When the back-end goes away (it crashed or was restarted), pktgen keeps its guest memory
+and rings and waits up to --reconnect seconds for a back-end to take them over, then goes
+on. Frames that were on their way when it went away, or sent while it was gone, are lost
+with it: they are counted apart (lost in outages), with the number of reconnects and the
+time without a back-end.
 """
 
 EPILOG = """\
@@ -37,8 +45,13 @@ examples:
   vhost-user pktgen /tmp/dpdk-vhost.sock --count 1000000 --json   # testpmd macswap
   vhost-user pktgen /tmp/sw-port.sock --rx-only --duration 5       # count arrivals
 
-exit status: 0 when every frame expected back came back (or --tx-only/--rx-only), 1 when
-frames were lost, 2 on a usage or connection error.
+  vhost-user pktgen /tmp/sw-port.sock --rate 5000 --duration 60 --reconnect 10
+                                  # survives restarts of the switch within 10 s each
+
+exit status: 0 when every frame expected back came back (or --tx-only/--rx-only), or was
+lost only in an outage of the back-end; 1 when frames were lost otherwise; 2 on a usage or
+connection error, or when the back-end stayed away longer than --reconnect (or came back
+without a feature the session was built on: the error names it).
 """
 
 
@@ -88,6 +101,9 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--listen", action="store_true",
                    help="listen on SOCKET for a back-end in client mode (DPDK client=1)")
     add_wait(d)
+    d.add_argument("--reconnect", type=seconds, default=30.0, metavar="SECONDS",
+                   help="when the back-end goes away, wait up to SECONDS for one to take "
+                        "the session over and go on (default 30; 0: end the run)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     o.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
@@ -110,6 +126,11 @@ class Result:
     rx_bytes: int = 0
     latencies_ns: list[int] = field(default_factory=list)
     interrupted: bool = False
+    reconnects: int = 0
+    outage_seconds: float = 0.0
+    lost_in_outages: int = 0
+    """Frames expected back that were in flight when the back-end went away, or sent
+    while it was away, and never came back."""
 
     def summary(self, expect_back: bool) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -129,9 +150,14 @@ class Result:
             "duplicates": self.duplicates,
             "reordered": self.reordered,
             "interrupted": self.interrupted,
+            "reconnects": self.reconnects,
+            "outage_seconds": round(self.outage_seconds, 3),
         }
         if expect_back:
-            out["lost"] = max(0, self.sent - self.ours)
+            lost = max(0, self.sent - self.ours)
+            out["lost"] = lost
+            out["lost_in_outages"] = min(lost, self.lost_in_outages)
+            out["lost_outside_outages"] = lost - out["lost_in_outages"]
         lat = sorted(self.latencies_ns)
         if lat:
             def pct(q: float) -> float:
@@ -145,10 +171,15 @@ class Result:
 
 
 class Pktgen:
-    """The send/receive loop (usable from tests as well as from the command line)."""
+    """The send/receive loop (usable from tests as well as from the command line).
+
+    ``on_event(text)`` hears of outages as they start and end (the back-end went away, a
+    new one took over).
+    """
 
     def __init__(self, nic: VirtioNetFrontend, *, size: int, flows: int, src_mac: bytes,
-                 dst_mac: bytes, magic: int | None = None) -> None:
+                 dst_mac: bytes, magic: int | None = None,
+                 on_event: Callable[[str], None] | None = None) -> None:
         self.nic = nic
         self.magic = magic if magic is not None else random.randrange(0x100, 0xFFFF)
         self.templates = [
@@ -156,9 +187,50 @@ class Pktgen:
             for k in range(flows)
         ]
         self.result = Result()
-        self._seen = bytearray()
+        self.ledger = ProbeLedger()
+        self.on_event = on_event
         self._last_seq = [-1] * flows
         self._lat_every = 1
+        self._outage_lo: int | None = None
+        # Frames that can be on their way at once: a transmit and a receive ring's worth.
+        self._in_flight_cap = 2 * nic.queue_size
+
+    def _track_outage(self) -> bool:
+        """True while the back-end is away. When one goes away, the frames that may be on
+        their way open an outage window; when a new one takes over, whatever of the window
+        has not come back by then is written off as lost in the outage (and no longer
+        holds a place among the frames on their way)."""
+        nic = self.nic
+        r = self.result
+        if not nic.connected:
+            if self._outage_lo is None:
+                self._outage_lo = max(0, r.sent - self._in_flight_cap)
+                if self.on_event is not None:
+                    self.on_event(f"{nic.last_disconnect_reason} after {r.sent} frames; "
+                                  "waiting for a back-end to take the session over")
+            return True
+        if self._outage_lo is not None:
+            self.ledger.close_window(self._outage_lo, r.sent)
+            self._outage_lo = None
+            if self.on_event is not None:
+                start, end = nic.outages[-1]
+                took = f" after {end - start:.2f} s" if end is not None else ""
+                self.on_event(f"a back-end took the session over{took} (reconnect "
+                              f"{nic.reconnects})")
+        return False
+
+    def _finish_outages(self) -> None:
+        """Close a window still open at the end and copy the outage figures."""
+        r = self.result
+        nic = self.nic
+        if self._outage_lo is not None:
+            self.ledger.close_window(self._outage_lo, r.sent)
+            self._outage_lo = None
+        r.reconnects = nic.reconnects
+        r.outage_seconds = nic.stats.outage_seconds
+        if nic.outages and nic.outages[-1][1] is None:
+            r.outage_seconds += time.monotonic() - nic.outages[-1][0]
+        r.lost_in_outages = self.ledger.lost_in_windows
 
     def _account(self, frames: list[bytes], now_ns: int) -> None:
         r = self.result
@@ -171,13 +243,12 @@ class Pktgen:
                 r.foreign += 1
                 continue
             seq, t = got
-            seen = self._seen
-            if seq >= len(seen):
-                seen.extend(bytes(seq + 1 - len(seen) + 4096))
-            if seen[seq]:
+            if seq >= r.sent:  # carries our magic, but we never sent that number
+                r.foreign += 1
+                continue
+            if not self.ledger.see(seq):
                 r.duplicates += 1
                 continue
-            seen[seq] = 1
             r.ours += 1
             k = seq % flows
             if seq < self._last_seq[k]:
@@ -200,6 +271,11 @@ class Pktgen:
         """Send ``count`` frames (or for ``duration`` s) at ``rate`` pps, counting arrivals.
 
         ``progress(result, elapsed)`` is called about every second.
+
+        Raises:
+            PeerClosedError: the back-end went away and none took over in time.
+            BackendChangedError: one took over without a bit the session was built on.
+            RingError: the back-end broke a ring.
         """
         r = self.result
         if count is not None and count > 100_000:
@@ -223,6 +299,8 @@ class Pktgen:
             self._drain(end, send, expect_back, progress, t0)
         except KeyboardInterrupt:
             r.interrupted = True
+        finally:
+            self._finish_outages()
         r.rx_seconds = time.monotonic() - t0
         return r
 
@@ -243,6 +321,15 @@ class Pktgen:
             if (count is not None and seq >= count) or (duration is not None
                                                          and elapsed >= duration):
                 break
+            if self._track_outage():
+                # No back-end: nothing to send to. wait() is where a new one is taken up
+                # (or PeerClosedError raised once --reconnect seconds have passed).
+                blocked = None
+                nic.wait(0.05)
+                if progress is not None and now >= next_progress:
+                    progress(r, now - t0)
+                    next_progress = now + 1.0
+                continue
             n = burst
             if count is not None:
                 n = min(n, count - seq)
@@ -250,7 +337,7 @@ class Pktgen:
                 # Never more frames on their way back than our receive ring holds: beyond
                 # that the back-end finds no receive buffer and drops them (counted there
                 # as no_rx_buffer), which would be our loss, not the back-end's.
-                room = window - (seq - r.ours - r.foreign)
+                room = window - (seq - r.ours - r.foreign - self.ledger.lost_in_windows)
                 if room <= 0:
                     if blocked is None:
                         blocked = now
@@ -299,7 +386,9 @@ class Pktgen:
             now = time.monotonic()
             if now >= end:
                 break
-            if send and expect_back and r.ours >= r.sent and now - last_got > 0.05:
+            self._track_outage()
+            if send and expect_back and r.ours + self.ledger.lost_in_windows >= r.sent \
+                    and now - last_got > 0.05:
                 break
             got = self.receive()
             if got:
@@ -335,7 +424,8 @@ def run(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {
         "packed": args.packed, "mrg_rxbuf": not args.no_mrg_rxbuf,
         "event_idx": not args.no_event_idx, "queue_size": args.queue_size, "mtu": args.mtu,
-        "mac": args.src_mac,
+        "mac": args.src_mac, "reconnect": args.reconnect > 0,
+        "reconnect_timeout": args.reconnect,
     }
     if not args.listen:
         announce_wait("pktgen", args.socket, args.wait)
@@ -356,14 +446,22 @@ def run(args: argparse.Namespace) -> int:
             return
         rate = r.sent / elapsed if elapsed > 0 else 0.0
         rx = r.received / elapsed if elapsed > 0 else 0.0
+        again = f"  reconnects {nic.reconnects}" if nic.reconnects else ""
         sys.stderr.write(f"\r{elapsed:6.1f}s  sent {r.sent:>10}  {rate:>10.0f} pps  "
                          f"recv {r.received:>10}  {rx:>10.0f} pps  lost "
-                         f"{max(0, r.sent - r.ours) if not args.tx_only else '-':>8} ")
+                         f"{max(0, r.sent - r.ours) if not args.tx_only else '-':>8}{again} ")
         sys.stderr.flush()
+
+    def event(text: str) -> None:
+        if not args.quiet:
+            sys.stderr.write(f"{chr(10) if live else ''}vhost-user pktgen: {args.socket}: "
+                             f"{text}\n")
+            sys.stderr.flush()
 
     expect = not (args.tx_only or args.rx_only)
     with nic:
-        gen = Pktgen(nic, size=args.size, flows=args.flows, src_mac=src, dst_mac=dst)
+        gen = Pktgen(nic, size=args.size, flows=args.flows, src_mac=src, dst_mac=dst,
+                     on_event=event)
         try:
             res = gen.run(count=count, rate=args.rate or 0.0, duration=args.duration,
                           burst=args.burst, drain=args.drain, send=not args.rx_only,
@@ -392,6 +490,11 @@ def run(args: argparse.Namespace) -> int:
         if expect:
             print(f"lost      {summary['lost']}   duplicated {summary['duplicates']}   "
                   f"reordered {summary['reordered']}")
+        if res.reconnects or res.outage_seconds:
+            in_outages = (f"; lost in outages {summary['lost_in_outages']}, outside "
+                          f"{summary['lost_outside_outages']}" if expect else "")
+            print(f"outages   {res.reconnects} reconnects, {res.outage_seconds:.2f} s without "
+                  f"a back-end{in_outages}")
         lat = summary.get("latency_us")
         if lat:
             print(f"latency   min {lat['min']} / avg {lat['avg']} / p50 {lat['p50']} / "
@@ -400,4 +503,4 @@ def run(args: argparse.Namespace) -> int:
             print("interrupted (Ctrl-C): the numbers cover the time it ran")
     if res.interrupted:
         return 130
-    return 1 if expect and summary.get("lost") else 0
+    return 1 if expect and summary.get("lost_outside_outages") else 0

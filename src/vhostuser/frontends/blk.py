@@ -63,7 +63,13 @@ from ..errors import (
 )
 from ..memory import FlatMemory, GuestMemory
 from ..protocol import payloads as P
-from ..protocol.enums import BlkFeature, FrontendRequest, ProtocolFeature, VirtioFeature
+from ..protocol.enums import (
+    BlkFeature,
+    DeviceType,
+    FrontendRequest,
+    ProtocolFeature,
+    VirtioFeature,
+)
 from ..virtq import (
     INITIAL_BASE,
     PackedDriverRing,
@@ -72,6 +78,7 @@ from ..virtq import (
     packed_layout,
     split_layout,
 )
+from .resume import BackendChangedError, check_offer
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +398,8 @@ class VirtioBlkFrontend:
         reconnect: reconnect when the back-end goes away (needs INFLIGHT_SHMFD to keep
             requests that were in flight; without it they are resubmitted from ``used.idx``
             as QEMU does, which is only right for a back-end that completes in order).
-        reconnect_timeout: how long to keep trying to reconnect.
+        reconnect_timeout: how long to keep trying to reconnect (a back-end that answers
+            without a bit the session depends on ends it at once, see :meth:`reconnect`).
         inflight: negotiate INFLIGHT_SHMFD when offered.
         packed: use packed rings (VIRTIO_F_RING_PACKED; the back-end must offer it).
 
@@ -434,6 +442,10 @@ class VirtioBlkFrontend:
             raise ValueError(f"num_queues {num_queues} is outside 1..256")
         self.reconnects = 0
         """How many times the back-end went away and we reconnected."""
+        self.outage_seconds = 0.0
+        """Time without a back-end, from noticing it went away to the next one taking the
+        session over, summed over the outages that ended."""
+        self._down_since: float | None = None
         self._closed = False
         self._disconnected = False
         self._session: _Session | None = None
@@ -511,18 +523,26 @@ class VirtioBlkFrontend:
     def _handshake(self, fe: Any, *, first: bool) -> None:
         pf = _protocol_features(self.want_inflight)
         want = WANTED_FEATURES | (int(VF.RING_PACKED) if self.packed else 0)
+        if not first:
+            # The rings, the slots and the inflight area were built for what was negotiated
+            # with the first back-end: ask for exactly that again (a newer back-end's extra
+            # bits are not acked), and give up at once when a bit is gone.
+            want = self.features
         n = fe.negotiate(features=want, protocol_features=pf, backend_channel=False)
+        if not first:
+            needed_pf = int(PF.CONFIG)
+            if self._inflight_fd is not None:
+                needed_pf |= int(PF.INFLIGHT_SHMFD)
+            check_offer(self.path, features=self.features, offered_features=n.backend_features,
+                        protocol_features=needed_pf,
+                        offered_protocol_features=n.backend_protocol_features,
+                        device=DeviceType.BLK)
         if not n.features & VF.VERSION_1:
             raise RemoteProtocolError(
                 f"back-end features {n.backend_features:#x} lack VIRTIO_F_VERSION_1")
         if self.packed and not n.features & VF.RING_PACKED:
             raise RemoteProtocolError(
                 f"back-end features {n.backend_features:#x} lack VIRTIO_F_RING_PACKED")
-        if not first and n.features != self.features:
-            raise RemoteProtocolError(
-                f"after reconnecting the back-end offers features {n.features:#x}, "
-                f"not {self.features:#x} as before"
-            )
         if not fe.conn.has(PF.CONFIG):
             raise RemoteProtocolError("the back-end does not offer CONFIG: no capacity")
         config = BlkConfig.decode(fe.get_config(0, blk_config_size(n.features)))
@@ -531,8 +551,9 @@ class VirtioBlkFrontend:
             nq = max(1, min(self.want_queues, config.num_queues or 1,
                             n.queue_num or self.want_queues))
         if not first and nq != len(self.queues):
-            raise RemoteProtocolError(
-                f"after reconnecting the back-end has {nq} queues, not {len(self.queues)}")
+            raise BackendChangedError(
+                f"{self.path}: after reconnecting, the back-end has {nq} queues, not "
+                f"{len(self.queues)} as before; not retrying")
         if fe.conn.has(PF.INFLIGHT_SHMFD):
             if first or self._inflight_fd is None:
                 msg = P.InflightPayload(mmap_size=0, mmap_offset=0, num_queues=nq,
@@ -608,6 +629,8 @@ class VirtioBlkFrontend:
 
     def _on_control_readable(self) -> None:
         self._disconnected = True
+        if self._down_since is None:
+            self._down_since = time.monotonic()
         self._unwatch()
 
     def _drop_session(self) -> None:
@@ -619,28 +642,39 @@ class VirtioBlkFrontend:
     def reconnect(self) -> None:
         """Reconnect to the back-end (after it went away) and resume.
 
-        Re-negotiates (the features must be the same), hands the inflight fd back,
+        Re-negotiates the features of the first session, hands the inflight fd back,
         re-shares guest RAM, re-sets every ring at its ``used.idx`` and kicks; the
-        back-end then finishes the requests that were in flight.
+        back-end then finishes the requests that were in flight. Until a back-end answers
+        it retries every 50 ms for ``reconnect_timeout`` seconds; a back-end that answers
+        but no longer offers a bit the session depends on ends it at once.
 
         Raises:
+            BackendChangedError: the back-end no longer offers a negotiated feature bit,
+                CONFIG or INFLIGHT_SHMFD (when in use), or has fewer queues (the message
+                names them); not retried.
             VhostUserError, OSError: no working back-end within ``reconnect_timeout``.
         """
         self._drop_session()
         # Whatever the old back-end published is ours: take it before re-basing the rings.
         self._ready.extend(self.poll())
+        if self._down_since is None:
+            self._down_since = time.monotonic()
         deadline = time.monotonic() + self.reconnect_timeout
         while True:
             left = deadline - time.monotonic()
             try:
                 self._connect(first=False, connect_timeout=max(0.0, left))
                 break
+            except BackendChangedError:
+                raise  # the next attempt would meet the same back-end
             except (VhostUserError, OSError) as e:
                 if time.monotonic() >= deadline:
                     raise
                 log.info("%s: reconnect failed (%s); retrying", self.path, e)
                 time.sleep(0.05)
         self.reconnects += 1
+        self.outage_seconds += time.monotonic() - self._down_since
+        self._down_since = None
         log.info("%s: reconnected (%d in flight)", self.path, self.in_flight)
 
     # -- asynchronous interface --------------------------------------------------------------
