@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import blk, blkbench, demo, pktgen, probe, serve
+from . import blk, blkbench, demo, pktgen, probe, serve, trace
 from . import switch as switch_cmd
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     pktgen.add_parser(sub)
     blk.add_parser(sub)
     blkbench.add_parser(sub)
+    trace.add_parser(sub)
     demo.add_parser(sub)
     return p
 
