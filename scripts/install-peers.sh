@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Install the real vhost-user peers the interop tests drive (QEMU, DPDK testpmd,
-# qemu-storage-daemon, a guest kernel and busybox) from Debian 12's own packages.
+# qemu-storage-daemon, a guest kernel and busybox; tcpdump to read the switch's captures)
+# from Debian 12's own packages.
 # Idempotent: when every package is installed and every binary is present it does nothing.
 # See shared INTEROP.md for why each package is named (the DPDK PMDs are only Recommends).
 set -euo pipefail
 
 PACKAGES=(
   qemu-system-x86 qemu-system-common qemu-utils linux-image-amd64 busybox-static cpio kmod
-  dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
+  dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23 tcpdump
 )
-BINARIES=(qemu-system-x86_64 qemu-storage-daemon qemu-img dpdk-testpmd busybox cpio modprobe)
+BINARIES=(qemu-system-x86_64 qemu-storage-daemon qemu-img dpdk-testpmd busybox cpio modprobe
+  tcpdump)
 PMD_DIR=/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0
 PMDS=(librte_net_vhost.so librte_net_virtio.so librte_mempool_ring.so)
 

@@ -88,6 +88,7 @@ _PEERS: dict[str, _PeerSpec] = {
     "qemu": _PeerSpec(("qemu-system-x86_64",), ("qemu-system-x86", "qemu-system-common")),
     "qemu-storage-daemon": _PeerSpec(("qemu-storage-daemon",), ("qemu-system-common",)),
     "qemu-img": _PeerSpec(("qemu-img",), ("qemu-utils",)),
+    "tcpdump": _PeerSpec(("tcpdump",), ("tcpdump",)),
     "guest": _PeerSpec(
         ("busybox", "cpio", "modprobe"),
         ("linux-image-amd64", "busybox-static", "cpio", "kmod"),
