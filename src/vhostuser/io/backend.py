@@ -28,6 +28,7 @@ from typing import Any
 from ..connection import events as ev
 from ..connection.backend import BackendConnection, Dialect
 from ..connection.frontend import BackendChannel
+from ..connection.snapshot import SessionSnapshot, snapshot_backend
 from ..devices.base import Device
 from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
 from ..protocol import payloads as P
@@ -202,6 +203,8 @@ class BackendSession:
         )
         self.closed = False
         self.close_reason: str | None = None
+        self.final_snapshot: SessionSnapshot | None = None
+        """The session's protocol state as it was when it closed (see :meth:`snapshot`)."""
         self._kick_fds: dict[int, int] = {}  # ring index -> registered fd number
         self._deadline: Timer | None = None
         self._polled: set[int] = set()  # queues the poller steps (busy-poll, or no kick fd)
@@ -219,6 +222,13 @@ class BackendSession:
         self._kick_set_at = 0.0  # reactor time the last kick fd was set
         reactor.add_reader(sock.fileno(), self._on_readable)
         device.attach(self)
+
+    def snapshot(self) -> SessionSnapshot:
+        """The session's protocol state now (features, memory table, rings), comparable
+        with ``==`` and :meth:`SessionSnapshot.diff` to another session's."""
+        if self.final_snapshot is not None:
+            return self.final_snapshot
+        return snapshot_backend(self.conn)
 
     # -- QueueAccess (what the device may do with our rings) ------------------------------
     def ring(self, index: int) -> Any:
@@ -578,6 +588,7 @@ class BackendSession:
         self._runners.clear()
         self._polled.clear()
         self._close_channel()
+        self.final_snapshot = snapshot_backend(self.conn)
         self.reactor.remove_reader(self.sock.fileno())
         try:
             self.device.close()
