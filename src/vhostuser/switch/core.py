@@ -18,13 +18,16 @@ Snabb's model). Either way every transmit burst runs through the queue's
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .. import engine as engines
 from ..devices.net import VirtioNetDevice, build_rarp, format_mac
+from ..io.pcap import PcapWriter
 from ..io.reactor import Reactor, Timer
 from ..io.thread import ReactorThread
 from .fabric import DEFAULT_AGING, DEFAULT_MAX_MACS, Fabric
@@ -78,6 +81,59 @@ class Switch:
         self._closed = False
         self._aging_timer: Timer | None = reactor.call_later(
             min(self.aging / 4, 10.0), self._age)
+        self._capture_dir: str | None = None
+        self._snaplen = 65535
+        self._captures: dict[int, PcapWriter] = {}  # id(port) -> its pcap file
+
+    # -- capture ------------------------------------------------------------------------------
+    def start_capture(self, directory: str, *, snaplen: int = 65535) -> None:
+        """Write every port's frames, both directions, to ``directory``/PORT.pcap.
+
+        A port's file holds what it received (from its guest, tap or peer) and what the
+        switch sent towards it, in order, with timestamps. The files are written by threads
+        of their own from bounded queues, so a slow disk never holds forwarding up: when a
+        queue is full the frame is counted as dropped (``capture`` in each port's
+        :meth:`stats`). While capturing, every frame goes through the Python engine (the
+        compiled one hands frames straight from ring to ring and never sees them). Ports
+        added later are captured too; echo ports are not (their frames never enter the
+        switch: the port reflects them itself).
+
+        Raises:
+            OSError: the directory is missing or not writable (named in the message).
+            ValueError: ``snaplen`` below 1.
+        """
+        if snaplen < 1:
+            raise ValueError(f"snaplen {snaplen} must be at least 1")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(errno.ENOENT, "no such directory for pcap files",
+                                    directory)
+        self.stop_capture()
+        self._capture_dir = directory
+        self._snaplen = snaplen
+        for p in self.ports:
+            self._capture_port(p)
+
+    def _capture_port(self, port: Port) -> None:
+        if self._capture_dir is None or id(port) in self._captures:
+            return
+        path = os.path.join(self._capture_dir, f"{port.name}.pcap")
+        self._captures[id(port)] = PcapWriter(path, snaplen=self._snaplen)
+
+    def stop_capture(self) -> dict[str, dict[str, Any]]:
+        """Finish and close every pcap file; return each port's capture counters."""
+        out: dict[str, dict[str, Any]] = {}
+        names = {id(p): p.name for p in self.ports}
+        for key, w in self._captures.items():
+            w.close()
+            out[names.get(key, w.path)] = w.counters()
+        self._captures.clear()
+        self._capture_dir = None
+        return out
+
+    def capture_counters(self, port: Port) -> dict[str, Any] | None:
+        """The capture counters of ``port`` (None when not capturing)."""
+        w = self._captures.get(id(port))
+        return None if w is None else w.counters()
 
     # -- the fabric's state, for scripts and tests -------------------------------------------
     @property
@@ -140,6 +196,7 @@ class Switch:
         port = VhostUserPort(self, self._name(name, f"p{len(self.ports)}"), path,
                              connect=connect, **kw)
         self.ports.append(port)
+        self._capture_port(port)
         self.fabric.members.append(port)
         return port
 
@@ -152,6 +209,7 @@ class Switch:
         self._check_path(path)
         port = VhostUserPort(self, self._name(name, "echo"), path, echo=True, **kw)
         self.ports.append(port)
+        self._capture_port(port)
         return port
 
     def add_tap_port(self, ifname: str, *, name: str | None = None, up: bool = True) -> TapPort:
@@ -163,11 +221,15 @@ class Switch:
         """
         port = TapPort(self, self._name(name, ifname), ifname, up=up)
         self.ports.append(port)
+        self._capture_port(port)
         self.fabric.members.append(port)
         return port
 
     def remove_port(self, port: Port) -> None:
-        """Close a port and forget it."""
+        """Close a port and forget it (its pcap file, if capturing, is finished)."""
+        w = self._captures.pop(id(port), None)
+        if w is not None:
+            w.close()
         port.close()
         self.port_down(port)
         if port in self.ports:
@@ -201,9 +263,18 @@ class Switch:
         Frames are copied into the output ports before this returns; vhost-user ports
         hold them back until :meth:`commit`.
         """
+        captures = self._captures
+        if captures:
+            w = captures.get(id(src))
+            if w is not None:
+                for f in frames:
+                    w.capture(f)
         touched = self.fabric.forward(src, frames, hdrs, time.monotonic())
         for p in touched:
             try:
+                if captures and (w := captures.get(id(p))) is not None:
+                    for f in p.out:
+                        w.capture(f)
                 p.send(p.out, p.staged_hdrs(), pair)
             finally:
                 p.clear_out()
@@ -239,7 +310,7 @@ class Switch:
         the Python engine must take the next chain (a layout, a destination or a state the
         compiled engine leaves to it)."""
         fp = self._fp
-        if fp is None:
+        if fp is None or self._captures:  # capture needs every frame in Python's hands
             return 0, False
         fabric = self.fabric
         members = [m for m in fabric.members if m is not port]
@@ -313,8 +384,15 @@ class Switch:
             "flooded": self.flooded,
             "filtered": self.filtered,
             "learn_refused": self.learn_refused,
-            "ports": [p.info() for p in self.ports],
+            "ports": [self._port_info(p) for p in self.ports],
         }
+
+    def _port_info(self, port: Port) -> dict[str, Any]:
+        info = port.info()
+        counters = self.capture_counters(port)
+        if counters is not None:
+            info["capture"] = counters
+        return info
 
     def close(self) -> None:
         """Close every port (sockets removed, taps closed) and stop polling. Idempotent."""
@@ -324,6 +402,7 @@ class Switch:
         if self._aging_timer is not None:
             self._aging_timer.cancel()
             self._aging_timer = None
+        self.stop_capture()
         for p in self.ports:
             try:
                 p.close()
