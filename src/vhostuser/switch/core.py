@@ -90,9 +90,12 @@ class Switch:
         """Write every port's frames, both directions, to ``directory``/PORT.pcap.
 
         A port's file holds what it received (from its guest, tap or peer) and what the
-        switch sent towards it, in order, with timestamps. The files are written by threads
-        of their own from bounded queues, so a slow disk never holds forwarding up: when a
-        queue is full the frame is counted as dropped (``capture`` in each port's
+        switch delivered to it, in order, with timestamps: as many frames as its
+        ``rx_frames`` and ``tx_frames`` counters say (frames dropped on the way out, for a
+        full ring or a port without a front-end, are counted as drops, not captured). The
+        files are written by threads of their own from bounded queues, so a slow disk never
+        holds forwarding up: when a queue is full the frame is counted as dropped
+        (``capture`` in each port's
         :meth:`stats`). While capturing, every frame goes through the Python engine (the
         compiled one hands frames straight from ring to ring and never sees them). Ports
         added later are captured too; echo ports are not (their frames never enter the
@@ -273,9 +276,14 @@ class Switch:
         for p in touched:
             try:
                 if captures and (w := captures.get(id(p))) is not None:
-                    for f in p.out:
+                    # Only what reached the port: a full ring or a port without a
+                    # front-end drops from the end of the burst (counted there).
+                    before = p.counters.tx_frames
+                    p.send(p.out, p.staged_hdrs(), pair)
+                    for f in p.out[: p.counters.tx_frames - before]:
                         w.capture(f)
-                p.send(p.out, p.staged_hdrs(), pair)
+                else:
+                    p.send(p.out, p.staged_hdrs(), pair)
             finally:
                 p.clear_out()
         touched.clear()
