@@ -444,6 +444,7 @@ def test_text_back_end_names_a_current_front_end_that_gives_up_after_one_echo(
     assert "a front-end speaking the current protocol sends GET_FEATURES as id 1" \
         in conn.dialect_hint
     assert "closed the connection right after its first request" in conn.dialect_hint
+    assert conn.dialect_hint.startswith("the front-end may speak another dialect")
     assert "Dialect.CURRENT (command line: no --draft)" in conn.dialect_hint
     assert len(caplog.records) == 1
 

@@ -460,6 +460,7 @@ class BackendConnection(Generic[FdT]):
                 f"which {self.dialect.description} makes an ECHO, answered with an empty reply; "
                 "a front-end speaking the current protocol sends GET_FEATURES as id 1 and "
                 "gives up on an empty reply",
+                certain=False,  # a draft front-end could also send one ECHO and leave
             ))
 
     def _nack(self, wire_request: int, req: Meaning | None) -> None:

@@ -8,6 +8,12 @@ the same request id as the request waiting for it, the exact payload size.
 :class:`BackendChannel` is the back-end → front-end channel (SET_BACKEND_REQ_FD) seen from
 either end: the front-end decodes and acks the back-end's requests, the back-end encodes
 them and matches acks.
+
+A front-end speaks one :class:`~vhostuser.protocol.table.Dialect`. In either numbering of
+the 2014 draft it sends the draft's ids and layouts and can send ECHO (:meth:`echo`), the
+draft's liveness probe. When a reply is malformed for us but well formed as the reply of
+another dialect (or the back-end hangs up on a draft ECHO), it logs once that the
+back-end looks like it speaks that dialect (:attr:`FrontendConnection.dialect_hint`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,21 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 from ..protocol import payloads as P
 from ..protocol.enums import BackendRequest, FrontendRequest, ProtocolFeature, VirtioFeature
 from ..protocol.framing import Direction, FrameDecoder, Message, encode_message
-from ..protocol.table import BACKEND_RULES, FRONTEND_RULES, Fds, Reply, Rule
+from ..protocol.table import (
+    BACKEND_RULES,
+    Dialect,
+    DraftMessage,
+    Fds,
+    Meaning,
+    Reply,
+    Rule,
+    dialect_hint,
+    other_dialects,
+    readings,
+    reply_fits,
+    rule_for,
+    wire_id,
+)
 from . import events as ev
 
 log = logging.getLogger(__name__)
@@ -32,7 +52,7 @@ FdT = TypeVar("FdT")
 PF = ProtocolFeature
 VF = VirtioFeature
 
-#: Requests QEMU sends with NEED_REPLY once REPLY_ACK is negotiated (PROTOCOL.md §7).
+#: Requests QEMU sends with NEED_REPLY once REPLY_ACK is negotiated (hw/virtio/vhost-user.c).
 ACKED_REQUESTS = frozenset(
     {
         FrontendRequest.SET_MEM_TABLE,
@@ -54,7 +74,8 @@ ACKED_REQUESTS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    request: int
+    request: int  # the wire id
+    meaning: Meaning
     rule: Rule
     ack: bool  # waiting for a REPLY_ACK u64 rather than the request's own reply
 
@@ -72,15 +93,20 @@ class FrontendConnection(Generic[FdT]):
     """One session with a back-end, front-end role.
 
     Use :meth:`request` to produce bytes to send, :meth:`receive_data` with what arrives.
+    ``dialect`` chooses the wire ids and layouts (the current protocol by default).
     """
 
-    def __init__(self, *, name: str = "vhost-user") -> None:
+    def __init__(self, *, name: str = "vhost-user", dialect: Dialect = Dialect.CURRENT) -> None:
         self.name = name
+        self.dialect = dialect
         self._decoder: FrameDecoder[FdT] = FrameDecoder(
-            Direction.REPLIES, request_names=FrontendRequest
+            Direction.REPLIES, request_names=dialect.request_names
         )
         self._pending: deque[_Pending] = deque()
         self.error: str | None = None
+        self.dialect_hint: str | None = None
+        """Set (and logged, once) when the back-end looks like it speaks another dialect."""
+        self.requests_sent = 0
         self.backend_features: int | None = None
         self.features: int | None = None
         self.backend_protocol_features: int | None = None
@@ -112,14 +138,19 @@ class FrontendConnection(Generic[FdT]):
 
         Raises:
             LocalProtocolError: the request breaks the protocol (payload type, fd count,
-                feature not negotiated, features never offered, connection in error).
+                feature not negotiated, features never offered, connection in error), or
+                does not exist in our dialect (GET_PROTOCOL_FEATURES in the 2014 draft).
         """
         if self.error is not None:
             raise LocalProtocolError(f"connection is in error: {self.error}")
-        rule = FRONTEND_RULES[req]
+        wire = wire_id(self.dialect, req)
+        if wire is None:
+            raise LocalProtocolError(f"{req.name} does not exist in {self.dialect.description}")
+        rule = rule_for(self.dialect, req)
         if payload is None:
             payload = P.Empty()
-        if not isinstance(payload, rule.payload):
+        if type(payload) is not rule.payload:
+            # Exact type: a DraftMemoryTable is a MemoryTable but lays regions out otherwise.
             raise LocalProtocolError(
                 f"{req.name} takes {rule.payload.__name__}, not {type(payload).__name__}"
             )
@@ -130,18 +161,42 @@ class FrontendConnection(Generic[FdT]):
             need_reply = (
                 self.has(PF.REPLY_ACK) and req in ACKED_REQUESTS and rule.reply is Reply.NONE
             )
+        if need_reply and self.dialect.is_draft:
+            raise LocalProtocolError(f"{req.name}: the 2014 draft has no NEED_REPLY")
         if need_reply and rule.reply is Reply.NONE and not self.has(PF.REPLY_ACK):
             raise LocalProtocolError(f"{req.name}: NEED_REPLY without REPLY_ACK negotiated")
-        data = encode_message(req, payload.encode(), need_reply=need_reply)
+        data = encode_message(wire, payload.encode(), need_reply=need_reply)
+        self.requests_sent += 1
         if rule.reply is Reply.ALWAYS:
-            self._pending.append(_Pending(req, rule, ack=False))
+            self._pending.append(_Pending(wire, req, rule, ack=False))
         elif (rule.reply is Reply.IF_LOG_SHMFD and self.has(PF.LOG_SHMFD)) or need_reply:
-            self._pending.append(_Pending(req, rule, ack=True))
+            self._pending.append(_Pending(wire, req, rule, ack=True))
         if req is FrontendRequest.SET_FEATURES and isinstance(payload, P.U64Payload):
             self.features = payload.value
         elif req is FrontendRequest.SET_PROTOCOL_FEATURES and isinstance(payload, P.U64Payload):
             self.protocol_features = payload.value
         return data
+
+    def echo(self) -> bytes:
+        """Encode the draft's ECHO (no payload); its reply is the same message, REPLY set.
+
+        The draft text: "ECHO request that is used to periodically probe the connection".
+
+        Raises:
+            LocalProtocolError: our dialect is the current protocol (it has no ECHO), or
+                the connection is in error.
+        """
+        if self.error is not None:
+            raise LocalProtocolError(f"connection is in error: {self.error}")
+        wire = wire_id(self.dialect, DraftMessage.ECHO)
+        if wire is None:
+            raise LocalProtocolError(
+                f"ECHO does not exist in {self.dialect.description} (only in the 2014 draft)"
+            )
+        rule = rule_for(self.dialect, DraftMessage.ECHO)
+        self.requests_sent += 1
+        self._pending.append(_Pending(wire, DraftMessage.ECHO, rule, ack=False))
+        return encode_message(wire, b"")
 
     def _check_fds(self, req: FrontendRequest, rule: Rule, payload: Any, nfds: int) -> None:
         want: int | None
@@ -157,6 +212,8 @@ class FrontendConnection(Generic[FdT]):
             want = None
         if want is not None and nfds != want:
             raise LocalProtocolError(f"{req.name} carries {want} fds, not {nfds}")
+        if rule.fds is Fds.OPTIONAL and nfds > 1:
+            raise LocalProtocolError(f"{req.name} carries at most 1 fd, not {nfds}")
 
     def _check_gate(self, req: FrontendRequest, rule: Rule) -> None:
         gate = rule.gate
@@ -215,9 +272,10 @@ class FrontendConnection(Generic[FdT]):
             if not data:
                 self._decoder.eof_check()
                 if self._pending:
+                    self._hint_on_close()
                     raise RemoteProtocolError(
                         f"back-end closed the connection while "
-                        f"{FrontendRequest(self._pending[0].request).name} waited for a reply"
+                        f"{self._pending[0].meaning.name} waited for a reply"
                     )
                 return out
             for msg in self._decoder.feed(data, fds):
@@ -242,38 +300,102 @@ class FrontendConnection(Generic[FdT]):
                 f"unexpected reply for request {msg.request}: no request is waiting"
             )
         want = self._pending[0]
-        name = FrontendRequest(want.request).name
+        name = want.meaning.name
         if msg.request != want.request:
             self._decoder_orphan(msg)
             raise RemoteProtocolError(
                 f"reply for request {msg.request} while {name} ({want.request}) waits"
             )
         self._pending.popleft()
-        if want.ack:
-            _check_reply_size(name, P.U64Payload, msg.payload)
-            want_fds = 0
-        else:
-            cls = want.rule.reply_payload
-            if cls is P.ConfigPayload and len(msg.payload) == 0:
-                # vhost-user.rst GET_CONFIG: "a reply with size 0 means an error".
-                self._decoder_orphan(msg)
-                raise RemoteProtocolError(f"{name}: back-end refused (empty reply)")
-            _check_reply_size(name, cls, msg.payload)
-            want_fds = want.rule.reply_fds
-        if len(msg.fds) != want_fds:
+        try:
+            if want.ack:
+                _check_reply_size(name, P.U64Payload, msg.payload)
+                want_fds = 0
+            else:
+                cls = want.rule.reply_payload
+                if cls is P.ConfigPayload and len(msg.payload) == 0:
+                    # vhost-user.rst GET_CONFIG: "a reply with size 0 means an error".
+                    raise RemoteProtocolError(f"{name}: back-end refused (empty reply)")
+                _check_reply_size(name, cls, msg.payload)
+                want_fds = want.rule.reply_fds
+            if len(msg.fds) != want_fds:
+                raise RemoteProtocolError(
+                    f"{name} reply carries {len(msg.fds)} fds, not {want_fds}"
+                )
+        except RemoteProtocolError as e:
             self._decoder_orphan(msg)
-            raise RemoteProtocolError(f"{name} reply carries {len(msg.fds)} fds, not {want_fds}")
+            self._hint_malformed_reply(msg, want, str(e))
+            raise
         if not want.ack:
-            self._learn(want.request, msg.payload)
+            self._learn(want.meaning, msg.payload)
         return ev.ReplyReceived(msg.request, msg.payload, tuple(msg.fds))
+
+    # -- the other dialect -----------------------------------------------------------------
+    def _say_hint(self, hint: str) -> None:
+        if self.dialect_hint is None:
+            self.dialect_hint = hint
+            log.warning("%s: %s", self.name, hint)
+
+    def _hint_malformed_reply(self, msg: Message[FdT], want: _Pending, why: str) -> None:
+        """A reply malformed for us: say so if it is well formed as the reply another
+        dialect gives to the same wire id (a back-end speaking ours never sends one)."""
+        theirs: list[tuple[Dialect, Meaning]] = []
+        for d in other_dialects(self.dialect):
+            meaning = reply_fits(d, msg.request, msg.payload, len(msg.fds))
+            if meaning is not None:
+                theirs.append((d, meaning))
+        if theirs:
+            self._say_hint(dialect_hint(
+                "the back-end", theirs,
+                f"its reply to request id {msg.request} ({want.meaning.name} in "
+                f"{self.dialect.description}, which we speak) has {len(msg.payload)} payload "
+                f"bytes and {len(msg.fds)} fds, malformed for us ({why}), but well formed as "
+                f"the reply to {readings(theirs)}",
+            ))
+
+    def _hint_on_close(self) -> None:
+        """The back-end hung up with a reply due: a draft back-end answers ECHO whatever
+        the session's state, so hanging up on the code numbering's ECHO (16) says it reads
+        16 otherwise (the current protocol's SET_PROTOCOL_FEATURES without its u64) or not
+        at all (the draft's text numbering stops at 15)."""
+        if self.dialect is Dialect.DRAFT_CODE and self._pending[0].meaning is DraftMessage.ECHO:
+            self._say_hint(dialect_hint(
+                "the back-end",
+                [(Dialect.CURRENT, FrontendRequest.SET_PROTOCOL_FEATURES),
+                 (Dialect.DRAFT_TEXT, DraftMessage.ECHO)],
+                f"it closed the connection in answer to ECHO (id {self._pending[0].request}), "
+                "which a back-end speaking the draft's code numbering always answers; 16 is "
+                "SET_PROTOCOL_FEATURES in the current protocol (a violation without its u64) "
+                "and no request at all in the draft's text numbering",
+            ))
+
+    def hint_no_reply(self) -> str | None:
+        """Call when the deadline of the reply awaited first has passed.
+
+        Returns (and logs, once) a hint when the silence itself says something about the
+        dialect: a back-end speaking the current protocol reads the code numbering's first
+        ECHO (16) as SET_PROTOCOL_FEATURES, which has no reply. Any back-end that hung may
+        be silent too, so the hint says "may".
+        """
+        if (self.dialect is Dialect.DRAFT_CODE and self._pending
+                and self._pending[0].meaning is DraftMessage.ECHO and self.requests_sent == 1):
+            self._say_hint(dialect_hint(
+                "the back-end", [(Dialect.CURRENT, FrontendRequest.SET_PROTOCOL_FEATURES)],
+                "it did not answer our first request, ECHO (id 16), which a back-end speaking "
+                "the draft's code numbering always answers; a back-end speaking the current "
+                "protocol reads it as SET_PROTOCOL_FEATURES, which has no reply",
+                certain=False,
+            ))
+            return self.dialect_hint
+        return None
 
     def _decoder_orphan(self, msg: Message[FdT]) -> None:
         self._decoder._orphans.extend(msg.fds)
 
-    def _learn(self, request: int, payload: bytes) -> None:
-        if request == FrontendRequest.GET_FEATURES:
+    def _learn(self, meaning: Meaning, payload: bytes) -> None:
+        if meaning is FrontendRequest.GET_FEATURES:
             self.backend_features = P.U64.unpack(payload)[0]
-        elif request == FrontendRequest.GET_PROTOCOL_FEATURES:
+        elif meaning is FrontendRequest.GET_PROTOCOL_FEATURES:
             self.backend_protocol_features = P.U64.unpack(payload)[0]
 
 
@@ -282,7 +404,7 @@ class BackendChannel(Generic[FdT]):
 
     ``role="frontend"``: decode the back-end's requests into events and queue acks.
     ``role="backend"``: encode requests (:meth:`request`) and match their acks.
-    Replies go only where REPLY_ACK was negotiated and NEED_REPLY set (PROTOCOL.md §5).
+    Replies go only where REPLY_ACK was negotiated and NEED_REPLY set (vhost-user.rst).
     """
 
     def __init__(self, role: str, *, reply_ack: bool, name: str = "backend-channel") -> None:

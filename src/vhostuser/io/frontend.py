@@ -6,6 +6,11 @@ like DPDK's ``client=1``), with guest RAM in a memfd (:class:`~vhostuser.io.gues
 and eventfds for kicks and calls. Each method sends one request and, where one is due,
 waits for its reply with a deadline. It is what ``vhost-user probe`` and the device
 front-ends are built on, and what a test in another project can script directly.
+
+It speaks the current protocol or, with ``dialect=``, the 2014 draft in either numbering
+(the draft's handshake starts with ECHO, memory goes in 24-byte regions). Liveness: a
+back-end that hangs up is dead (socket HUP); in the draft, so is one that leaves an ECHO
+unanswered past the timeout (:meth:`FrontendClient.alive`, :meth:`FrontendClient.watch`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ from typing import Any
 
 from ..connection import events as ev
 from ..connection.frontend import BackendChannel, FrontendConnection
-from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError
+from ..errors import (
+    LocalProtocolError,
+    MessageTimeoutError,
+    PeerClosedError,
+    RemoteProtocolError,
+)
 from ..protocol import payloads as P
 from ..protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MAX_MEM_TABLE_REGIONS
+from ..protocol.table import Dialect, Reply
 from .eventfd import EventFd
 from .fdpass import (
     OwnedFd,
@@ -93,12 +104,14 @@ class FrontendClient:
         PeerClosedError: the back-end closed the connection.
     """
 
-    def __init__(self, sock: socket.socket, *, timeout: float = 5.0, name: str = "frontend"):
+    def __init__(self, sock: socket.socket, *, timeout: float = 5.0, name: str = "frontend",
+                 dialect: Dialect = Dialect.CURRENT):
         sock.setblocking(False)
         self.sock = sock
         self.timeout = timeout
         self.name = name
-        self.conn: FrontendConnection[OwnedFd] = FrontendConnection(name=name)
+        self.dialect = dialect
+        self.conn: FrontendConnection[OwnedFd] = FrontendConnection(name=name, dialect=dialect)
         self.ram: GuestRam | None = None
         self.vrings: dict[int, VringSetup] = {}
         self.backend_channel: BackendChannel[OwnedFd] | None = None
@@ -107,19 +120,26 @@ class FrontendClient:
         self.negotiated: Negotiated | None = None
         self.mem_regions: list[P.MemoryRegion] = []
         self.sent: list[FrontendRequest] = []
-        """Every request sent, in order (for tests and tools)."""
+        """Every request sent, in order (for tests and tools; ECHOes are not in it)."""
+        self.echoes = 0
+        """ECHOes answered so far."""
+        self._hung_up_waiting = False
+        self.dead: str | None = None
+        """Why the back-end is considered dead (HUP, or no ECHO reply in time); the client
+        is then closed."""
         self._closed = False
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def connect(cls, path: str, *, timeout: float = 5.0, connect_timeout: float = 5.0
-                ) -> FrontendClient:
+    def connect(cls, path: str, *, timeout: float = 5.0, connect_timeout: float = 5.0,
+                dialect: Dialect = Dialect.CURRENT) -> FrontendClient:
         """Connect to a back-end listening at ``path`` (retrying until ``connect_timeout``)."""
-        return cls(connect_unix(path, timeout=connect_timeout), timeout=timeout, name=path)
+        return cls(connect_unix(path, timeout=connect_timeout), timeout=timeout, name=path,
+                   dialect=dialect)
 
     @classmethod
-    def accept(cls, path: str, *, timeout: float = 5.0, accept_timeout: float = 10.0
-               ) -> FrontendClient:
+    def accept(cls, path: str, *, timeout: float = 5.0, accept_timeout: float = 10.0,
+               dialect: Dialect = Dialect.CURRENT) -> FrontendClient:
         """Listen at ``path`` and wait for one back-end to connect (its ``client`` mode).
 
         Raises:
@@ -137,7 +157,7 @@ class FrontendClient:
         finally:
             lsock.close()
             unlink_socket(path, identity)
-        return cls(sock, timeout=timeout, name=path)
+        return cls(sock, timeout=timeout, name=path, dialect=dialect)
 
     def __enter__(self) -> FrontendClient:
         return self
@@ -155,8 +175,10 @@ class FrontendClient:
         Raises:
             LocalProtocolError: the request breaks the protocol (not sent).
             RemoteProtocolError: a wrong reply, or a NACK (non-zero ack).
-            MessageTimeoutError, PeerClosedError: transport failures.
+            MessageTimeoutError, PeerClosedError: transport failures (and after the
+                back-end was found dead).
         """
+        self._check_alive()
         fds = fds or []
         before = self.conn.waiting
         data = self.conn.request(req, payload, nfds=len(fds), need_reply=need_reply)
@@ -166,26 +188,30 @@ class FrontendClient:
         if self.conn.waiting == before:
             return None
         reply = self._wait_reply()
-        rule_has_reply = reply.request == req and self._is_ack(req, need_reply)
-        if rule_has_reply:
+        if self._is_ack(req):
             (value,) = P.U64.unpack(reply.payload)
             if value != 0:
                 raise RemoteProtocolError(f"{req.name}: back-end NACKed with {value:#x}")
         return reply
 
-    def _is_ack(self, req: FrontendRequest, need_reply: bool | None) -> bool:
-        from ..protocol.table import FRONTEND_RULES, Reply
+    def _is_ack(self, req: FrontendRequest) -> bool:
+        """True when the reply awaited for ``req`` is a REPLY_ACK u64, not its own reply."""
+        from ..protocol.table import rule_for
 
-        return FRONTEND_RULES[req].reply is not Reply.ALWAYS
+        return rule_for(self.dialect, req).reply is not Reply.ALWAYS
 
-    def _wait_reply(self) -> ev.ReplyReceived:
-        deadline = time.monotonic() + self.timeout
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise PeerClosedError(f"{self.name}: back-end is dead: {self.dead}")
+
+    def _wait_reply(self, timeout: float | None = None) -> ev.ReplyReceived:
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MessageTimeoutError(
-                    f"{self.name}: no reply within {self.timeout} s"
-                )
+                self.conn.hint_no_reply()
+                raise MessageTimeoutError(f"{self.name}: no reply within {limit:g} s")
             r, _, _ = select.select([self.sock], [], [], left)
             if not r:
                 continue
@@ -197,6 +223,7 @@ class FrontendClient:
                 events = self.conn.receive_data(data, fds)
             except RemoteProtocolError:
                 close_all(self.conn.take_fds())
+                self._hung_up_waiting = not data
                 raise
             if not data:
                 raise PeerClosedError(f"{self.name}: back-end closed the connection")
@@ -228,10 +255,15 @@ class FrontendClient:
         GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_BACKEND_REQ_FD (BACKEND_REQ),
         SET_OWNER and, if ``set_features``, SET_FEATURES with ``features`` (default: every
         offered bit we can honour) masked by what the back-end offered.
+
+        In the 2014 draft: ECHO first (as the draft's QEMU did on connecting), then
+        GET_FEATURES, SET_OWNER and SET_FEATURES; the draft has nothing else.
         """
+        if self.dialect.is_draft:
+            self.echo()
         offered = self.get_u64(R.GET_FEATURES)
         n = Negotiated(backend_features=offered, features=0)
-        if offered & VF.PROTOCOL_FEATURES:
+        if offered & VF.PROTOCOL_FEATURES and not self.dialect.is_draft:
             n.backend_protocol_features = self.get_u64(R.GET_PROTOCOL_FEATURES)
             n.protocol_features = n.backend_protocol_features & int(protocol_features)
             self.send(R.SET_PROTOCOL_FEATURES, P.U64Payload(value=n.protocol_features))
@@ -265,7 +297,16 @@ class FrontendClient:
     def driver_ok(self) -> bool:
         """Tell the back-end the driver is ready (DRIVER_OK), as a guest does after its rings
         are set up. DPDK's vhost, for one, does not start a device before this when STATUS
-        is negotiated."""
+        is negotiated.
+
+        The 2014 draft has no device status; there an ECHO round trip stands in, so that
+        the back-end has read everything sent so far (and the kicks that came before)
+        when this returns, as QEMU uses GET_FEATURES without REPLY_ACK. Returns whether
+        SET_STATUS was sent.
+        """
+        if self.dialect.is_draft:
+            self.echo()
+            return False
         return self.set_status(
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
         )
@@ -332,7 +373,9 @@ class FrontendClient:
             self.send(R.ADD_MEM_REG, P.SingleRegion(region=region), [ram.fd])
         else:
             assert len(self.mem_regions) <= MAX_MEM_TABLE_REGIONS
-            self.send(R.SET_MEM_TABLE, P.MemoryTable(regions=(region,)), [ram.fd])
+            # The draft's regions are 24 bytes, without mmap_offset (ours is 0).
+            table = P.DraftMemoryTable if self.dialect.is_draft else P.MemoryTable
+            self.send(R.SET_MEM_TABLE, table(regions=(region,)), [ram.fd])
 
     def gpa_to_uva(self, gpa: int) -> int:
         """Translate a guest-physical address of our RAM into our virtual address."""
@@ -350,14 +393,17 @@ class FrontendClient:
         SET_VRING_CALL, SET_VRING_KICK and, with PROTOCOL_FEATURES, SET_VRING_ENABLE.
         """
         kick, call = EventFd(), EventFd()
+        vring_file: P.VringFile | P.DraftVringFile = (
+            P.DraftVringFile(index=index) if self.dialect.is_draft else P.VringFile(index=index)
+        )
         try:
             self.send(R.SET_VRING_NUM, P.VringState(index=index, num=size))
             self.send(R.SET_VRING_BASE, P.VringState(index=index, num=base))
             self.send(R.SET_VRING_ADDR, P.VringAddr(
                 index=index, flags=0, desc=self.gpa_to_uva(desc), used=self.gpa_to_uva(used),
                 avail=self.gpa_to_uva(avail), log=0))
-            self.send(R.SET_VRING_CALL, P.VringFile(index=index), [call.fd])
-            self.send(R.SET_VRING_KICK, P.VringFile(index=index), [kick.fd])
+            self.send(R.SET_VRING_CALL, vring_file, [call.fd])
+            self.send(R.SET_VRING_KICK, vring_file, [kick.fd])
             if enable and (self.conn.features or 0) & VF.PROTOCOL_FEATURES:
                 self.send(R.SET_VRING_ENABLE, P.VringState(index=index, num=1))
         except BaseException:
@@ -387,6 +433,125 @@ class FrontendClient:
         if st.index != index:
             raise RemoteProtocolError(f"GET_VRING_BASE reply for ring {st.index}, asked {index}")
         return st.num
+
+    # -- liveness ----------------------------------------------------------------------------
+    def echo(self, *, timeout: float | None = None) -> None:
+        """Send the draft's ECHO and wait up to ``timeout`` (default: the client's) for the
+        back-end to send it back.
+
+        Raises:
+            LocalProtocolError: we speak the current protocol (it has no ECHO).
+            MessageTimeoutError: no answer in time: the back-end is declared dead
+                (:attr:`dead` is set, the client closed), as the draft's front-end did.
+            PeerClosedError: the back-end was already found dead.
+            RemoteProtocolError: a wrong answer (or the back-end hung up on it).
+        """
+        self._check_alive()
+        data = self.conn.echo()
+        log.debug("%s: -> ECHO", self.name)
+        send_msg(self.sock, data, [], timeout=self.timeout)
+        try:
+            self._wait_reply(timeout)
+        except MessageTimeoutError as e:
+            self._declare_dead(f"no ECHO reply within {self._limit(timeout):g} s")
+            raise MessageTimeoutError(f"{e}; back-end declared dead") from None
+        self.echoes += 1
+
+    def _limit(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    def _hung_up(self) -> bool:
+        """True when the back-end closed its end (HUP), checked without waiting.
+
+        Raises:
+            RemoteProtocolError: the back-end sent something nobody asked for.
+        """
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLRDHUP)
+        return self._hup_in(poller.poll(0))
+
+    def _hup_in(self, events: list[tuple[int, int]]) -> bool:
+        for _fd, mask in events:
+            if mask & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+                return True
+            if mask & select.POLLIN:
+                try:
+                    data, fds = recv_some(self.sock, self.conn.wanted())
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return True
+                try:
+                    self.conn.receive_data(data, fds)  # nothing is waiting: a violation
+                except RemoteProtocolError:
+                    close_all(self.conn.take_fds())
+                    raise
+        return False
+
+    def _declare_dead(self, why: str) -> None:
+        self.dead = why
+        log.warning("%s: back-end is dead: %s", self.name, why)
+        self.close()
+
+    def alive(self, *, timeout: float | None = None) -> bool:
+        """Is the back-end still there? On demand, what :meth:`watch` does periodically.
+
+        False when it hung up (socket HUP) or, in the 2014 draft, left an ECHO unanswered
+        for ``timeout`` seconds (default: the client's): the back-end is then declared
+        dead (:attr:`dead` says why) and the client closed. The current protocol has no
+        ECHO, so there only HUP counts.
+
+        Raises:
+            RemoteProtocolError: the back-end sent something unasked or a wrong ECHO reply.
+        """
+        if self.dead is not None:
+            return False
+        if self._hung_up():
+            self._declare_dead("the back-end closed the connection (HUP)")
+            return False
+        if self.dialect.is_draft:
+            try:
+                self.echo(timeout=timeout)
+            except MessageTimeoutError:
+                return False
+            except PeerClosedError as e:  # the ECHO could not even be sent
+                self._declare_dead(str(e))
+                return False
+            except RemoteProtocolError as e:
+                if self._hung_up_waiting:  # HUP while the ECHO waited
+                    self._declare_dead(str(e))
+                    return False
+                raise
+        return True
+
+    def watch(self, interval: float, *, timeout: float | None = None,
+              rounds: int | None = None) -> str | None:
+        """Check the back-end every ``interval`` seconds until it dies (or ``rounds``
+        checks passed, then None): HUP wakes us at once; in the 2014 draft an ECHO goes out
+        each round and must come back within ``timeout`` (the draft's QEMU probed every
+        ``poll_time`` milliseconds).
+
+        Returns why the back-end is dead (:attr:`dead`); the client is then closed.
+
+        Raises:
+            LocalProtocolError: ``interval`` is not positive.
+            RemoteProtocolError: the back-end broke the protocol meanwhile.
+        """
+        if interval <= 0:
+            raise LocalProtocolError(f"watch interval {interval} is not positive")
+        done = 0
+        while rounds is None or done < rounds:
+            if self.dead is not None:
+                return self.dead
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLRDHUP)
+            if self._hup_in(poller.poll(int(interval * 1000))):
+                self._declare_dead("the back-end closed the connection (HUP)")
+                return self.dead
+            if not self.alive(timeout=timeout):
+                return self.dead
+            done += 1
+        return self.dead
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -360,11 +360,14 @@ def readings(theirs: Sequence[tuple[Dialect, Meaning]]) -> str:
     return " and ".join(f"{m.name} in {d.description}" for d, m in theirs)
 
 
-def dialect_hint(peer: str, theirs: Sequence[tuple[Dialect, Meaning]], evidence: str) -> str:
-    """One sentence: the peer looks like it speaks another dialect, why, and what to do.
+def dialect_hint(peer: str, theirs: Sequence[tuple[Dialect, Meaning]], evidence: str, *,
+                 certain: bool = True) -> str:
+    """One sentence: the peer looks like (or, not ``certain``, may) speak another dialect,
+    why, and what to do.
 
     ``theirs``: each dialect the evidence fits, with what the message means there;
     ``evidence`` says what was seen (and how ``theirs`` reads it).
     """
     advice = " or ".join(d.how_to_speak for d, _m in theirs)
-    return f"{peer} looks like it speaks another dialect: {evidence}; to talk to it use {advice}"
+    verb = "looks like it speaks" if certain else "may speak"
+    return f"{peer} {verb} another dialect: {evidence}; to talk to it use {advice}"
