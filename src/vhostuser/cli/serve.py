@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     where = "connecting to" if args.connect else "listening on"
     dialect = dialect_of(args)
-    speaking = f" ({dialect.description})" if dialect.is_draft else ""
+    speaking = f", speaking {dialect.description}" if dialect.is_draft else ""
     print(f"vhost-user serve: {args.device} {where} {args.socket}{speaking}", flush=True)
     with stop_on_signals(reactor):
         try:

@@ -18,6 +18,7 @@ from ..errors import VhostUserError
 from ..io.reactor import Reactor
 from ..switch import DEFAULT_AGING, Switch
 from ._common import add_verbose, flag_text, octal_mode, setup_logging, stop_on_signals
+from .serve import add_draft_options, dialect_of
 
 DESCRIPTION = """\
 Run a learning Ethernet switch whose ports are vhost-user NICs (QEMU guests, DPDK
@@ -56,6 +57,10 @@ examples:
 
   # an echo port for vhost-user pktgen, counters as JSON lines every second
   vhost-user switch --echo /tmp/echo.sock --stats-json - --stats-interval 1
+
+  # every vhost-user port speaks the 2014 draft (text numbering; or --draft-numbering code)
+  vhost-user switch --draft --port /tmp/a.sock --echo /tmp/echo.sock
+  vhost-user probe --draft /tmp/a.sock
 
 counters (per port, from the port's side): rx = frames the attached driver sent into the
 switch, tx = frames delivered to it, drops by reason: runt, oversize, bad_header,
@@ -153,6 +158,7 @@ def add_parser(sub: Any) -> None:
                         "negotiate them; completed in software or dropped otherwise)")
     o.add_argument("--mode", type=octal_mode, default=0o600, metavar="OCTAL",
                    help="mode of the sockets we listen on (default 600)")
+    add_draft_options(o)
     s = p.add_argument_group("output")
     s.add_argument("--stats-json", metavar="FILE|-",
                    help="write counters as JSON: to FILE (replaced atomically every "
@@ -248,7 +254,8 @@ def build_switch(reactor: Reactor, args: argparse.Namespace) -> Switch:
     """
     sw = Switch(reactor, aging=args.aging, max_macs=args.max_macs, busy_poll=args.busy_poll,
                 engine=args.engine)
-    common = {"mtu": args.mtu, "queue_pairs": args.queue_pairs, "offloads": args.offloads}
+    common = {"mtu": args.mtu, "queue_pairs": args.queue_pairs, "offloads": args.offloads,
+              "dialect": dialect_of(args)}
     try:
         for spec in args.port:
             path, kw = parse_port_spec(spec)
@@ -308,6 +315,10 @@ def run(args: argparse.Namespace) -> int:
             mode = info.get("mode", "")
             print(f"vhost-user switch: port {p.name} ({p.kind}{' ' + mode if mode else ''}) "
                   f"{where}", flush=True)
+        dialect = dialect_of(args)
+        if dialect.is_draft:
+            print(f"vhost-user switch: vhost-user ports speak {dialect.description}",
+                  flush=True)
         print(f"vhost-user switch: {'busy-polling' if args.busy_poll else 'running'} with the "
               f"{sw.engine} engine; SIGINT/SIGTERM to stop", flush=True)
     # Our handler stays until the end: a second signal during clean-up is absorbed

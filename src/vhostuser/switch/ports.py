@@ -6,7 +6,11 @@
   reconnecting whenever it goes away (``server=on``);
 * :class:`TapPort` - a kernel tap interface, so guests reach the host's network stack;
 * an echo port (:class:`VhostUserPort` with ``echo=True``) - reflects every frame back to
-  its own front-end and is not connected to the others (the seed's test server).
+  its own front-end and is not connected to the others (the test server of the 2014
+  vhost-user patches).
+
+A vhost-user port speaks one dialect (``dialect=``): the current protocol, or the 2014
+draft in either numbering.
 
 A vhost-user port copies frames straight into its front-end's receive ring and holds them
 back (unpublished) until :meth:`Switch.commit`: a frame never reaches its receiver before
@@ -34,6 +38,7 @@ from ..devices.net import (
 from ..io.backend import BackendServer, BackendSession
 from ..io.mapping import reap_deferred
 from ..io.tap import TapDevice
+from ..protocol.table import Dialect
 from .fabric import Member
 
 if TYPE_CHECKING:
@@ -122,8 +127,9 @@ class VhostUserPort(Port):
         offer_config: bool = False,
         mode: int = 0o600,
         reconnect_interval: float = 1.0,
+        dialect: Dialect = Dialect.CURRENT,
     ) -> None:
-        """Start serving a NIC on ``path``.
+        """Start serving a NIC on ``path``, speaking ``dialect``.
 
         Raises:
             ValueError: bad MAC, MTU or queue pairs.
@@ -140,6 +146,7 @@ class VhostUserPort(Port):
         self.queue_pairs = queue_pairs
         self.offloads = offloads
         self.offer_config = offer_config
+        self.dialect = dialect
         self.device: VirtioNetDevice | None = None
         self.session: BackendSession | None = None
         self.sessions = 0
@@ -150,7 +157,7 @@ class VhostUserPort(Port):
         self.server = BackendServer(
             switch.reactor, path, self._make_device, connect=connect, max_sessions=1,
             mode=mode, on_session=self._on_session, reconnect_interval=reconnect_interval,
-            busy_poll=switch.busy_poll,
+            busy_poll=switch.busy_poll, dialect=dialect,
         )
 
     def _make_device(self) -> VirtioNetDevice:
@@ -255,6 +262,7 @@ class VhostUserPort(Port):
         out.update({
             "path": self.path,
             "mode": "connect" if self.connect else "listen",
+            "dialect": self.dialect.value,
             "mac": self.mac,
             "connected": self.session is not None,
             "sessions": self.sessions,
