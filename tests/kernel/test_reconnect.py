@@ -239,6 +239,23 @@ def test_pktgen_counts_an_outage_apart(no_leaks: Any, sock_dir: Path) -> None:
     assert "a back-end took the session over after" in err, err
 
 
+def test_pktgen_reconnect_0_ends_the_run(no_leaks: Any, sock_dir: Path) -> None:
+    """pktgen --reconnect 0: the back-end going away ends the run with status 2, saying so."""
+    e = str(sock_dir / "e.sock")
+    with running(_switch_cli("echo:" + e)) as sw:
+        gen = subprocess.Popen(
+            [sys.executable, "-m", "vhostuser.cli.main", "pktgen", e, "--rate", "1000",
+             "--duration", "30", "--reconnect", "0", "--quiet"],
+            env=dict(os.environ, PYTHONPATH=SRC), text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        with running(gen):
+            time.sleep(1.5)  # traffic flows meanwhile (not a timing assertion)
+            sw.send_signal(signal.SIGKILL)
+            out, err = gen.communicate(timeout=30)
+    assert gen.returncode == 2, (out, err)
+    assert "went away" in err and "the back-end closed the connection" in err, err
+
+
 class ChangedNet(VirtioNetDevice):
     """A net back-end that offers less than a stock one: ``strip`` is taken from its
     offered virtio features."""
