@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import uuid
 from typing import Any
 
 import pytest
@@ -363,6 +364,7 @@ def test_current_back_end_names_a_text_numbered_draft_front_end(
         caplog: pytest.LogCaptureFixture) -> None:
     setup = make_backend(net_device())
     conn = setup[0]
+    conn.hint_key = f"test-{uuid.uuid4()}"
     with caplog.at_level(logging.WARNING, logger="vhostuser.connection.backend"):
         # The draft's first request, ECHO (1), is our GET_FEATURES: answered, no hint.
         feed(conn, raw(1))
@@ -436,6 +438,7 @@ def test_text_back_end_names_a_current_front_end_that_gives_up_after_one_echo(
         caplog: pytest.LogCaptureFixture) -> None:
     # QEMU's GET_FEATURES is the text's ECHO; the empty answer makes QEMU close at once.
     conn, _h, _f, _fds = make_backend(net_device(), dialect=D.DRAFT_TEXT)
+    conn.hint_key = f"test-{uuid.uuid4()}"
     with caplog.at_level(logging.WARNING, logger="vhostuser.connection.backend"):
         feed(conn, raw(1))
         assert conn.dialect_hint is None
@@ -447,6 +450,26 @@ def test_text_back_end_names_a_current_front_end_that_gives_up_after_one_echo(
     assert conn.dialect_hint.startswith("the front-end may speak another dialect")
     assert "Dialect.CURRENT (command line: no --draft)" in conn.dialect_hint
     assert len(caplog.records) == 1
+
+
+def test_a_front_end_reconnecting_in_a_loop_is_named_once_per_socket(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # QEMU retries at once after a failed start: every session gets the hint, the log
+    # gets it once per socket (BackendServer names sessions "socket#n").
+    sock = f"test-{uuid.uuid4()}.sock"
+    with caplog.at_level(logging.DEBUG, logger="vhostuser.connection.backend"):
+        for n in range(3):
+            conn = BackendConnection(net_device(), FakeHost(), name=f"{sock}#{n}")
+            with pytest.raises(RemoteProtocolError):
+                feed(conn, raw(16))
+            assert conn.dialect_hint is not None
+        other = BackendConnection(net_device(), FakeHost(), name=f"other-{sock}#0")
+        with pytest.raises(RemoteProtocolError):
+            feed(other, raw(16))
+    said = [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records
+            if "another dialect" in r.getMessage()]
+    assert said == [(logging.WARNING, f"{sock}#0"), (logging.DEBUG, f"{sock}#1"),
+                    (logging.DEBUG, f"{sock}#2"), (logging.WARNING, f"other-{sock}#0")]
 
 
 @pytest.mark.parametrize("dialect", [D.DRAFT_CODE, D.DRAFT_TEXT])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import uuid
 
 import pytest
 
@@ -107,7 +108,8 @@ def test_echo_reply_must_be_the_same_empty_message() -> None:
 def test_current_front_end_names_a_text_numbered_back_end(
         caplog: pytest.LogCaptureFixture) -> None:
     # Our GET_FEATURES (1) is the text's ECHO: it comes back empty.
-    fe: Front = FrontendConnection(name="fe")
+    name = f"fe-{uuid.uuid4()}"
+    fe: Front = FrontendConnection(name=name)
     fe.request(R.GET_FEATURES)
     with caplog.at_level(logging.WARNING, logger="vhostuser.connection.frontend"), \
             pytest.raises(RemoteProtocolError, match="GET_FEATURES reply: u64 payload is 0"):
@@ -116,7 +118,13 @@ def test_current_front_end_names_a_text_numbered_back_end(
     assert hint is not None and hint.startswith("the back-end looks like it speaks another")
     assert "reply to ECHO in the 2014 draft numbered as its text" in hint
     assert "Dialect.DRAFT_TEXT (command line: --draft)" in hint
-    assert [r.getMessage() for r in caplog.records] == [f"fe: {hint}"]
+    assert [r.getMessage() for r in caplog.records] == [f"{name}: {hint}"]
+    again: Front = FrontendConnection(name=name)  # the same back-end, a new session
+    again.request(R.GET_FEATURES)
+    with caplog.at_level(logging.WARNING, logger="vhostuser.connection.frontend"), \
+            pytest.raises(RemoteProtocolError):
+        again.receive_data(reply(1))
+    assert again.dialect_hint == hint and len(caplog.records) == 1
 
 
 def test_text_front_end_names_a_back_end_that_answers_id_1_with_features() -> None:

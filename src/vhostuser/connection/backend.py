@@ -42,6 +42,7 @@ from ..protocol.table import (
     Rule,
     dialect_hint,
     fd_count_error,
+    first_time,
     meaning_of,
     other_dialects,
     readings,
@@ -210,7 +211,11 @@ class BackendConnection(Generic[FdT]):
         self.error: str | None = None
         self.closed = False
         self.dialect_hint: str | None = None
-        """Set (and logged, once) when the front-end looks like it speaks another dialect."""
+        """Set when the front-end looks like it speaks another dialect; logged as a warning
+        once per :attr:`hint_key`, at debug level after that."""
+        self.hint_key = name.partition("#")[0]
+        """Sessions sharing it say a hint once (default: the name up to "#", which is how
+        BackendServer names the sessions of one socket)."""
         self._requests_seen = 0
         self._first_request: Meaning | None = None
         self._reset_session()
@@ -422,7 +427,8 @@ class BackendConnection(Generic[FdT]):
     def _say_hint(self, hint: str) -> None:
         if self.dialect_hint is None:
             self.dialect_hint = hint
-            log.warning("%s: %s", self.name, hint)
+            level = logging.WARNING if first_time(self.hint_key, hint) else logging.DEBUG
+            log.log(level, "%s: %s", self.name, hint)
 
     def _hint_malformed(self, msg: Message[FdT], nfds: int, name: str, text: str) -> None:
         """A request malformed in our dialect: say so if it is well formed in another.

@@ -37,6 +37,7 @@ from ..protocol.table import (
     Reply,
     Rule,
     dialect_hint,
+    first_time,
     other_dialects,
     readings,
     reply_fits,
@@ -105,7 +106,9 @@ class FrontendConnection(Generic[FdT]):
         self._pending: deque[_Pending] = deque()
         self.error: str | None = None
         self.dialect_hint: str | None = None
-        """Set (and logged, once) when the back-end looks like it speaks another dialect."""
+        """Set when the back-end looks like it speaks another dialect; logged as a warning
+        once per :attr:`hint_key` (default: the name), at debug level after that."""
+        self.hint_key = name
         self.requests_sent = 0
         self.backend_features: int | None = None
         self.features: int | None = None
@@ -334,7 +337,8 @@ class FrontendConnection(Generic[FdT]):
     def _say_hint(self, hint: str) -> None:
         if self.dialect_hint is None:
             self.dialect_hint = hint
-            log.warning("%s: %s", self.name, hint)
+            level = logging.WARNING if first_time(self.hint_key, hint) else logging.DEBUG
+            log.log(level, "%s: %s", self.name, hint)
 
     def _hint_malformed_reply(self, msg: Message[FdT], want: _Pending, why: str) -> None:
         """A reply malformed for us: say so if it is well formed as the reply another

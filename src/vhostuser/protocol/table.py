@@ -371,3 +371,20 @@ def dialect_hint(peer: str, theirs: Sequence[tuple[Dialect, Meaning]], evidence:
     advice = " or ".join(d.how_to_speak for d, _m in theirs)
     verb = "looks like it speaks" if certain else "may speak"
     return f"{peer} {verb} another dialect: {evidence}; to talk to it use {advice}"
+
+
+_SAID: set[tuple[str, str]] = set()
+_SAID_MAX = 1024
+
+
+def first_time(key: str, hint: str) -> bool:
+    """True the first time ``hint`` is given for ``key`` (one listening socket, one
+    back-end path) in this process, so a peer that reconnects in a loop (QEMU does, on a
+    failed start) is told about once, not once per session. At most 1024 pairs are
+    remembered; past that, memory starts over."""
+    if (key, hint) in _SAID:
+        return False
+    if len(_SAID) >= _SAID_MAX:
+        _SAID.clear()
+    _SAID.add((key, hint))
+    return True
