@@ -11,6 +11,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,32 @@ def test_draft_client_refuses_what_the_draft_lacks(no_leaks: Any) -> None:
                 theirs.recv(1)  # nothing was sent
     finally:
         theirs.close()
+
+
+def test_a_bad_draft_peer_is_closed_alone(no_leaks: Any, sock_dir: Path) -> None:
+    """An ECHO with a payload is refused by name and closes that connection only; another
+    draft session on the same socket keeps being answered."""
+    path = str(sock_dir / "be.sock")
+    with ServerThread(path, NullNetDevice, dialect=Dialect.DRAFT_CODE) as srv, \
+            FrontendClient.connect(path, dialect=Dialect.DRAFT_CODE) as good:
+        good.negotiate()
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            bad.connect(path)
+            bad.settimeout(10)
+            bad.sendall(HDR.pack(16, 0x1, 4) + b"ping")
+            assert bad.recv(12) == b""  # closed, nothing answered
+        finally:
+            bad.close()
+
+        def reasons() -> list[str | None]:
+            return [s.close_reason for s in srv.sessions_seen if s.closed]
+
+        for _ in range(200):
+            if srv.call(reasons):
+                break
+            time.sleep(0.05)
+        (reason,) = srv.call(reasons)
+        assert reason is not None and "ECHO: empty payload is 4 bytes, expected 0" in reason
+        assert good.alive() and good.echoes == 2
+    assert not srv.errors, srv.errors
