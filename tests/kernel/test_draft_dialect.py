@@ -280,3 +280,40 @@ def test_a_bad_draft_peer_is_closed_alone(no_leaks: Any, sock_dir: Path) -> None
         assert reason is not None and "ECHO: empty payload is 4 bytes, expected 0" in reason
         assert good.alive() and good.echoes == 2
     assert not srv.errors, srv.errors
+
+
+def test_a_draft_front_end_acks_only_bits_of_2014(no_leaks: Any) -> None:
+    """Even when a back-end offers VERSION_1 in the draft (no draft back-end could), the
+    front-end acks only the bits a 2014 front-end knew."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    offered = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_PACKED
+                  | VirtioFeature.RING_EVENT_IDX | NetFeature.MRG_RXBUF)
+    acked: list[int] = []
+
+    def back_end() -> None:  # text numbering: ECHO 1, GET_FEATURES 2, SET_FEATURES 3
+        with contextlib.suppress(OSError):
+            while True:
+                hdr = theirs.recv(12, socket.MSG_WAITALL)
+                if len(hdr) < 12:
+                    return
+                request, _flags, size = HDR.unpack(hdr)
+                payload = theirs.recv(size, socket.MSG_WAITALL) if size else b""
+                if request == 1:
+                    theirs.sendall(HDR.pack(1, 0x5, 0))
+                elif request == 2:
+                    theirs.sendall(HDR.pack(2, 0x5, 8) + struct.pack("<Q", offered))
+                elif request == 3:
+                    acked.append(struct.unpack("<Q", payload)[0])
+
+    t = threading.Thread(target=back_end)
+    t.start()
+    try:
+        with FrontendClient(ours, dialect=Dialect.DRAFT_TEXT) as c:
+            n = c.negotiate()
+            assert n.backend_features == offered
+            assert n.features == int(VirtioFeature.RING_EVENT_IDX | NetFeature.MRG_RXBUF)
+    finally:
+        ours.close()  # the peer reads what is left, then EOF
+        t.join(5)
+        theirs.close()
+    assert acked == [n.features]

@@ -32,7 +32,7 @@ from ..errors import (
     RemoteProtocolError,
 )
 from ..protocol import payloads as P
-from ..protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature
+from ..protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature, draft_feature_mask
 from ..protocol.payloads import MAX_MEM_TABLE_REGIONS
 from ..protocol.table import Dialect, Reply
 from .eventfd import EventFd
@@ -278,6 +278,9 @@ class FrontendClient:
             want = offered if features is None else features & offered
             # We cannot honour dirty logging or an IOMMU yet.
             want &= ~int(VF.LOG_ALL | VF.ACCESS_PLATFORM)
+            if self.dialect.is_draft:
+                # A 2014 front-end acks only bits it knew, whatever is offered.
+                want &= draft_feature_mask(None)
             self.send(R.SET_FEATURES, P.U64Payload(value=want))
             n.features = want
             self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
