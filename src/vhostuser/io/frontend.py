@@ -34,7 +34,7 @@ from ..errors import (
 from ..protocol import payloads as P
 from ..protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature, draft_feature_mask
 from ..protocol.payloads import MAX_MEM_TABLE_REGIONS
-from ..protocol.table import Dialect, Reply
+from ..protocol.table import Dialect, Reply, rule_for
 from .eventfd import EventFd
 from .fdpass import (
     OwnedFd,
@@ -196,8 +196,6 @@ class FrontendClient:
 
     def _is_ack(self, req: FrontendRequest) -> bool:
         """True when the reply awaited for ``req`` is a REPLY_ACK u64, not its own reply."""
-        from ..protocol.table import rule_for
-
         return rule_for(self.dialect, req).reply is not Reply.ALWAYS
 
     def _check_alive(self) -> None:
@@ -492,8 +490,9 @@ class FrontendClient:
         return False
 
     def _declare_dead(self, why: str) -> None:
+        # Told to the caller (a False, a reason, an exception); the log only records it.
         self.dead = why
-        log.warning("%s: back-end is dead: %s", self.name, why)
+        log.info("%s: back-end is dead: %s", self.name, why)
         self.close()
 
     def alive(self, *, timeout: float | None = None) -> bool:
