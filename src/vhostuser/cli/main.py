@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import blk, blkbench, demo, pktgen, probe, serve, trace
+from . import blk, blkbench, check, demo, pktgen, probe, serve, trace
 from . import switch as switch_cmd
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     blk.add_parser(sub)
     blkbench.add_parser(sub)
     trace.add_parser(sub)
+    check.add_parser(sub)
     demo.add_parser(sub)
     return p
 
