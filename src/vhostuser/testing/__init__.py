@@ -17,11 +17,24 @@ The plugin does nothing unless ``--vhost-backend`` is given.
 
 from __future__ import annotations
 
-from .backend import BackendProcess, BackendStartError
-from .checks import all_checks, run_check, run_checks, select_checks, summary
-from .outcome import CheckFailed, CheckSkipped, Outcome, Result
-from .registry import Check, Ctx
-from .rig import VQ, Rig, Session
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backend import BackendProcess, BackendStartError
+    from .checks import all_checks, run_check, run_checks, select_checks, summary
+    from .outcome import CheckFailed, CheckSkipped, Outcome, Result
+    from .registry import Check, Ctx
+    from .rig import VQ, Rig, Session
+
+_WHERE = {
+    "BackendProcess": "backend", "BackendStartError": "backend",
+    "all_checks": "checks", "run_check": "checks", "run_checks": "checks",
+    "select_checks": "checks", "summary": "checks",
+    "CheckFailed": "outcome", "CheckSkipped": "outcome", "Outcome": "outcome",
+    "Result": "outcome", "Check": "registry", "Ctx": "registry",
+    "VQ": "rig", "Rig": "rig", "Session": "rig",
+}
 
 __all__ = [
     "VQ",
@@ -41,3 +54,12 @@ __all__ = [
     "select_checks",
     "summary",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the kit's parts on first use: the pytest plugin loads this package in every
+    pytest run, and should cost nothing there unless asked for."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
