@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from vhostuser.frontends.net import VirtioNetFrontend
 from vhostuser.io.pcap import read_pcap
 from vhostuser.switch import Switch, SwitchThread
 
-from .test_net_switch import MAC_A, MAC_B, frames_seq, receive_n
+from .test_net_switch import MAC_A, MAC_B, frames_seq, receive_n, wait_until
 
 MAC_C = bytes.fromhex("02000000000c")
 
@@ -83,3 +84,41 @@ def test_capture_into_a_missing_directory_is_refused(tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError, match="no such directory for pcap files"):
             st.call(lambda: st.switch.start_capture(str(tmp_path / "nope")))  # type: ignore[union-attr]
         assert st.call(lambda: st.switch.stop_capture()) == {}  # type: ignore[union-attr]
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return subprocess.Popen([sys.executable, "-m", "vhostuser.cli.main", "switch", *args],
+                            env=dict(os.environ, PYTHONPATH=src), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_switch_command_pcap(no_leaks: Any, tmp_path: Path) -> None:
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    cap = tmp_path / "cap"
+    cap.mkdir()
+    p = _cli("--port", f"{a},name=vm1", "--port", f"{b},name=vm2", "--pcap", str(cap),
+             "--snaplen", "128")
+    try:
+        wait_until(lambda: os.path.exists(b) or p.poll() is not None, 20, "sockets")
+        with VirtioNetFrontend.connect(a) as na, VirtioNetFrontend.connect(b) as nb:
+            na.send_all(frames_seq(33, 1000, MAC_A, MAC_B))
+            assert len(receive_n(nb, 33)) == 33
+        p.terminate()
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, err
+    assert f"{cap}/vm2.pcap: 33 frames captured" in out, out
+    frames = read_pcap(cap / "vm1.pcap")
+    assert len(frames) == 33 and all(len(d) == 128 for _t, d in frames)
+
+
+def test_switch_command_pcap_into_a_missing_directory(tmp_path: Path) -> None:
+    p = _cli("--port", str(tmp_path / "a.sock"), "--pcap", str(tmp_path / "nope"))
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 2, (out, err)
+    assert f"--pcap {tmp_path / 'nope'}: no such directory for pcap files" in err, err
+    assert "Traceback" not in err and not (tmp_path / "a.sock").exists()

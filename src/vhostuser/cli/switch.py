@@ -17,7 +17,15 @@ from ..engine import ENGINES, ENV
 from ..errors import VhostUserError
 from ..io.reactor import Reactor
 from ..switch import DEFAULT_AGING, Switch
-from ._common import add_verbose, flag_text, octal_mode, setup_logging, stop_on_signals
+from ._common import (
+    add_verbose,
+    flag_text,
+    octal_mode,
+    path_error,
+    positive,
+    setup_logging,
+    stop_on_signals,
+)
 from .serve import add_draft_options, dialect_of
 
 DESCRIPTION = """\
@@ -57,6 +65,10 @@ examples:
 
   # an echo port for vhost-user pktgen, counters as JSON lines every second
   vhost-user switch --echo /tmp/echo.sock --stats-json - --stats-interval 1
+
+  # capture every port's frames, both directions, for tcpdump / Wireshark
+  vhost-user switch --port /tmp/vm1.sock --port /tmp/vm2.sock --pcap /tmp/cap
+  tcpdump -nn -e -r /tmp/cap/p0.pcap
 
   # every vhost-user port speaks the 2014 draft (text numbering; or --draft-numbering code)
   vhost-user switch --draft --port /tmp/a.sock --echo /tmp/echo.sock
@@ -167,6 +179,14 @@ def add_parser(sub: Any) -> None:
                    help="how often counters are shown or written (default 1)")
     s.add_argument("--quiet", "-q", action="store_true",
                    help="no live counters even on a terminal")
+    s.add_argument("--pcap", metavar="DIR",
+                   help="capture every port's frames, both directions, into DIR/PORT.pcap "
+                        "(tcpdump, tshark, Wireshark read them). A port's file holds "
+                        "exactly the frames its rx/tx counters count; frames go through "
+                        "the python engine while capturing, and a disk that cannot keep up "
+                        "drops captured frames (counted) rather than slowing the switch")
+    s.add_argument("--snaplen", type=positive(int), default=65535, metavar="BYTES",
+                   help="most bytes kept of each captured frame (default 65535)")
     add_verbose(s, "connections")
     p.set_defaults(func=run)
 
@@ -257,6 +277,11 @@ def build_switch(reactor: Reactor, args: argparse.Namespace) -> Switch:
     common = {"mtu": args.mtu, "queue_pairs": args.queue_pairs, "offloads": args.offloads,
               "dialect": dialect_of(args)}
     try:
+        if args.pcap:
+            try:
+                sw.start_capture(args.pcap, snaplen=args.snaplen)
+            except OSError as e:
+                raise ValueError(f"--pcap {path_error(args.pcap, e)}") from None
         for spec in args.port:
             path, kw = parse_port_spec(spec)
             sw.add_vhost_user_port(path, mode=args.mode, **{**common, **kw})
@@ -321,6 +346,9 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
         print(f"vhost-user switch: {'busy-polling' if args.busy_poll else 'running'} with the "
               f"{sw.engine} engine; SIGINT/SIGTERM to stop", flush=True)
+        if args.pcap:
+            print(f"vhost-user switch: capturing every port's frames into {args.pcap}/"
+                  "PORT.pcap (the python engine carries them meanwhile)", flush=True)
     # Our handler stays until the end: a second signal during clean-up is absorbed
     # rather than interrupting it (the sockets must be removed).
     with stop_on_signals(reactor) as got:
@@ -328,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
             reactor.run()
         finally:
             final = sw.stats()
+            captured = sw.stop_capture()
             sw.close()
     reactor.close()
     if args.stats_json == "-":
@@ -338,6 +367,10 @@ def run(args: argparse.Namespace) -> int:
             f.write("\n")
     if args.stats_json != "-":
         print(render_table(final, None, 0.0), flush=True)
+        for c in captured.values():
+            print(f"vhost-user switch: {c['file']}: {c['written']} frames captured"
+                  + (f", {c['dropped']} dropped (the disk fell behind)" if c["dropped"] else "")
+                  + (f"; {c['error']}" if "error" in c else ""), flush=True)
         why = f"signal {signal.Signals(got[0]).name}" if got else "stopped"
         print(f"vhost-user switch: {why}; sockets removed", flush=True)
     return 0
