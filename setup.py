@@ -8,10 +8,10 @@ warning and the package installs without them; the pure-Python engine then runs,
 unsealed guest memory is unguarded (said in the log).
 """
 
+from setuptools import Extension, setup
+
 _FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
           "-Wno-missing-field-initializers"]
-
-from setuptools import Extension, setup
 
 setup(
     ext_modules=[

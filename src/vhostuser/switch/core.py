@@ -95,10 +95,10 @@ class Switch:
         full ring or a port without a front-end, are counted as drops, not captured). The
         files are written by threads of their own from bounded queues, so a slow disk never
         holds forwarding up: when a queue is full the frame is counted as dropped
-        (``capture`` in each port's :meth:`stats`). While capturing, every frame goes through the Python engine (the
-        compiled one hands frames straight from ring to ring and never sees them). Ports
-        added later are captured too; echo ports are not (their frames never enter the
-        switch: the port reflects them itself).
+        (``capture`` in each port's :meth:`stats`). While capturing, every frame goes
+        through the Python engine (the compiled one hands frames straight from ring to ring
+        and never sees them). Ports added later are captured too; echo ports are not (their
+        frames never enter the switch: the port reflects them itself).
 
         Raises:
             OSError: the directory is missing or not writable (named in the message).
