@@ -4,6 +4,7 @@ forwarding goes on."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -122,3 +123,23 @@ def test_switch_command_pcap_into_a_missing_directory(tmp_path: Path) -> None:
     assert p.returncode == 2, (out, err)
     assert f"--pcap {tmp_path / 'nope'}: no such directory for pcap files" in err, err
     assert "Traceback" not in err and not (tmp_path / "a.sock").exists()
+
+
+def test_pktgen_pcap_holds_what_it_sent_and_received(no_leaks: Any, tmp_path: Path) -> None:
+    echo, pcap = str(tmp_path / "e.sock"), tmp_path / "pk.pcap"
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = dict(os.environ, PYTHONPATH=src)
+    sw = _cli("--echo", echo, "--quiet")
+    try:
+        wait_until(lambda: os.path.exists(echo) or sw.poll() is not None, 20, "echo port")
+        r = subprocess.run([sys.executable, "-m", "vhostuser.cli.main", "pktgen", echo,
+                            "--count", "200", "--quiet", "--json", "--pcap", str(pcap)],
+                           env=env, text=True, capture_output=True, timeout=120)
+    finally:
+        sw.terminate()
+        sw.communicate(timeout=30)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["capture"]["written"] == 400 and summary["capture"]["dropped"] == 0
+    frames = [d for _t, d in read_pcap(pcap)]
+    assert len(frames) == 400 and frames.count(frames[0]) >= 2  # each frame, and its echo

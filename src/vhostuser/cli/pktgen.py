@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -21,6 +22,7 @@ from ..frontends.net import (
     read_probe,
     stamp_probe,
 )
+from ..io.pcap import PcapWriter
 from ._common import add_wait, announce_wait, connect_error, path_error, positive, seconds
 
 DESCRIPTION = """\
@@ -106,6 +108,10 @@ def add_parser(sub: Any) -> None:
                         "the session over and go on (default 30; 0: end the run)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
+    o.add_argument("--pcap", metavar="FILE",
+                   help="write every frame sent and received to FILE (pcap, for tcpdump "
+                        "and Wireshark); a disk that cannot keep up drops captured frames "
+                        "(counted in the summary), never the traffic")
     o.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
     p.set_defaults(func=run)
 
@@ -179,8 +185,11 @@ class Pktgen:
 
     def __init__(self, nic: VirtioNetFrontend, *, size: int, flows: int, src_mac: bytes,
                  dst_mac: bytes, magic: int | None = None,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None,
+                 capture: PcapWriter | None = None) -> None:
         self.nic = nic
+        self.capture = capture
+        """Where every frame sent and received is copied (``--pcap``), or None."""
         self.magic = magic if magic is not None else random.randrange(0x100, 0xFFFF)
         self.templates = [
             probe_template(size, src_mac=src_mac, dst_mac=dst_mac, flow=k, magic=self.magic)
@@ -263,6 +272,9 @@ class Pktgen:
         frames = self.nic.recv()
         if frames:
             self._account(frames, time.monotonic_ns())
+            if self.capture is not None:
+                for f in frames:
+                    self.capture.capture(f)
         return len(frames)
 
     def run(self, *, count: int | None, rate: float, duration: float | None, burst: int,
@@ -363,6 +375,9 @@ class Pktgen:
                 b[:] = templates[(seq + k) % nflows]
                 stamp_probe(b, seq + k, tns, self.magic)
             got = nic.send(pool[:n])
+            if self.capture is not None:
+                for b in pool[:got]:
+                    self.capture.capture(b)
             seq += got
             r.sent = seq
             r.tx_bytes += got * size
@@ -459,9 +474,19 @@ def run(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     expect = not (args.tx_only or args.rx_only)
-    with nic:
+    capture: PcapWriter | None = None
+    if args.pcap:
+        try:
+            capture = PcapWriter(args.pcap)
+        except OSError as e:
+            nic.close()
+            print(f"vhost-user pktgen: --pcap {path_error(args.pcap, e)}", file=sys.stderr)
+            return 2
+    with nic, contextlib.ExitStack() as stack:
+        if capture is not None:
+            stack.callback(capture.close)
         gen = Pktgen(nic, size=args.size, flows=args.flows, src_mac=src, dst_mac=dst,
-                     on_event=event)
+                     on_event=event, capture=capture)
         try:
             res = gen.run(count=count, rate=args.rate or 0.0, duration=args.duration,
                           burst=args.burst, drain=args.drain, send=not args.rx_only,
@@ -477,6 +502,9 @@ def run(args: argparse.Namespace) -> int:
         summary["device"] = {"features": hex(nic.features), "packed": nic.packed,
                              "mergeable": nic.mergeable, "header": nic.hdr_len}
         summary["frontend"] = nic.stats.as_dict()
+        if capture is not None:
+            capture.close()
+            summary["capture"] = capture.counters()
     if live:
         sys.stderr.write("\n")
     if args.json:
@@ -499,6 +527,11 @@ def run(args: argparse.Namespace) -> int:
         if lat:
             print(f"latency   min {lat['min']} / avg {lat['avg']} / p50 {lat['p50']} / "
                   f"p99 {lat['p99']} / max {lat['max']} us ({lat['samples']} samples)")
+        cap = summary.get("capture")
+        if cap:
+            print(f"pcap      {cap['file']}: {cap['written']} frames"
+                  + (f", {cap['dropped']} not captured (the disk fell behind)"
+                     if cap["dropped"] else ""))
         if res.interrupted:
             print("interrupted (Ctrl-C): the numbers cover the time it ran")
     if res.interrupted:
