@@ -399,8 +399,8 @@ class BackendConnection(Generic[FdT]):
             parsed = True
             self._check_state(req, rule, payload)
             if req is DraftMessage.ECHO:
-                # The draft text: "it is expected that he will send back an ECHO packet
-                # with the REPLY flag set" (the request has no payload, so neither has it).
+                # The draft text: the back-end sends the ECHO back with the REPLY flag set
+                # (the request has no payload, so neither has the answer).
                 self._reply(msg.request, b"")
                 events: list[ev.Event] = []
             else:
@@ -503,7 +503,7 @@ class BackendConnection(Generic[FdT]):
         if why is not None:
             raise RemoteProtocolError(why)
         if isinstance(payload, P.DraftVringFile) and req is not DraftMessage.NET_SET_BACKEND:
-            # The draft sends no fd when it has none (its code: "if (file->fd > 0)"); like
+            # The draft sends no fd when it has none (its code attaches only valid ones); like
             # the current protocol's NOFD bit, the ring is then polled.
             payload = P.VringFile(index=payload.index, nofd=not fds)
         return payload
@@ -750,8 +750,8 @@ class BackendConnection(Generic[FdT]):
         self, p: P.LogBase | P.U64Payload, msg: Message[FdT], fds: list[FdT]
     ) -> list[ev.Event]:
         if isinstance(p, P.U64Payload):
-            # The draft text: SET_LOG_BASE, "Master payload: u64", "Sets the logging base
-            # address". We keep it; logging itself never starts, as LOG_ALL is not offered.
+            # The draft text: SET_LOG_BASE carries a u64, the logging base address. We
+            # keep it; logging itself never starts, as LOG_ALL is not offered.
             self.log_base = p.value
             log.info("%s: draft SET_LOG_BASE %#x", self.name, p.value)
             return []

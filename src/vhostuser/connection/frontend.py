@@ -183,7 +183,7 @@ class FrontendConnection(Generic[FdT]):
     def echo(self) -> bytes:
         """Encode the draft's ECHO (no payload); its reply is the same message, REPLY set.
 
-        The draft text: "ECHO request that is used to periodically probe the connection".
+        In the draft, the front-end sends ECHO periodically to probe the connection.
 
         Raises:
             LocalProtocolError: our dialect is the current protocol (it has no ECHO), or

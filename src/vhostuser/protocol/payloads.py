@@ -116,8 +116,8 @@ class VringFile:
 class DraftVringFile:
     """The 2014 draft's KICK/CALL/ERR and NET_SET_BACKEND payload: the ring index as a u64.
 
-    The draft has no NOFD bit: its code attaches the fd when it has one and sends none
-    otherwise (v6: "if (file->fd > 0)"). Rings are numbered as in the current protocol's
+    The draft has no NOFD bit: its code (v6) attaches the fd only when it has a valid one
+    and sends none otherwise. Rings are numbered as in the current protocol's
     8-bit index field, so a value of 256 or more names no ring (0x100 is the current
     protocol's NOFD bit).
     """

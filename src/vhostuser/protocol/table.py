@@ -270,16 +270,17 @@ _VRING_FILE_DRAFT = Rule(P.DraftVringFile, fds=Fds.OPTIONAL, ring_index=True)
 DRAFT_RULES: dict[Meaning, Rule] = {
     **{m: FRONTEND_RULES[m] for m in WIRE_IDS[Dialect.DRAFT_TEXT].values()
        if isinstance(m, FrontendRequest)},
-    # The draft text: regions are "guest address, size, user address" (24 bytes).
+    # The draft text: a region is guest address, size and user address (24 bytes).
     R.SET_MEM_TABLE: Rule(P.DraftMemoryTable, fds=Fds.PER_REGION, needs_features=True),
-    # The draft text: "Master payload: u64" (the log's base address), no fd, no reply.
+    # The draft text gives SET_LOG_BASE a u64 payload (the log's base address), no fd
+    # and no reply.
     R.SET_LOG_BASE: Rule(P.U64Payload, needs_features=True),
     # The draft's code sends the ring index as a u64 and the fd only when it has one.
     R.SET_VRING_KICK: _VRING_FILE_DRAFT,
     R.SET_VRING_CALL: _VRING_FILE_DRAFT,
     R.SET_VRING_ERR: _VRING_FILE_DRAFT,
-    # The draft text: ECHO has no payload and is answered with "an ECHO packet with the
-    # REPLY flag set"; it is legal at any time (it probes the connection).
+    # The draft text: ECHO has no payload and is answered with the same message, the
+    # REPLY flag set; it is legal at any time (it probes the connection).
     DraftMessage.ECHO: Rule(P.Empty, reply=Reply.ALWAYS, reply_payload=P.Empty,
                             needs_owner=False),
     DraftMessage.NET_SET_BACKEND: _VRING_FILE_DRAFT,
