@@ -26,8 +26,9 @@ from ._common import (
 
 DRAFT_HELP = (
     "speak the January 2014 draft of vhost-user (the v6 patches) instead of the current "
-    "protocol: ECHO answered, 24-byte memory regions, a u64 SET_LOG_BASE, only the feature "
-    "bits of the time; numbered as the draft's text (ECHO = 1, GET_FEATURES = 2 ... "
+    "protocol: ECHO (its liveness probe), 24-byte memory regions, a u64 SET_LOG_BASE, only "
+    "the feature bits of the time, no protocol features; numbered as the draft's text "
+    "(ECHO = 1, GET_FEATURES = 2 ... "
     "SET_VRING_ERR = 15) unless --draft-numbering says otherwise"
 )
 NUMBERING_HELP = (
