@@ -173,7 +173,11 @@ def run_check(check: Check, backend: BackendProcess, device: str, *,
     finally:
         ctx.close()
     if outcome is Outcome.FAIL:
-        backend.wait_dead(1.0)  # a crashing back-end takes the blame for this check
+        # A back-end that is crashing may take a moment to go: it takes the blame here,
+        # not in the next check.
+        lost = any(w in reason for w in ("closed the connection", "reset", "timeout",
+                                          "Broken pipe", "gone"))
+        backend.wait_dead(1.0 if lost else 0.2)
     gone = backend.check_alive()
     if gone is not None:
         if "process is gone" not in reason:
