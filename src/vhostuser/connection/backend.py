@@ -52,6 +52,7 @@ from ..protocol.table import (
 from ..protocol.table import Dialect as Dialect  # re-exported: callers import it from here
 from ..virtq.inflight import InflightArea, inflight_area_bytes
 from . import events as ev
+from .dispatch import Dispatcher, device_subscriber
 from .vring import RingEvent, VringControl
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,9 @@ class BackendConnection(Generic[FdT]):
         if not 1 <= device.num_queues <= MAX_QUEUES:
             raise LocalProtocolError(f"device num_queues {device.num_queues} not in 1..256")
         self.device = device
+        self.dispatcher = Dispatcher(device_subscriber(device))
+        """Every event goes to the device through here (subscribe to see them too)."""
+        self._early: list[ev.Event] = []  # delivered mid-message (see _notify)
         self.host = host
         self.name = name
         self.dialect = dialect
@@ -389,6 +393,7 @@ class BackendConnection(Generic[FdT]):
         )
         req: Meaning | None = None
         parsed = False
+        self._early = []
         self._requests_seen += 1
         try:
             req = self._translate_request(msg)
@@ -419,9 +424,15 @@ class BackendConnection(Generic[FdT]):
             # we ack whenever NEED_REPLY is set, so a front-end never waits forever.
             # (The draft has no NEED_REPLY: _decode refuses it there.)
             self._ack(msg.request, True)
-        for event in events:
-            self.device.on_event(event)
-        return events
+        self.dispatcher.deliver(events)
+        return [*self._early, *events]
+
+    def _notify(self, event: ev.Event) -> None:
+        """Deliver ``event`` now, in the middle of handling a message, because what the
+        handler does next depends on the device knowing it (e.g. the new memory table
+        before rings are rebuilt on it); it is returned with the message's other events."""
+        self.dispatcher.deliver((event,))
+        self._early.append(event)
 
     # -- the other dialect -----------------------------------------------------------------
     def _say_hint(self, hint: str) -> None:
@@ -583,8 +594,8 @@ class BackendConnection(Generic[FdT]):
                         f"split ring {v.index} has base {v.base:#x}, wider than 16 bits"
                     )
         self.features = p.value
-        self.device.on_features(p.value)
-        out: list[ev.Event] = [ev.FeaturesAcked(p.value)]
+        self._notify(ev.FeaturesAcked(p.value))
+        out: list[ev.Event] = []
         if not p.value & VF.PROTOCOL_FEATURES:
             # vhost-user.rst: "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated,
             # the ring starts directly in the enabled state."
@@ -675,7 +686,7 @@ class BackendConnection(Generic[FdT]):
             raise
         self._memory_changed()
         self._unmap(old)
-        return [ev.MemTableSet(len(self.mem))]
+        return []
 
     def _add_mem_reg(self, p: P.SingleRegion, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
         r = p.region
@@ -697,7 +708,7 @@ class BackendConnection(Generic[FdT]):
             self._unmap([region])
             raise
         self._memory_changed()
-        return [ev.MemTableSet(len(self.mem))]
+        return []
 
     def _rem_mem_reg(self, p: P.SingleRegion, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
         # QEMU up to 7.0 sends the region's fd with REM_MEM_REG; like libvhost-user we
@@ -717,12 +728,13 @@ class BackendConnection(Generic[FdT]):
         self.mem.remove(found)
         self._memory_changed()
         self._unmap([found])
-        return [ev.MemTableSet(len(self.mem))]
+        return []
 
     def _memory_changed(self) -> None:
         """Re-point running rings at the new table (vhost-user.rst: the table may change
-        while rings run; the reactor is single-threaded, so no ring runs meanwhile)."""
-        self.device.on_memory(self.mem)
+        while rings run; the reactor is single-threaded, so no ring runs meanwhile). The
+        device hears of it first (MemTableSet), while the old engines still stand."""
+        self._notify(ev.MemTableSet(len(self.mem), memory=self.mem))
         for v in self.vrings:
             if v.engine is not None:
                 self._rebuild_engine(v)
@@ -966,7 +978,7 @@ class BackendConnection(Generic[FdT]):
             raise
         self._drop_inflight()
         self.inflight, self._inflight_map = area, mapping
-        self.device.on_inflight(area, fresh=True)
+        self._notify(ev.InflightSet(fresh=True, area=area))
         reply = P.InflightPayload(mmap_size=size, mmap_offset=0, num_queues=p.num_queues,
                                   queue_size=p.queue_size)
         self._reply(msg.request, reply.encode(), [fd])
@@ -998,7 +1010,7 @@ class BackendConnection(Generic[FdT]):
             raise RemoteProtocolError(str(e)) from None
         self._drop_inflight()
         self.inflight, self._inflight_map = area, mapping
-        self.device.on_inflight(area, fresh=False)
+        self._notify(ev.InflightSet(fresh=False, area=area))
         return []
 
     # -- data-path entry points (called by the shell) --------------------------------------
@@ -1018,8 +1030,7 @@ class BackendConnection(Generic[FdT]):
             out.append(ev.VringStarted(index))
             if v.broken is not None:
                 out.append(ev.VringBroken(index, v.broken))
-            for e in out:
-                self.device.on_event(e)
+            self.dispatcher.deliver(out)
         return out
 
     def ring_broken(self, index: int, reason: str) -> ev.VringBroken:
@@ -1027,7 +1038,7 @@ class BackendConnection(Generic[FdT]):
         v = self.vrings[index]
         v.broken = reason
         e = ev.VringBroken(index, reason)
-        self.device.on_event(e)
+        self.dispatcher.deliver((e,))
         return e
 
 

@@ -6,8 +6,8 @@ owns; the shell may register them (e.g. with its reactor) but never closes them 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 FdT = TypeVar("FdT")
 
@@ -38,9 +38,24 @@ class ProtocolFeaturesAcked(Event):
 
 @dataclass(frozen=True, slots=True)
 class MemTableSet(Event):
-    """The region table changed (SET_MEM_TABLE, ADD_MEM_REG or REM_MEM_REG)."""
+    """The region table changed (SET_MEM_TABLE, ADD_MEM_REG or REM_MEM_REG).
+
+    Delivered before running rings are re-pointed at the new table; ``memory`` is the
+    table (a :class:`~vhostuser.memory.RegionTable`), for devices (``on_memory``).
+    """
 
     nregions: int
+    memory: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class InflightSet(Event):
+    """The inflight area is in place: ``fresh`` from GET_INFLIGHT_FD (zeroed), else
+    adopted with SET_INFLIGHT_FD after a reconnect; ``area`` is the
+    :class:`~vhostuser.virtq.inflight.InflightArea` (devices: ``on_inflight``)."""
+
+    fresh: bool
+    area: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

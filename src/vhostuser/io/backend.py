@@ -201,6 +201,9 @@ class BackendSession:
         self.conn: BackendConnection[OwnedFd] = BackendConnection(
             device, ShellHost(self._watch_mapping), dialect=dialect, name=name
         )
+        # The shell hears every event right after the device, in order, as it happens
+        # (one dispatcher: connection/dispatch.py), also in the middle of a chunk.
+        self.conn.dispatcher.subscribe(self._on_event)
         self.closed = False
         self.close_reason: str | None = None
         self.final_snapshot: SessionSnapshot | None = None
@@ -252,7 +255,7 @@ class BackendSession:
     def ring_broken(self, index: int, reason: str) -> None:
         """The device found ring ``index`` broken by the guest."""
         if not self.closed and self.conn.vrings[index].broken is None:
-            self._on_event(self.conn.ring_broken(index, reason))
+            self.conn.ring_broken(index, reason)
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
         """Run ``callback`` on this session's reactor after ``delay`` seconds."""
@@ -288,7 +291,8 @@ class BackendSession:
             self.close(f"receive failed: {exc}")
             return
         try:
-            events = self.conn.receive_data(data, fds)
+            # Events reach _on_event as they happen (it subscribes to the core).
+            self.conn.receive_data(data, fds)
         except RemoteProtocolError as err:
             self._flush()
             self.close(f"protocol violation: {err}")
@@ -298,8 +302,6 @@ class BackendSession:
             self.close("front-end closed the connection")
             return
         self._arm_deadline()
-        for e in events:
-            self._on_event(e)
 
     def _arm_deadline(self) -> None:
         if self._deadline is not None:
@@ -454,8 +456,7 @@ class BackendSession:
         v = self.conn.vrings[index]
         if v.kick is not None:
             drain_fd(v.kick)
-        for e in self.conn.kick(index):
-            self._on_event(e)
+        self.conn.kick(index)
         if not self._work_seen:
             self._check_shared(index)
         self._wake(index, now=True)
@@ -494,8 +495,7 @@ class BackendSession:
         worked = False
         for i in list(self._polled):
             if not self.conn.vrings[i].started:
-                for e in self.conn.kick(i):
-                    self._on_event(e)
+                self.conn.kick(i)
             worked |= self._step(i) > 0
         return worked
 
@@ -563,7 +563,7 @@ class BackendSession:
             signal_fd(v.call)
         if result.broken is not None:
             if v.broken is None:
-                self._on_event(self.conn.ring_broken(index, result.broken))
+                self.conn.ring_broken(index, result.broken)
             return result.popped
         if again:
             # More may be waiting: yield to other fds and queues first (call_soon runs
