@@ -19,15 +19,13 @@ back-end looks like it speaks that dialect (:attr:`FrontendConnection.dialect_hi
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..protocol import payloads as P
 from ..protocol.enums import BackendRequest, FrontendRequest, ProtocolFeature, VirtioFeature
-from ..protocol.framing import Direction, FrameDecoder, Message, encode_message
+from ..protocol.framing import FLAG_NEED_REPLY, Direction, FrameDecoder, Message, encode_message
 from ..protocol.table import (
     BACKEND_RULES,
     Dialect,
@@ -45,6 +43,7 @@ from ..protocol.table import (
     wire_id,
 )
 from . import events as ev
+from .pairing import Answer, Expected, PairingError, ReplyPairing, expected_answer
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +72,6 @@ ACKED_REQUESTS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    request: int  # the wire id
-    meaning: Meaning
-    rule: Rule
-    ack: bool  # waiting for a REPLY_ACK u64 rather than the request's own reply
-
-
 def _check_reply_size(name: str, cls: type[P.Payload] | None, payload: bytes) -> Any:
     if cls is None:
         return None
@@ -103,7 +94,7 @@ class FrontendConnection(Generic[FdT]):
         self._decoder: FrameDecoder[FdT] = FrameDecoder(
             Direction.REPLIES, request_names=dialect.request_names
         )
-        self._pending: deque[_Pending] = deque()
+        self._pending = ReplyPairing()  # the rule every role shares (pairing.py)
         self.error: str | None = None
         self.dialect_hint: str | None = None
         """Set when the back-end looks like it speaks another dialect; logged as a warning
@@ -170,10 +161,10 @@ class FrontendConnection(Generic[FdT]):
             raise LocalProtocolError(f"{req.name}: NEED_REPLY without REPLY_ACK negotiated")
         data = encode_message(wire, payload.encode(), need_reply=need_reply)
         self.requests_sent += 1
-        if rule.reply is Reply.ALWAYS:
-            self._pending.append(_Pending(wire, req, rule, ack=False))
-        elif (rule.reply is Reply.IF_LOG_SHMFD and self.has(PF.LOG_SHMFD)) or need_reply:
-            self._pending.append(_Pending(wire, req, rule, ack=True))
+        answer = expected_answer(rule, FLAG_NEED_REPLY if need_reply else 0,
+                                 self.protocol_features)
+        if answer is not None:
+            self._pending.expect(wire, req.name, answer, rule, tag=req)
         if req is FrontendRequest.SET_FEATURES and isinstance(payload, P.U64Payload):
             self.features = payload.value
         elif req is FrontendRequest.SET_PROTOCOL_FEATURES and isinstance(payload, P.U64Payload):
@@ -198,7 +189,8 @@ class FrontendConnection(Generic[FdT]):
             )
         rule = rule_for(self.dialect, DraftMessage.ECHO)
         self.requests_sent += 1
-        self._pending.append(_Pending(wire, DraftMessage.ECHO, rule, ack=False))
+        self._pending.expect(wire, DraftMessage.ECHO.name, Answer.OWN, rule,
+                             tag=DraftMessage.ECHO)
         return encode_message(wire, b"")
 
     def _check_fds(self, req: FrontendRequest, rule: Rule, payload: Any, nfds: int) -> None:
@@ -274,11 +266,12 @@ class FrontendConnection(Generic[FdT]):
         try:
             if not data:
                 self._decoder.eof_check()
-                if self._pending:
-                    self._hint_on_close()
+                first = self._pending.oldest()
+                if first is not None:
+                    self._hint_on_close(first)
                     raise RemoteProtocolError(
-                        f"back-end closed the connection while "
-                        f"{self._pending[0].meaning.name} waited for a reply"
+                        f"back-end closed the connection while {first.name} waited for a "
+                        "reply"
                     )
                 return out
             for msg in self._decoder.feed(data, fds):
@@ -297,30 +290,20 @@ class FrontendConnection(Generic[FdT]):
         return self._decoder.take_fds()
 
     def _match(self, msg: Message[FdT]) -> ev.ReplyReceived:
-        if not self._pending:
-            self._decoder_orphan(msg)
-            raise RemoteProtocolError(
-                f"unexpected reply for request {msg.request}: no request is waiting"
-            )
-        want = self._pending[0]
-        name = want.meaning.name
-        if msg.request != want.request:
-            self._decoder_orphan(msg)
-            raise RemoteProtocolError(
-                f"reply for request {msg.request} while {name} ({want.request}) waits"
-            )
-        self._pending.popleft()
         try:
-            if want.ack:
-                _check_reply_size(name, P.U64Payload, msg.payload)
-                want_fds = 0
-            else:
-                cls = want.rule.reply_payload
-                if cls is P.ConfigPayload and len(msg.payload) == 0:
-                    # vhost-user.rst GET_CONFIG: "a reply with size 0 means an error".
-                    raise RemoteProtocolError(f"{name}: back-end refused (empty reply)")
-                _check_reply_size(name, cls, msg.payload)
-                want_fds = want.rule.reply_fds
+            want = self._pending.match(msg.request)
+        except PairingError as e:
+            self._decoder_orphan(msg)
+            raise RemoteProtocolError(str(e)) from None
+        name = want.name
+        try:
+            cls = want.payload_type
+            if (want.answer is Answer.OWN and cls is P.ConfigPayload
+                    and len(msg.payload) == 0):
+                # vhost-user.rst GET_CONFIG: "a reply with size 0 means an error".
+                raise RemoteProtocolError(f"{name}: back-end refused (empty reply)")
+            _check_reply_size(name, cls, msg.payload)
+            want_fds = want.fds
             if len(msg.fds) != want_fds:
                 raise RemoteProtocolError(
                     f"{name} reply carries {len(msg.fds)} fds, not {want_fds}"
@@ -329,8 +312,8 @@ class FrontendConnection(Generic[FdT]):
             self._decoder_orphan(msg)
             self._hint_malformed_reply(msg, want, str(e))
             raise
-        if not want.ack:
-            self._learn(want.meaning, msg.payload)
+        if want.answer is Answer.OWN:
+            self._learn(want.tag, msg.payload)
         return ev.ReplyReceived(msg.request, msg.payload, tuple(msg.fds))
 
     # -- the other dialect -----------------------------------------------------------------
@@ -340,7 +323,7 @@ class FrontendConnection(Generic[FdT]):
             level = logging.WARNING if first_time(self.hint_key, hint) else logging.DEBUG
             log.log(level, "%s: %s", self.name, hint)
 
-    def _hint_malformed_reply(self, msg: Message[FdT], want: _Pending, why: str) -> None:
+    def _hint_malformed_reply(self, msg: Message[FdT], want: Expected, why: str) -> None:
         """A reply malformed for us: say so if it is well formed as the reply another
         dialect gives to the same wire id (a back-end speaking ours never sends one)."""
         theirs: list[tuple[Dialect, Meaning]] = []
@@ -351,23 +334,23 @@ class FrontendConnection(Generic[FdT]):
         if theirs:
             self._say_hint(dialect_hint(
                 "the back-end", theirs,
-                f"its reply to request id {msg.request} ({want.meaning.name} in "
+                f"its reply to request id {msg.request} ({want.name} in "
                 f"{self.dialect.description}, which we speak) has {len(msg.payload)} payload "
                 f"bytes and {len(msg.fds)} fds, malformed for us ({why}), but well formed as "
                 f"the reply to {readings(theirs)}",
             ))
 
-    def _hint_on_close(self) -> None:
+    def _hint_on_close(self, first: Expected) -> None:
         """The back-end hung up with a reply due: a draft back-end answers ECHO whatever
         the session's state, so hanging up on the code numbering's ECHO (16) says it reads
         16 otherwise (the current protocol's SET_PROTOCOL_FEATURES without its u64) or not
         at all (the draft's text numbering stops at 15)."""
-        if self.dialect is Dialect.DRAFT_CODE and self._pending[0].meaning is DraftMessage.ECHO:
+        if self.dialect is Dialect.DRAFT_CODE and first.tag is DraftMessage.ECHO:
             self._say_hint(dialect_hint(
                 "the back-end",
                 [(Dialect.CURRENT, FrontendRequest.SET_PROTOCOL_FEATURES),
                  (Dialect.DRAFT_TEXT, DraftMessage.ECHO)],
-                f"it closed the connection in answer to ECHO (id {self._pending[0].request}), "
+                f"it closed the connection in answer to ECHO (id {first.request}), "
                 "which a back-end speaking the draft's code numbering always answers; 16 is "
                 "SET_PROTOCOL_FEATURES in the current protocol (a violation without its u64) "
                 "and no request at all in the draft's text numbering",
@@ -381,8 +364,9 @@ class FrontendConnection(Generic[FdT]):
         ECHO (16) as SET_PROTOCOL_FEATURES, which has no reply. Any back-end that hung may
         be silent too, so the hint says "may".
         """
-        if (self.dialect is Dialect.DRAFT_CODE and self._pending
-                and self._pending[0].meaning is DraftMessage.ECHO and self.requests_sent == 1):
+        first = self._pending.oldest()
+        if (self.dialect is Dialect.DRAFT_CODE and first is not None
+                and first.tag is DraftMessage.ECHO and self.requests_sent == 1):
             self._say_hint(dialect_hint(
                 "the back-end", [(Dialect.CURRENT, FrontendRequest.SET_PROTOCOL_FEATURES)],
                 "it did not answer our first request, ECHO (id 16), which a back-end speaking "
@@ -422,7 +406,7 @@ class BackendChannel(Generic[FdT]):
             request_names=BackendRequest,
         )
         self._out: list[bytes] = []
-        self._pending: deque[int] = deque()
+        self._pending = ReplyPairing()
         self.error: str | None = None
 
     def data_to_send(self) -> list[bytes]:
@@ -447,9 +431,9 @@ class BackendChannel(Generic[FdT]):
         payload = payload if payload is not None else P.Empty()
         if not isinstance(payload, rule.payload):
             raise LocalProtocolError(f"{req.name} takes {rule.payload.__name__}")
-        need = self.reply_ack or rule.reply is Reply.ALWAYS
-        if need:
-            self._pending.append(req)
+        answer = expected_answer(rule, FLAG_NEED_REPLY if self.reply_ack else 0, 0)
+        if answer is not None:
+            self._pending.expect(int(req), req.name, answer, rule)
         return encode_message(req, payload.encode(), need_reply=self.reply_ack)
 
     def receive_data(self, data: bytes, fds: Sequence[FdT] = ()) -> list[ev.Event]:
@@ -474,11 +458,14 @@ class BackendChannel(Generic[FdT]):
 
     def _on_message(self, msg: Message[FdT]) -> list[ev.Event]:
         if self.role == "backend":
-            if not self._pending or self._pending[0] != msg.request:
+            try:
+                asked = self._pending.match(msg.request)
+            except PairingError as e:
                 self._decoder._orphans.extend(msg.fds)
-                raise RemoteProtocolError(f"unexpected ack for back-end request {msg.request}")
-            self._pending.popleft()
-            P.U64Payload.decode(msg.payload)
+                raise RemoteProtocolError(f"back-end channel: {e}") from None
+            cls = asked.payload_type
+            if cls is not None:
+                cls.decode(msg.payload)
             return [ev.ReplyReceived(msg.request, msg.payload, tuple(msg.fds))]
         try:
             req = BackendRequest(msg.request)
