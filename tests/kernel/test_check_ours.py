@@ -15,6 +15,7 @@ does not measure speed.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -43,6 +44,25 @@ def _check(*args: str, guard: float = HANG_GUARD) -> tuple[int, dict[str, Any], 
     return r.returncode, doc, r.stderr
 
 
+SCORES = Path(os.environ.get("VHOSTUSER_CHECK_SCORES", "/tmp/vhost-user-check-scores.json"))
+"""Where the scores for the README's table go (with the peers', tests/interop)."""
+
+
+def _record_score(name: str, command: str, doc: dict[str, Any]) -> None:
+    try:
+        scores = json.loads(SCORES.read_text())
+    except (OSError, ValueError):
+        scores = {}
+    scores[name] = {
+        "command": command,
+        "device": doc["device"],
+        "summary": doc["summary"],
+        "failed": {r["id"]: r["reason"] for r in doc["results"] if r["outcome"] == "FAIL"},
+        "skipped": {r["id"]: r["reason"] for r in doc["results"] if r["outcome"] == "SKIP"},
+    }
+    SCORES.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+
+
 def _by_id(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in doc["results"]}
 
@@ -68,6 +88,7 @@ def test_our_net_backends_pass(name: str, device: str, command: str) -> None:
     status, doc, err = _check(command, "--device", device)
     _assert_all_pass(doc, err)
     assert status == 0
+    _record_score(f"ours-{name}", command.replace(OURS, "vhost-user"), doc)
     assert len(doc["results"]) >= 30
     assert "passed" in err and "failed" in err and "skipped" in err
 
@@ -76,10 +97,11 @@ def test_our_blk_backend_passes(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
-    status, doc, err = _check(f"{OURS} blk --image {shlex.quote(str(image))} --socket {{socket}}",
-                              "--device", "blk")
+    command = f"{OURS} blk --image {shlex.quote(str(image))} --socket {{socket}}"
+    status, doc, err = _check(command, "--device", "blk")
     _assert_all_pass(doc, err)
     assert status == 0
+    _record_score("ours-blk", "vhost-user blk --image IMG --socket {socket}", doc)
     got = _by_id(doc)
     for cid in ("IF-01", "IF-02", "IF-03", "BLK-01", "BLK-05", "RC-02"):
         assert got[cid]["outcome"] == "PASS", got[cid]

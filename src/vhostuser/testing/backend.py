@@ -105,6 +105,8 @@ class BackendProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         """How many times the command was started."""
+        self.start_failures = 0
+        """Starts in a row that failed (reset by a successful one)."""
         self.deaths: list[int] = []
         """Exit statuses of earlier runs that ended without our stop (crashes, exits)."""
 
@@ -130,8 +132,10 @@ class BackendProcess:
                     self.argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                     cwd=self.workdir, start_new_session=True)
         except OSError as e:
+            self.start_failures += 1
             raise BackendStartError(f"cannot run {self.argv[0]!r}: {e.strerror}") from None
         self.starts += 1
+        self.start_failures += 1
         deadline = time.monotonic() + self.start_timeout
         while not _is_socket(self.socket_path):
             if not self.running():
@@ -146,6 +150,7 @@ class BackendProcess:
                     f"{self.argv[0]} did not create its socket {self.socket_path} within "
                     f"{self.start_timeout:g} s\n--- log ---\n{self.log_tail()}")
             time.sleep(_POLL)
+        self.start_failures = 0
         return self
 
     def running(self) -> bool:

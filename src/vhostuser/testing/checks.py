@@ -150,6 +150,9 @@ def run_check(check: Check, backend: BackendProcess, device: str, *,
         return Result(check.id, Outcome.SKIP, f"applies to {'/'.join(sorted(check.devices))} "
                       "back-ends only", 0.0)
     if not backend.running():
+        if backend.start_failures >= 2:
+            return Result(check.id, Outcome.FAIL, "the back-end could not be started again "
+                          "(see the checks before)", 0.0)
         try:
             backend.start()
         except BackendStartError as e:
@@ -170,6 +173,9 @@ def run_check(check: Check, backend: BackendProcess, device: str, *,
         outcome, reason = Outcome.FAIL, f"timeout: the check ran past {check.timeout:g} s"
     except (VhostUserError, OSError, ValueError, AssertionError, struct_error) as e:
         outcome, reason = Outcome.FAIL, _classify(e)
+    except Exception as e:  # a bug of the kit's: report it, finish the run
+        outcome, reason = Outcome.FAIL, (f"internal error of the check (a bug of the kit, "
+                                         f"not necessarily of the back-end): {_classify(e)}")
     finally:
         ctx.close()
     if outcome is Outcome.FAIL:

@@ -657,28 +657,33 @@ class Rig:
         self.s.fe.send(R.ADD_MEM_REG, P.SingleRegion(region=region), [ram.fd])
         return ram
 
-    def swap_ram(self) -> None:
-        """Move guest RAM (one region at GPA 0) to a new memfd with the same contents and
-        tell the back-end: REM_MEM_REG + ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else a new
-        SET_MEM_TABLE. Rings are the caller's to stop first.
+    def move_region(self, old_gpa: int, new_gpa: int) -> None:
+        """Replace the region at ``old_gpa`` by a new memfd of the same size at ``new_gpa``
+        (memory unplugged and plugged elsewhere) and tell the back-end: REM_MEM_REG +
+        ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else a new SET_MEM_TABLE. Buffers come from
+        the new region from then on. Rings and buffers in the old region are the caller's
+        to stop and forget first.
 
         Raises:
+            ValueError: no region at ``old_gpa``.
             VhostUserError: refused or no answer.
         """
-        (old,) = self.mem.table()
-        new = self.extra_ram(self.ram.size)
-        new.buf[:] = self.ram.buf
-        r = self.mem.regions[0]
-        # Same guest and front-end addresses, another fd: as a front-end that re-backs its
-        # RAM where it was (the ring addresses it gave stay valid).
-        r.buf, r.fd = new.buf, new.fd
-        (region,) = self.mem.table()
+        table = self.mem.table()
+        old = next((r for r in table if r.guest_phys_addr == old_gpa), None)
+        if old is None:
+            raise ValueError(f"no region at {old_gpa:#x}")
+        ram = self.extra_ram(old.memory_size)
+        self.mem.regions = [r for r in self.mem.regions if r.gpa != old_gpa]
+        self.mem.add(new_gpa, ram.size, uva=ram.uva, fd=ram.fd, fd_offset=0, buf=ram.buf)
         fe = self.s.fe
+        table = self.mem.table()
         if self.s.has(PF.CONFIGURE_MEM_SLOTS):
             fe.send(R.REM_MEM_REG, P.SingleRegion(region=old))
-            fe.send(R.ADD_MEM_REG, P.SingleRegion(region=region), [new.fd])
+            fe.send(R.ADD_MEM_REG, P.SingleRegion(region=table[-1]), [ram.fd])
         else:
-            fe.send(R.SET_MEM_TABLE, P.MemoryTable(regions=(region,)), [new.fd])
+            fe.send(R.SET_MEM_TABLE, P.MemoryTable(regions=tuple(table)),
+                    [self.region_fd(r) for r in table])
+        self.only_region(new_gpa)
 
     def vring(self, index: int, *, base: int = 0, enable: bool = True, log: bool = False,
               ring_gpa: int | None = None, size: int | None = None, err: bool = False,
