@@ -181,8 +181,8 @@ def run_check(check: Check, backend: BackendProcess, device: str, *,
     if outcome is Outcome.FAIL:
         # A back-end that is crashing may take a moment to go: it takes the blame here,
         # not in the next check.
-        lost = any(w in reason for w in ("closed the connection", "reset", "timeout",
-                                          "Broken pipe", "gone"))
+        lost = any(w in reason for w in ("closed the connection", "reset", "Broken pipe",
+                                          "gone"))
         backend.wait_dead(1.0 if lost else 0.2)
     gone = backend.check_alive()
     if gone is not None:

@@ -480,19 +480,25 @@ def ack_all(ctx: Ctx) -> None:
        "next reply is the next request's",
        f"{SPEC}: REPLY_ACK (an ack only when NEED_REPLY is set)")
 def ack_none_unasked(ctx: Ctx) -> None:
-    s = ctx.session(upto="protocol")
-    rig = ctx.rig(s)
-    w = s.wire
-    s.features = ctx_features(ctx, s)
-    steps: list[tuple[FrontendRequest, bytes, list[int]]] = [
-        (R.SET_OWNER, b"", []), (R.SET_FEATURES, U64.pack(s.features), [])]
-    steps += _setup_requests(ctx, s, rig)
-    for req, payload, fds in steps:
-        w.send(message(req, payload), fds)
-        m = w.exchange(R.GET_FEATURES)
-        expect(m.request == R.GET_FEATURES and m.flags == REPLY_FLAGS,
-               f"after {req.name} without NEED_REPLY the next message was {m.describe()}, "
-               "not GET_FEATURES' reply")
+    variants = [("REPLY_ACK negotiated", 0)]
+    if ctx.offer.has_pf(PF.REPLY_ACK):
+        variants.append(("REPLY_ACK not negotiated", int(PF.REPLY_ACK)))
+    for label, remove in variants:
+        with ctx.sub(label):
+            s = ctx.session(upto="protocol", remove_pf=remove)
+            rig = ctx.rig(s)
+            w = s.wire
+            s.features = ctx_features(ctx, s)
+            steps: list[tuple[FrontendRequest, bytes, list[int]]] = [
+                (R.SET_OWNER, b"", []), (R.SET_FEATURES, U64.pack(s.features), [])]
+            steps += _setup_requests(ctx, s, rig)
+            for req, payload, fds in steps:
+                w.send(message(req, payload), fds)
+                m = w.exchange(R.GET_FEATURES)
+                expect(m.request == R.GET_FEATURES and m.flags == REPLY_FLAGS,
+                       f"{label}: after {req.name} without NEED_REPLY the next message was "
+                       f"{m.describe()}, not GET_FEATURES' reply")
+            ctx.drop(s)
 
 
 @check("ACK-03", "a request with a reply of its own and NEED_REPLY set gets that reply only, "
@@ -781,3 +787,24 @@ def hos_unknown(ctx: Ctx) -> None:
         return lambda ctx, s, rig, flags: (message(code, flags=flags), [])
     run_cases(ctx, [Case(f"request {code}", "features", unknown(code))
                     for code in (0, 99, 0xFFFF)], "unknown requests")
+
+
+@check("HOS-05", "notification and channel fds of the wrong kind are refused: a kick fd "
+       "that is a regular file, a call fd that is a socket, a back-end channel that is an "
+       "eventfd", "vhost-user.rst: SET_VRING_KICK/CALL (an eventfd), SET_BACKEND_REQ_FD (a "
+       "socket); SECURITY.md: Order and indices")
+def hos_fd_kinds(ctx: Ctx) -> None:
+    cases = [
+        Case("SET_VRING_KICK with a regular file", "memory",
+             lambda c, s, rig, f: (message(R.SET_VRING_KICK, U64.pack(0), flags=f),
+                                   [c.memfd(4096)])),
+        Case("SET_VRING_CALL with a socket", "memory",
+             lambda c, s, rig, f: (message(R.SET_VRING_CALL, U64.pack(0), flags=f),
+                                   [c.socket_fd()])),
+    ]
+    if ctx.offer.has_pf(PF.BACKEND_REQ):
+        cases.append(Case("SET_BACKEND_REQ_FD with an eventfd", "protocol",
+                          lambda c, s, rig, f: (message(R.SET_BACKEND_REQ_FD, flags=f),
+                                                [c.eventfd()]),
+                          add_pf=int(PF.BACKEND_REQ)))
+    run_cases(ctx, cases, "fds of the wrong kind")
