@@ -1088,7 +1088,35 @@ out:
     return result;
 }
 
+/* log_mark(bitmap, gpa, length) -> bool: the Python engine's dirty-log writes, with the
+ * same atomic OR as the bursts above (vhost-user.rst "Live migration": updates to the log
+ * must be atomic; the log is shared with the front-end and with other back-ends of the same
+ * guest, so a plain read-modify-write of a byte could undo another writer's bit). Returns
+ * True if part of the range lies past the end of the log (those pages are not marked). */
+static PyObject *py_log_mark(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    unsigned long long gpa, len;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OKK", &obj, &gpa, &len))
+        return NULL;
+    if (len == 0)
+        Py_RETURN_FALSE;
+    if (len - 1 > UINT64_MAX - gpa) /* wraps 2**64: mark up to the top */
+        len = UINT64_MAX - gpa + 1;
+    dlog_t l;
+    if (log_load(&l, obj) < 0)
+        return NULL;
+    int beyond = l.have && ((gpa + len - 1) >> 12) >= l.pages;
+    log_mark(&l, gpa, len);
+    log_release(&l);
+    return PyBool_FromLong(beyond);
+}
+
 static PyMethodDef methods[] = {
+    {"log_mark", py_log_mark, METH_VARARGS,
+     "log_mark(bitmap, gpa, length) -> bool\n\nSet the dirty bits of every 4 KiB page "
+     "[gpa, gpa+length) touches, each with an atomic OR; True if part of the range is past "
+     "the end of the bitmap (not marked)."},
     {"forward", forward, METH_VARARGS,
      "forward((ring_view, regions, hdr_len, min_len, max_len, log), dsts, decide, budget) "
      "-> (taken, rx_bytes, flooded, filtered, per_dst, stop)\n\n"

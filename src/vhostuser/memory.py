@@ -22,6 +22,7 @@ same bits in the same buffer.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NewType, Protocol
@@ -70,29 +71,59 @@ LOG_PAGE = 4096
 """Bytes of guest memory per dirty-log bit (VHOST_LOG_PAGE)."""
 
 
+def _atomic_marker() -> Callable[[Any, int, int], bool] | None:
+    """The compiled ``log_mark`` (atomic OR per byte), or None when it is not built."""
+    try:
+        mod = importlib.import_module("vhostuser._fastpath")
+    except ImportError:
+        return None
+    fn: Callable[[Any, int, int], bool] | None = getattr(mod, "log_mark", None)
+    return fn
+
+
+_ATOMIC_MARK = _atomic_marker()
+
+
 class DirtyLog:
     """The dirty-page bitmap: bit ``n`` (byte ``n // 8``, bit ``n % 8``) set means guest
     page ``n`` (``gpa // 4096``) was written (vhost-user.rst "Live migration").
 
     The buffer is shared with the front-end, which collects and clears bits concurrently
-    (QEMU with atomic exchanges). Bits are only ever set here, each byte with one
-    read-modify-write: a byte the front-end cleared in between is at worst set again (a
-    page sent twice), never a set bit lost. Writes past the end of the log (a front-end
+    (QEMU with atomic exchanges), and with every other back-end of the same guest (QEMU
+    hands all its vhost-user devices one log). vhost-user.rst "Live migration": "updates
+    to the log must be atomic". Bits are only ever set here, each with an atomic OR (the
+    compiled ``log_mark``, the same operation the compiled bursts use), so neither a
+    front-end clearing a word nor another writer setting a bit in the same byte loses a
+    bit; the worst case is a page sent twice. Without the compiled module the fallback is
+    one read-modify-write per byte (atomic against the front-end's clearing, not against
+    another process writing the same byte). Writes past the end of the log (a front-end
     that sized it too small) are counted in ``beyond``, not made.
     """
 
-    __slots__ = ("beyond", "buf", "pages")
+    __slots__ = ("_atomic", "beyond", "buf", "pages")
 
-    def __init__(self, buf: bytearray | memoryview) -> None:
+    def __init__(self, buf: bytearray | memoryview, *, atomic: bool = True) -> None:
+        """Wrap ``buf`` (writable). ``atomic=False`` uses the pure-Python fallback even
+        when the compiled ``log_mark`` is built (tests compare both).
+
+        Raises:
+            ValueError: ``buf`` is read-only.
+        """
         self.buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
         if self.buf.readonly:
             raise ValueError("the dirty log must be writable")
         self.pages = 8 * len(self.buf)
         self.beyond = 0
+        self._atomic = _ATOMIC_MARK if atomic else None
 
     def mark(self, gpa: int, length: int) -> None:
         """Set the bits of every page ``length`` bytes at ``gpa`` touch."""
         if length <= 0:
+            return
+        atomic = self._atomic
+        if atomic is not None and gpa >= 0:
+            if atomic(self.buf, gpa, length):
+                self.beyond += 1
             return
         first = gpa >> 12
         last = (gpa + length - 1) >> 12

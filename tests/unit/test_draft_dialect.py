@@ -30,6 +30,7 @@ from vhostuser.protocol.enums import (
     DraftTextRequest,
     FrontendRequest,
     NetFeature,
+    ProtocolFeature,
     VirtioFeature,
     draft_feature_mask,
 )
@@ -259,9 +260,10 @@ def test_set_log_base_takes_the_u64_of_the_text(dialect: Dialect) -> None:
     host.assert_all_released(fds.given)
 
 
-def test_current_set_log_base_is_still_refused() -> None:
+def test_current_set_log_base_is_refused_without_log_shmfd() -> None:
     conn, _host, _f, fds = make_backend(net_device())
-    handshake(conn, fds)
+    handshake(conn, fds, protocol_features=conn.offered_protocol_features
+              & ~int(ProtocolFeature.LOG_SHMFD))
     with pytest.raises(RemoteProtocolError, match="LOG_SHMFD"):
         feed(conn, req(R.SET_LOG_BASE, P.LogBase(mmap_size=4096, mmap_offset=0)), fds.take(1))
 

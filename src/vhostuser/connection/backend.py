@@ -25,7 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..devices.base import Device
 from ..errors import GuestMemoryError, LocalProtocolError, RemoteProtocolError, RingError
-from ..memory import Region, RegionTable
+from ..memory import U64_MAX, DirtyLog, Region, RegionTable
 from ..protocol import payloads as P
 from ..protocol.enums import (
     FrontendRequest,
@@ -74,9 +74,21 @@ BASE_VIRTIO_FEATURES = (
 )
 
 #: Protocol features every back-end offers; devices add theirs (MQ, RARP, MTU, INFLIGHT...).
+#: LOG_SHMFD (with VHOST_F_LOG_ALL, see :data:`LOGGING_VIRTIO_FEATURES`): every write the
+#: data path makes to guest memory goes through ``GuestMemory.mark_dirty``, so live
+#: migration can use the dirty log (vhost-user.rst "Live migration").
 BASE_PROTOCOL_FEATURES = (
     PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.RESET_DEVICE
+    | PF.LOG_SHMFD
 )
+
+#: VHOST_F_LOG_ALL: offered by every back-end of the current protocol (not the draft's,
+#: whose SET_LOG_BASE is an address we cannot log into).
+LOGGING_VIRTIO_FEATURES = VF.LOG_ALL
+
+MAX_LOG_BYTES = 1 << 32
+"""The largest dirty log SET_LOG_BASE may map (and the largest offset into its fd): 4 GiB
+of bitmap covers 128 TiB of guest-physical memory, one bit per 4 KiB page."""
 
 MAX_QUEUES = 256
 """Ring indices travel in 8 bits in KICK/CALL/ERR payloads."""
@@ -158,10 +170,14 @@ def default_ring_factory(mem: RegionTable, vring: VringControl[Any], features: i
             mem, vring.num, desc, avail, used,
             event_idx=event_idx, indirect=indirect, base=base, name=f"ring {vring.index}",
         )
+    # vhost-user.rst "Live migration": with VHOST_VRING_F_LOG the used ring's writes are
+    # logged at log_guest_addr (QEMU passes the used ring's guest-physical address, which
+    # is what ``used`` translates to; a packed ring logs its writes at their own GPAs).
+    used_log = addr.log if addr.flags & P.VRING_F_LOG else None
     return SplitDeviceRing(
         mem, vring.num, desc, avail, used,
         event_idx=event_idx, indirect=indirect, next_avail=vring.base & 0xFFFF,
-        name=f"ring {vring.index}",
+        name=f"ring {vring.index}", used_log_gpa=used_log,
     )
 
 
@@ -196,7 +212,9 @@ class BackendConnection(Generic[FdT]):
         self.ring_factory = ring_factory
         self.max_mem_slots = max_mem_slots
         # Plain ints: ``~`` on an IntFlag only flips the bits the enum names.
-        self.offered_features = int(BASE_VIRTIO_FEATURES) | int(device.virtio_features)
+        self.offered_features = (
+            int(BASE_VIRTIO_FEATURES) | int(LOGGING_VIRTIO_FEATURES) | int(device.virtio_features)
+        )
         pf = BASE_PROTOCOL_FEATURES | device.protocol_features
         if device.num_queues > 1:
             pf |= PF.MQ
@@ -207,6 +225,7 @@ class BackendConnection(Generic[FdT]):
             # A 2014 front-end knows 32 feature bits and no protocol features; offer only
             # what existed then (no VERSION_1, packed rings, PROTOCOL_FEATURES, MTU...).
             self.offered_features &= draft_feature_mask(device.device_type)
+            self.offered_features &= ~int(VF.LOG_ALL)  # its SET_LOG_BASE is an address
             self.offered_protocol_features = 0
         self._decoder: FrameDecoder[FdT] = FrameDecoder(
             Direction.REQUESTS, request_names=dialect.request_names
@@ -247,6 +266,10 @@ class BackendConnection(Generic[FdT]):
         self._inflight_map: MappedBuffer | None = None
         self.log_base: int | None = None
         """The draft's SET_LOG_BASE address (a front-end address; logging is never on)."""
+        self.dirty_log: DirtyLog | None = None
+        """The log SET_LOG_BASE mapped (LOG_SHMFD), whether or not logging is on: it is
+        on (``mem.log`` is this log) only while VHOST_F_LOG_ALL is acked too."""
+        self._log_map: MappedBuffer | None = None
 
     def _release_session(self) -> None:
         for v in self.vrings:
@@ -260,7 +283,35 @@ class BackendConnection(Generic[FdT]):
         self.log_fd = None
         self.extra_fds = []
         self._drop_inflight()
+        self._drop_log()
         self._unmap(self.mem.clear())
+
+    def _drop_log(self) -> None:
+        """Unmap the dirty log (logging stops: nothing may write into it any more)."""
+        self.mem.log = None
+        if self.dirty_log is not None:
+            self.dirty_log.buf.release()
+            self.dirty_log = None
+        if self._log_map is not None:
+            self._log_map.close()
+            self._log_map = None
+
+    def _update_logging(self) -> None:
+        """Switch logging on or off after SET_LOG_BASE or SET_FEATURES.
+
+        vhost-user.rst "Live migration": the back-end logs its writes to guest memory
+        while VHOST_F_LOG_ALL is set, into the log SET_LOG_BASE supplied. Writes look the
+        log up at every write (``RegionTable.mark_dirty``) and every burst (the compiled
+        engine), so the change applies to the very next write, on every ring.
+        """
+        want = self.dirty_log if self.acked_features & VF.LOG_ALL else None
+        if self.mem.log is want:
+            return
+        self.mem.log = want
+        size = len(self.dirty_log.buf) if self.dirty_log is not None else 0
+        log.info("%s: dirty logging %s (log of %d bytes)", self.name,
+                 "on" if want is not None else "off", size)
+        self._notify(ev.LogChanged(want is not None, size))
 
     def _drop_inflight(self) -> None:
         if self.inflight is not None:
@@ -595,6 +646,7 @@ class BackendConnection(Generic[FdT]):
                     )
         self.features = p.value
         self._notify(ev.FeaturesAcked(p.value))
+        self._update_logging()
         out: list[ev.Event] = []
         if not p.value & VF.PROTOCOL_FEATURES:
             # vhost-user.rst: "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated,
@@ -767,7 +819,47 @@ class BackendConnection(Generic[FdT]):
             self.log_base = p.value
             log.info("%s: draft SET_LOG_BASE %#x", self.name, p.value)
             return []
-        raise RemoteProtocolError("dirty logging (LOG_SHMFD) is not offered by this back-end")
+        # vhost-user.rst SET_LOG_BASE: "When the back-end has VHOST_USER_PROTOCOL_F_LOG_SHMFD
+        # protocol feature, the log memory fd is provided in the ancillary data", with the
+        # area's size and offset in the payload. Without it there is no fd we could log
+        # into (the kernel's form is an address in the front-end's process).
+        if not self.has(PF.LOG_SHMFD):
+            raise RemoteProtocolError(
+                "a log fd without the LOG_SHMFD protocol feature negotiated"
+            )
+        size, offset = p.mmap_size, p.mmap_offset
+        # Everything is checked before anything is mapped (SECURITY.md: a hostile size
+        # must neither exhaust our address space nor wrap).
+        if size == 0:
+            raise RemoteProtocolError("log mmap_size is 0")
+        if size > MAX_LOG_BYTES:
+            raise RemoteProtocolError(
+                f"log mmap_size {size:#x} is larger than {MAX_LOG_BYTES:#x} bytes "
+                "(128 TiB of guest memory)"
+            )
+        if offset > MAX_LOG_BYTES or offset + size - 1 > U64_MAX:
+            raise RemoteProtocolError(
+                f"log mmap_offset {offset:#x} is larger than {MAX_LOG_BYTES:#x}"
+            )
+        # The host maps the fd from offset 0 for offset + size bytes (consumes the fd;
+        # GuestMemoryError, a NACK, if the file is smaller or cannot be mapped).
+        mapping = self.host.map_region(fds.pop(), mmap_offset=offset, size=size)
+        try:
+            dirty = DirtyLog(mapping.buf[offset : offset + size])
+        except ValueError as e:  # a read-only mapping: bits cannot be set in it
+            mapping.close()
+            raise RemoteProtocolError(f"log: {e}") from None
+        old_active = self.mem.log is not None
+        self._drop_log()
+        self.dirty_log, self._log_map = dirty, mapping
+        if old_active:
+            self.mem.log = dirty  # a resized log (more memory) replaces the old one at once
+        self._update_logging()
+        log.info("%s: dirty log of %d bytes mapped (offset %d)", self.name, size, offset)
+        # vhost-user.rst SET_LOG_BASE: with LOG_SHMFD the front-end waits for a reply,
+        # a u64 (QEMU's vhost_user_set_log_base reads it before going on); 0 = success.
+        self._reply(msg.request, P.U64.pack(0))
+        return []
 
     def _net_set_backend(
         self, p: P.DraftVringFile, msg: Message[FdT], fds: list[FdT]
@@ -809,7 +901,18 @@ class BackendConnection(Generic[FdT]):
     def _set_vring_addr(self, p: P.VringAddr, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
         v = self.vrings[p.index]
         if p.flags & P.VRING_F_LOG:
-            raise RemoteProtocolError(f"ring {p.index}: VHOST_VRING_F_LOG without LOG_ALL")
+            # vhost-user.rst "Live migration": with VHOST_VRING_F_LOG the ring's used-ring
+            # writes are logged at log_guest_addr (a guest-physical address), which must
+            # hold a whole used ring. LOG_ALL is offered in the current protocol only.
+            if not self.offered_features & VF.LOG_ALL:
+                raise RemoteProtocolError(
+                    f"ring {p.index}: VHOST_VRING_F_LOG, but VHOST_F_LOG_ALL was never offered"
+                )
+            if p.log % 4 or p.log + 6 + 8 * MAX_SPLIT_RING > U64_MAX:
+                raise RemoteProtocolError(
+                    f"ring {p.index}: log_guest_addr {p.log:#x} is not a 4-aligned "
+                    "used ring address"
+                )
         # virtio 1.2 §2.7: descriptor table 16-aligned, driver area 2, device area 4
         # (split); packed areas are 16 and 4.
         for what, addr, align in (("desc", p.desc, 16), ("avail", p.avail, 2 if not self.packed
@@ -849,6 +952,12 @@ class BackendConnection(Generic[FdT]):
         v = self.vrings[p.index]
         if not v.configured:
             raise RemoteProtocolError(f"ring {p.index} was never configured (or already stopped)")
+        if v.engine is not None:
+            # vhost-user.rst "Migrating back-end state" / GET_VRING_BASE: the ring stops
+            # and its index is handed over; the device first completes what it still holds
+            # (e.g. a disk's delayed requests), so that no popped request is left without
+            # its used entry when the destination resumes at this index.
+            self._notify(ev.VringStopping(p.index))
         base = v.engine.base() if v.engine is not None else v.base
         v.apply(RingEvent.GET_BASE)
         v.engine = None

@@ -82,6 +82,26 @@ class VringStarted(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class VringStopping(Event):
+    """GET_VRING_BASE is about to stop the ring: a device completes every request it
+    still holds on it now (delayed ones included), so that the base returned next is
+    consistent (vhost-user.rst "Migrating back-end state": the front-end resumes the
+    destination at that index, and a request popped but never completed would be lost)."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogChanged(Event):
+    """Dirty logging changed: ``active`` says whether writes to guest memory are logged
+    now (SET_LOG_BASE mapped a log and VHOST_F_LOG_ALL is acked); ``size`` is the log's
+    size in bytes (0 when none is mapped)."""
+
+    active: bool
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class VringStopped(Event):
     """GET_VRING_BASE stopped the ring; ``base`` is what was returned."""
 

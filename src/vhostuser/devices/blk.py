@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..connection.events import DeviceReset, VringEnabled, VringStarted, VringStopped
+from ..connection.events import (
+    DeviceReset,
+    VringEnabled,
+    VringStarted,
+    VringStopped,
+    VringStopping,
+)
 from ..errors import RingError
 from ..memory import RegionTable
 from ..protocol.enums import BlkFeature, DeviceType, ProtocolFeature
@@ -556,14 +562,43 @@ class BlkDevice(Device):
             chains.clear()  # no view of guest memory may outlive the session's mappings
         timers.clear()
 
+    def _drain_delayed(self, index: int) -> None:
+        """Carry out, now, every batch still waiting out the latency on queue ``index``
+        and publish their completions (GET_VRING_BASE: vhost-user.rst "Migrating back-end
+        state" hands the ring's index to a destination that will not see these requests
+        again, so each is completed before the ring stops). The latency is only a
+        simulated slowness: cutting it short changes no result."""
+        timers = self._delayed[index]
+        if not timers:
+            return
+        queues = self._queues
+        batches = list(timers.items())
+        timers.clear()
+        n = 0
+        for timer, chains in batches:
+            timer.cancel()
+            if queues is None or queues.ring(index) is None:
+                chains.clear()
+                continue
+            for chain in chains:
+                self._handle_chain(index, chain, True)
+            n += len(chains)
+            chains.clear()
+        self.flush_completions(index, notify=True)
+        log.info("queue %d: stopping; %d delayed requests completed first", index, n)
+
     def _drop_trackers(self) -> None:
         self._trackers.clear()
         self._resubmit.clear()
 
     def on_event(self, event: Event) -> None:
-        """Start tracking (and resubmit) when a ring starts; stop when it stops."""
+        """Start tracking (and resubmit) when a ring starts; complete every delayed
+        request when it is about to stop (GET_VRING_BASE); stop tracking when it stopped."""
         if isinstance(event, VringStarted):
             self._ring_started(event.index)
+        elif isinstance(event, VringStopping):
+            if 0 <= event.index < self.num_queues:
+                self._drain_delayed(event.index)
         elif isinstance(event, VringStopped):
             self._trackers.pop(event.index, None)
             self._resubmit.pop(event.index, None)

@@ -114,6 +114,8 @@ class SplitDeviceRing:
         indirect: VIRTIO_F_INDIRECT_DESC (bit 28) was negotiated.
         next_avail: SET_VRING_BASE ``num``: the next avail index to process.
         name: used in error messages (e.g. ``"ring 0"``).
+        used_log_gpa: where writes to the used ring are logged (SET_VRING_ADDR's
+            ``log_guest_addr`` when VHOST_VRING_F_LOG is set); default ``used_gpa``.
 
     ``used.idx`` is read from memory here, so a ring re-created after reconnect resumes
     where the previous back-end stopped (as libvhost-user and rust-vmm do on
@@ -147,6 +149,7 @@ class SplitDeviceRing:
         "_used_event_i",
         "_used_gpa",
         "_used_h",
+        "_used_log",
         "_used_w",
         "_view",
     )
@@ -163,6 +166,7 @@ class SplitDeviceRing:
         indirect: bool,
         next_avail: int = 0,
         name: str = "vring",
+        used_log_gpa: int | None = None,
     ) -> None:
         check_queue_size(size, name, power_of_two=True)
         if not 0 <= next_avail <= 0xFFFF:
@@ -184,6 +188,9 @@ class SplitDeviceRing:
         self._used_w = used[: 4 + 8 * size].cast("I")
         self._avail_gpa = avail_gpa
         self._used_gpa = used_gpa
+        # vhost-user.rst "Live migration": with VHOST_VRING_F_LOG, used-ring writes are
+        # logged at the ring's log_guest_addr; otherwise at the used ring's own address.
+        self._used_log = used_gpa if used_log_gpa is None else used_log_gpa
         self._used_event_i = 2 + size  # avail->used_event, in 16-bit units
         self._avail_event_i = 2 + 4 * size  # used->avail_event, in 16-bit units
         # The ring's mutable indices live in one small block (STATE_FIELDS) that the
@@ -193,7 +200,8 @@ class SplitDeviceRing:
         self._st[_UI] = self._used_h[1]
         self._chains: list[Chain | None] = [None] * size
         self._broken: str | None = None
-        self._view = (SPLIT_KIND, self._st, desc, self._avail_h, self._used_h, size, used_gpa)
+        self._view = (SPLIT_KIND, self._st, desc, self._avail_h, self._used_h, size,
+                      self._used_log)
         # _HELD: used elements written past the published used.idx (push(publish=False)).
         self._signalled_used = self._st[_UI]
         self._signalled_valid = False
@@ -597,7 +605,7 @@ class SplitDeviceRing:
         self._st[_UI] = u
         self._st[_NA] = (self._st[_NA] + taken) & 0xFFFF
         mark = self._mem.mark_dirty
-        gpa = self._used_gpa
+        gpa = self._used_log
         mark(gpa + 4 + 8 * s, 8 * first)
         if first < taken:
             mark(gpa + 4, 8 * (taken - first))
@@ -668,7 +676,7 @@ class SplitDeviceRing:
                 self._st[_PUSHED] = 1
             else:
                 self._st[_HELD] = 1
-            used_gpa = self._used_gpa
+            used_gpa = self._used_log
             s = start & mask
             if s + n <= size:
                 mark(used_gpa + 4 + 8 * s, 8 * n)
@@ -693,7 +701,7 @@ class SplitDeviceRing:
         self._used_h[1] = self._st[_UI]
         self._st[_HELD] = 0
         self._st[_PUSHED] = 1
-        self._mem.mark_dirty(self._used_gpa + 2, 2)
+        self._mem.mark_dirty(self._used_log + 2, 2)
 
     def should_notify(self) -> bool:
         """After :meth:`push`: must the driver be notified (call eventfd)?
@@ -729,7 +737,7 @@ class SplitDeviceRing:
         if self._broken is not None or self._event_idx:
             return
         self._used_h[0] = USED_F_NO_NOTIFY
-        self._mem.mark_dirty(self._used_gpa, 2)
+        self._mem.mark_dirty(self._used_log, 2)
 
     def enable_notifications(self) -> bool:
         """Ask the driver to kick again; return True if more work arrived meanwhile.
@@ -742,10 +750,10 @@ class SplitDeviceRing:
             return False
         if self._event_idx:
             self._used_h[self._avail_event_i] = self._st[_NA]
-            self._mem.mark_dirty(self._used_gpa + 4 + 8 * self._size, 2)
+            self._mem.mark_dirty(self._used_log + 4 + 8 * self._size, 2)
         else:
             self._used_h[0] = 0
-            self._mem.mark_dirty(self._used_gpa, 2)
+            self._mem.mark_dirty(self._used_log, 2)
         # Full barrier: orders the flags/avail_event store above before the avail.idx load
         # below, or a buffer published in between would get no kick (store->load).
         full_barrier()
