@@ -93,6 +93,8 @@ def check(id: str, meaning: str, spec: str, *, devices: tuple[str, ...] = ("net"
     def deco(fn: Callable[[Ctx], None]) -> Callable[[Ctx], None]:
         if any(c.id == id for c in CHECKS):
             raise ValueError(f"check id {id} is registered twice")
+        if fn.__doc__ is None:
+            fn.__doc__ = f"{id}: {meaning} [{spec}]"
         CHECKS.append(Check(id, meaning, spec, frozenset(devices), fn, timeout, restarts))
         return fn
     return deco

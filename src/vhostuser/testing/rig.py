@@ -917,9 +917,16 @@ class Rig:
             r.status = self.mem.read(r.status_gpa, 1)[0]
         return list(reqs)
 
-    def blk_io(self, vq: VQ, kind: int, sector: int = 0, **kw: object) -> BlkReq:
-        """One request, waited for (see :meth:`blk_request`)."""
-        req = self.blk_request(vq, kind, sector, **kw)  # type: ignore[arg-type]
+    def blk_io(self, vq: VQ, kind: int, sector: int = 0, *, data: bytes | None = None,
+               length: int = 0, layout: str = "standard", indirect: bool = False,
+               segment: bytes | None = None) -> BlkReq:
+        """One request, made available and waited for (see :meth:`blk_request`).
+
+        Raises:
+            CheckFailed: it did not complete in time.
+        """
+        req = self.blk_request(vq, kind, sector, data=data, length=length, layout=layout,
+                               indirect=indirect, segment=segment)
         self.blk_complete(vq, [req])
         return req
 
