@@ -819,6 +819,14 @@ class GuestVM:
     ``mem_path``/``mem_share`` put guest RAM in a file instead (QEMU's
     memory-backend-file), shared or not.
 
+    Live migration: ``qmp`` makes QEMU serve QMP on that unix socket path (for
+    ``migrate``, ``query-migrate``); ``incoming`` (e.g. ``"unix:/tmp/mig.sock"``) starts
+    QEMU as a migration destination (``-incoming``) that runs the guest it receives. A
+    destination must be built like its source (same NICs, MACs, disks, memory, CPUs):
+    pass the source's :attr:`nets` (their MACs are then kept). The guest's console
+    continues on the destination's :meth:`console`; commands submitted on the source keep
+    running in the migrated guest, their output arriving there.
+
     Use as a context manager: leaving it stops QEMU (SIGTERM, then SIGKILL) and reaps it.
     """
 
@@ -840,6 +848,8 @@ class GuestVM:
         extra_args: Sequence[str] = (),
         mem_path: str | os.PathLike[str] | None = None,
         mem_share: bool = True,
+        qmp: str | os.PathLike[str] | None = None,
+        incoming: str | None = None,
     ) -> None:
         if end not in ("poweroff", "shell", "hold"):
             raise ValueError(f"end {end!r} is not one of poweroff, shell, hold")
@@ -880,6 +890,12 @@ class GuestVM:
         self.extra_args = tuple(extra_args)
         self.mem_path = None if mem_path is None else os.fspath(mem_path)
         self.mem_share = mem_share
+        self.qmp = None if qmp is None else os.fspath(qmp)
+        if self.qmp is not None and "," in self.qmp:
+            raise ValueError(f"qmp socket path {self.qmp!r} contains a comma")
+        if incoming is not None and (not incoming or any(c.isspace() for c in incoming)):
+            raise ValueError(f"incoming {incoming!r} is empty or has spaces")
+        self.incoming = incoming
         if mem_path is None and not mem_share:
             raise ValueError("mem_share=False needs a mem_path (a memfd is always shared)")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -895,6 +911,8 @@ class GuestVM:
         self._log: IO[bytes] | None = None
         self._cmd_ids = itertools.count(1)
         self._since: dict[int, int] = {}
+        self._adopted: set[int] = set()  # commands started on a migration source
+        self._ready = False  # a migration destination takes commands at once
         self._write_lock = threading.Lock()
 
     # ---------------------------------------------------------------- command line
@@ -928,6 +946,10 @@ class GuestVM:
             "-append", self.append_line(),
             "-serial", "stdio", "-monitor", "none",
         ]
+        if self.qmp is not None:
+            argv += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
+        if self.incoming is not None:
+            argv += ["-incoming", self.incoming]
         for i, n in enumerate(self.nets):
             netdev = f"vhost-user,id=net{i},chardev=netc{i}"
             device = f"virtio-net-pci,netdev=net{i},mac={n.mac},romfile=,vectors=0"
@@ -1157,7 +1179,26 @@ class GuestVM:
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Wait until a ``end="shell"`` guest takes commands."""
+        if self._ready:
+            return
         self.wait_for(r"^VU-READY$", timeout)
+
+    def take_over(self, source: GuestVM) -> None:
+        """This VM is the destination ``source`` migrated to (QEMU's ``migrate``
+        completed): the guest's shell is ready here, later commands get new ids, and a
+        command submitted on ``source`` still running can be waited for here
+        (:meth:`wait_command`: its output is what arrived on this console).
+
+        Raises:
+            GuestError: this VM was not started as a migration destination.
+        """
+        if self.incoming is None:
+            raise GuestError(f"{self.name} was not started with incoming=")
+        self._ready = True
+        self._cmd_ids = source._cmd_ids
+        for cid in source._since:
+            self._since.setdefault(cid, 0)
+            self._adopted.add(cid)
 
     def submit(self, script: str, timeout: float = 90.0) -> int:
         """Start shell ``script`` in a ``end="shell"`` guest; return its id for
@@ -1187,6 +1228,9 @@ class GuestVM:
             KeyError: no such command was submitted.
         """
         since = self._since[cid]
+        if cid in self._adopted:  # begun on the migration source: the rest is here
+            end = self.wait_for(rf"^VU-END {cid} rc=(\d+)$", timeout, since=since)
+            return CommandResult(rc=int(end[1]), output=self.console()[since: end.start()])
         begin = self.wait_for(rf"^VU-BEGIN {cid}$", timeout, since=since)
         end = self.wait_for(rf"^VU-END {cid} rc=(\d+)$", timeout, since=begin.end())
         output = self.console()[begin.end() + 1: end.start()]

@@ -1,0 +1,190 @@
+"""Issue 10 acceptance (back-end role of live migration): a QEMU guest on our switch,
+pinging another guest, is live-migrated (QMP ``migrate`` over a unix socket) to a
+destination QEMU on another port of the same switch.
+
+QEMU 7.2 refuses to migrate a guest whose vhost-user back-end lacks VHOST_F_LOG_ALL /
+LOG_SHMFD ("vhost lacks VHOST_F_LOG_ALL feature"), so the migration itself needs the
+feature; the pings check the rest: every write the switch made into the guest's memory
+while its RAM was being copied was logged (the destination's rings and buffers are
+consistent: the guest's network keeps working), GET_VRING_BASE handed over a consistent
+index, and the switch learned the guest's MAC on its new port from QEMU's SEND_RARP
+(the other guest's pings are answered from the new place at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhostuser.cli.guest import GuestVM, NetPort, pick_subnet
+
+from .peers import QmpClient, require_peer, wait_for_socket
+from .test_vm_switch_restart import switch_process
+
+pytestmark = pytest.mark.interop
+
+BOOT_TIMEOUT = 150.0
+PINGS = 100
+INTERVAL = 0.2
+MIGRATE_AFTER = 15
+"""Replies each guest must have seen before the migration starts."""
+MAX_LOST = 8
+"""Pings that may be lost per direction (the migration's downtime, under TCG on a loaded
+machine, plus the RARP's way through the switch): a handful, not a run to the end."""
+MEM_MB = 128
+MIGRATE_BANDWIDTH = 48 << 20
+"""Bytes per second QEMU may send: 128 MiB of guest RAM take about two seconds."""
+_REPLY = re.compile(r"bytes from [0-9.]+: seq=(\d+) ")
+
+
+class Replies:
+    """Host-side arrival times of the ping replies a guest prints (``seq=N``), from the
+    consoles of both the source and the destination of a migration."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def on_line(self, line: str) -> None:
+        """GuestVM's console callback (runs on a reader thread)."""
+        m = _REPLY.search(line)
+        if m is not None:
+            with self._lock:
+                self.at.setdefault(int(m[1]), time.monotonic())
+
+    def seen(self) -> int:
+        """Replies so far."""
+        with self._lock:
+            return len(self.at)
+
+    def after(self, t: float) -> list[int]:
+        """Sequence numbers of the replies that arrived after monotonic time ``t``."""
+        with self._lock:
+            return sorted(seq for seq, at in self.at.items() if at > t)
+
+
+@contextlib.contextmanager
+def _sockets(*paths: str) -> Iterator[None]:
+    """Wait for the switch to listen on every path (QEMU connects once, at start)."""
+    for p in paths:
+        wait_for_socket(p, 30.0)
+    yield
+
+
+def _wait(cond: Any, timeout: float, what: str, tail: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tail()}")
+        time.sleep(0.05)
+
+
+def _migrate(qmp_path: Path, uri: str, timeout: float) -> dict[str, Any]:
+    """Run ``migrate`` on the source's QMP socket and wait for it to complete; return the
+    last ``query-migrate`` answer.
+
+    Raises:
+        AssertionError: it failed, was cancelled or did not complete in ``timeout`` s.
+    """
+    with QmpClient(qmp_path, timeout=30.0) as qmp:
+        # A modest bandwidth: copying the guest's RAM takes a second or two, so that the
+        # switch writes frames into it meanwhile (which only the dirty log tells QEMU of).
+        qmp.execute("migrate-set-parameters", **{"max-bandwidth": MIGRATE_BANDWIDTH,
+                                                 "downtime-limit": 300})
+        qmp.execute("migrate", uri=uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise AssertionError(f"migration {status}: {json.dumps(info)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"migration not complete after {timeout} s: "
+                                     f"{json.dumps(info)}")
+            time.sleep(0.1)
+
+
+def test_guest_migrates_to_another_switch_port(no_leaks: Any, sock_dir: Path) -> None:
+    """Guest A (port vm1) and guest B (port vm2) ping each other, 5 pings a second. Once
+    both saw 15 replies, A is live-migrated to a destination QEMU waiting on port
+    vm1-dest. The migration completes; each direction loses at most a handful of pings;
+    both pings run to their last sequence number, A's replies now arriving on the
+    destination's console and B's requests reaching A at its new port, which the switch
+    learned from the destination's RARP announcement."""
+    require_peer("qemu")
+    require_peer("guest")
+    net = pick_subnet()
+    p1, p2, p3 = (str(sock_dir / f"p{i}.sock") for i in (1, 2, 3))
+    mig = sock_dir / "mig.sock"
+    stats = sock_dir / "stats.json"
+    args = ["--port", f"{p1},name=vm1", "--port", f"{p2},name=vm2",
+            "--port", f"{p3},name=vm1-dest", "--stats-json", str(stats),
+            "--stats-interval", "0.5", "-v"]
+    ra, rb = Replies(), Replies()
+    src = GuestVM(nets=[NetPort(socket=p1)], end="shell", on_line=ra.on_line, mem_mb=MEM_MB,
+                  params={"ip": f"{net}.1/24"}, qmp=sock_dir / "src.qmp", name="vm1-src")
+    # The destination is built like the source: the same NIC (MAC), memory and guest.
+    dst = GuestVM(nets=[NetPort(socket=p3, mac=src.nets[0].mac)], end="shell",
+                  on_line=ra.on_line, mem_mb=MEM_MB, params={"ip": f"{net}.1/24"},
+                  qmp=sock_dir / "dst.qmp", name="vm1-dst", incoming=f"unix:{mig}")
+    with switch_process(args, sock_dir / "switch.log") as sw, \
+            _sockets(p1, p2, p3), \
+            GuestVM(nets=[NetPort(socket=p2)], end="shell", on_line=rb.on_line,
+                    mem_mb=MEM_MB, params={"ip": f"{net}.2/24"}) as b, src, dst:
+        def tail() -> str:
+            return (f"--- switch ---\n{sw.tail()}\n--- source ---\n{src.tail(15)}\n"
+                    f"--- destination ---\n{dst.tail(15)}\n--- B ---\n{b.tail(10)}")
+
+        for vm, peer in ((src, f"{net}.2"), (b, f"{net}.1")):
+            first = vm.run(f"vu_ping {peer} 2 60 0.2", timeout=BOOT_TIMEOUT)
+            reach = [r for r in first.results if r.name == "reach"]
+            assert reach and reach[0]["ok"] == "1", first.output + tail()
+        ra.at.clear()
+        rb.at.clear()
+        ping = f"ping -c {PINGS} -i {INTERVAL} -W 2 {{peer}}; true"
+        ca = src.submit(ping.format(peer=f"{net}.2"))
+        cb = b.submit(ping.format(peer=f"{net}.1"))
+        _wait(lambda: ra.seen() >= MIGRATE_AFTER and rb.seen() >= MIGRATE_AFTER, 90,
+              "replies before the migration", tail)
+        t_start = time.monotonic()
+        info = _migrate(sock_dir / "src.qmp", f"unix:{mig}", 120.0)
+        t_done = time.monotonic()
+        dst.take_over(src)
+        done_a = dst.wait_command(ca, PINGS * INTERVAL + 90)
+        done_b = b.wait_command(cb, PINGS * INTERVAL + 90)
+        ports = {p["name"]: p for p in json.loads(stats.read_text())["ports"]}
+        switch_log = (sock_dir / "switch.log").read_text(errors="replace")
+        assert sw.alive(), tail()
+        assert dst.poweroff() == 0, tail()
+        assert b.poweroff() == 0, tail()
+    print(f"migration: {t_done - t_start:.2f} s, downtime {info.get('downtime')} ms, "
+          f"ram {json.dumps(info.get('ram', {}))}")
+    mac = src.nets[0].mac
+    assert mac is not None
+    print("\n".join(line for line in switch_log.splitlines() if "dirty" in line))
+    # The source's session logged its writes while RAM was copied (LOG_ALL + SET_LOG_BASE).
+    assert re.search(r"p1\.sock#\d+: dirty logging on", switch_log), switch_log
+    # QEMU's announcement after the migration reached the switch on the new port.
+    assert re.search(rf"vm1-dest: RARP announcement for {mac}", switch_log, re.I), switch_log
+    assert ports["vm1-dest"]["rx_frames"] > 0 and ports["vm1-dest"]["tx_frames"] > 0, ports
+    for name, replies, done in (("A->B", ra, done_a), ("B->A", rb, done_b)):
+        got = sorted(replies.at)
+        missing = sorted(set(range(PINGS)) - set(got))
+        late = replies.after(t_done)
+        print(f"{name}: {len(got)}/{PINGS} replies, lost {missing}, {len(late)} after the "
+              "migration")
+        assert f"{PINGS} packets transmitted" in done.output, done.output
+        assert len(missing) <= MAX_LOST, f"{name}: lost {missing}\n{done.output}"
+        assert PINGS - 1 in replies.at, f"{name}: pings did not go on to the end"
+        # Replies kept coming from the new place, for a good while after the switch-over.
+        assert len(late) >= 10, f"{name}: only {late} after the migration"
