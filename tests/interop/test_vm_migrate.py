@@ -4,17 +4,20 @@ destination QEMU on another port of the same switch.
 
 QEMU 7.2 refuses to migrate a guest whose vhost-user back-end lacks VHOST_F_LOG_ALL /
 LOG_SHMFD ("vhost lacks VHOST_F_LOG_ALL feature"), so the migration itself needs the
-feature; the pings check the rest: every write the switch made into the guest's memory
-while its RAM was being copied was logged (the destination's rings and buffers are
-consistent: the guest's network keeps working), GET_VRING_BASE handed over a consistent
+feature. The destination is started paused (``-S``): once the migration completed, the
+source is stopped and the destination not yet running, so both guests' RAM (their memfds,
+read through /proc) must be byte for byte the same; a page the switch wrote while RAM was
+being copied and did not log would differ (QEMU would not have sent it again). Then the
+destination runs, and the pings check the rest: GET_VRING_BASE handed over a consistent
 index, and the switch learned the guest's MAC on its new port from QEMU's SEND_RARP
-(the other guest's pings are answered from the new place at once).
+(the other guest's pings are answered from the new place).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import threading
 import time
@@ -87,6 +90,31 @@ def _wait(cond: Any, timeout: float, what: str, tail: Any) -> None:
         time.sleep(0.05)
 
 
+def _guest_ram(pid: int, size: int) -> bytes:
+    """The guest RAM of QEMU ``pid``: its ``memory-backend-memfd`` (a memfd of ``size``
+    bytes) read through /proc/PID/fd."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for entry in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if (os.readlink(entry).startswith("/memfd:memory-backend-memfd")
+                    and entry.stat().st_size == size):
+                with open(entry, "rb") as f:
+                    return f.read()
+    raise AssertionError(f"QEMU {pid} has no memory-backend-memfd of {size} bytes")
+
+
+def _differing_pages(a: bytes, b: bytes) -> list[int]:
+    """4 KiB page numbers where ``a`` and ``b`` differ (compared 1 MiB at a time)."""
+    assert len(a) == len(b), (len(a), len(b))
+    out: list[int] = []
+    step = 1 << 20
+    for off in range(0, len(a), step):
+        if a[off:off + step] != b[off:off + step]:
+            out += [p // 4096 for p in range(off, min(off + step, len(a)), 4096)
+                    if a[p:p + 4096] != b[p:p + 4096]]
+    return out
+
+
 def _migrate(qmp_path: Path, uri: str, timeout: float) -> dict[str, Any]:
     """Run ``migrate`` on the source's QMP socket and wait for it to complete; return the
     last ``query-migrate`` answer.
@@ -136,7 +164,8 @@ def test_guest_migrates_to_another_switch_port(no_leaks: Any, sock_dir: Path) ->
     # The destination is built like the source: the same NIC (MAC), memory and guest.
     dst = GuestVM(nets=[NetPort(socket=p3, mac=src.nets[0].mac)], end="shell",
                   on_line=ra.on_line, mem_mb=MEM_MB, params={"ip": f"{net}.1/24"},
-                  qmp=sock_dir / "dst.qmp", name="vm1-dst", incoming=f"unix:{mig}")
+                  qmp=sock_dir / "dst.qmp", name="vm1-dst", incoming=f"unix:{mig}",
+                  extra_args=["-S"])  # stays paused after the migration, until "cont"
     with switch_process(args, sock_dir / "switch.log") as sw, \
             _sockets(p1, p2, p3), \
             GuestVM(nets=[NetPort(socket=p2)], end="shell", on_line=rb.on_line,
@@ -158,7 +187,16 @@ def test_guest_migrates_to_another_switch_port(no_leaks: Any, sock_dir: Path) ->
               "replies before the migration", tail)
         t_start = time.monotonic()
         info = _migrate(sock_dir / "src.qmp", f"unix:{mig}", 120.0)
+        assert src.proc is not None and dst.proc is not None
+        with QmpClient(sock_dir / "dst.qmp", timeout=30.0) as qmp:
+            _wait(lambda: qmp.execute("query-status")["status"] == "paused", 30,
+                  "the destination to hold the migrated guest", tail)
+            ram_src = _guest_ram(src.proc.pid, MEM_MB << 20)
+            ram_dst = _guest_ram(dst.proc.pid, MEM_MB << 20)
+            qmp.execute("cont")
         t_done = time.monotonic()
+        differ = _differing_pages(ram_src, ram_dst)
+        del ram_src, ram_dst
         dst.take_over(src)
         done_a = dst.wait_command(ca, PINGS * INTERVAL + 90)
         done_b = b.wait_command(cb, PINGS * INTERVAL + 90)
@@ -169,6 +207,8 @@ def test_guest_migrates_to_another_switch_port(no_leaks: Any, sock_dir: Path) ->
         assert b.poweroff() == 0, tail()
     print(f"migration: {t_done - t_start:.2f} s, downtime {info.get('downtime')} ms, "
           f"ram {json.dumps(info.get('ram', {}))}")
+    # Every page written by anyone (the guest, QEMU, our switch) reached the destination.
+    assert differ == [], f"{len(differ)} guest pages differ after the migration: {differ[:40]}"
     mac = src.nets[0].mac
     assert mac is not None
     print("\n".join(line for line in switch_log.splitlines() if "dirty" in line))
