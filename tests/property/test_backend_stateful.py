@@ -47,7 +47,11 @@ fd, shared-mapping and thread counts (``vhostuser.io.fdcount``) are back to the 
 without the garbage collector's help.
 
 When a session ends for a violation, the next step starts a new one (with a handshake
-most of the time), so long sequences keep exercising live sessions.
+most of the time), so long sequences keep exercising live sessions. The shell's
+per-message deadline (``MESSAGE_DEADLINE``, 5 s) is raised to an hour while the shell
+machine runs: whether a partial message outlives it depends on how loaded the machine
+is, and a run must not depend on the clock (Hypothesis replays examples); the deadline
+has its own test in tests/kernel/test_backend_hostile.py.
 
 Budget: ``VHOSTUSER_STATEFUL_EXAMPLES`` (default 30) and ``VHOSTUSER_STATEFUL_STEPS``
 (default 40) per machine; raise them to hunt, e.g. 500 and 80.
@@ -88,6 +92,7 @@ from vhostuser.devices.base import Device
 from vhostuser.devices.blk import BlkDevice, MemoryBackend
 from vhostuser.devices.net import NullNetDevice, VirtioNetDevice
 from vhostuser.errors import RemoteProtocolError
+from vhostuser.io import backend as io_backend
 from vhostuser.io import fdcount
 from vhostuser.io.backend import BackendSession, ShellHost
 from vhostuser.io.fdpass import OwnedFd
@@ -1687,6 +1692,8 @@ class ShellMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        self._deadline = io_backend.MESSAGE_DEADLINE
+        io_backend.MESSAGE_DEADLINE = 3600.0  # see the module docstring
         reap_deferred()
         self.before = fdcount.snapshot()
         self.fds = FdMaker()
@@ -1763,8 +1770,11 @@ class ShellMachine(RuleBasedStateMachine):
         self._open(data)
 
     def teardown(self) -> None:
-        if self.session is not None:
-            self._close()
+        try:
+            if self.session is not None:
+                self._close()
+        finally:
+            io_backend.MESSAGE_DEADLINE = self._deadline
 
     # -- I/O --------------------------------------------------------------------------------
     def _check_session(self) -> None:
