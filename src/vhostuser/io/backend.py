@@ -526,7 +526,7 @@ class BackendSession:
         reactor iteration; a burst is bounded by the budget, so other fds still get
         their turn)."""
         runner = self._runner(index)
-        if runner is None:
+        if runner is None or not self.device.consumes(index):
             return
         if runner.poll:
             if self.conn.vrings[index].started:
@@ -550,6 +550,11 @@ class BackendSession:
         ring = self.ring(index)
         if ring is None:
             runner.forget()
+            return 0
+        if not self.device.consumes(index):
+            # Asked again at every step, not only when the runner was made: a queue the
+            # device holds (a disabled blk queue) keeps its requests until enabled.
+            runner.hold(ring)
             return 0
         v = self.conn.vrings[index]
         try:

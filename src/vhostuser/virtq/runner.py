@@ -142,6 +142,15 @@ class QueueRunner:
             return True
         return False
 
+    def hold(self, ring: Any) -> None:
+        """The device does not take from the queue now (``Device.consumes`` is False: a
+        disabled blk queue): nothing is scheduled, and kicks are left on, so the driver's
+        buffers stay on the ring until the queue is woken again (enabled)."""
+        self.scheduled = False
+        if self._suppressed:
+            self._suppressed = False
+            ring.enable_notifications()
+
     def forget(self) -> None:
         """The ring stopped or was replaced: drop the reference to it (its views of guest
         memory must not outlive the mapping) and cancel the pending step's meaning."""
