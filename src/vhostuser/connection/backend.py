@@ -856,8 +856,10 @@ class BackendConnection(Generic[FdT]):
             self.mem.log = dirty  # a resized log (more memory) replaces the old one at once
         self._update_logging()
         log.info("%s: dirty log of %d bytes mapped (offset %d)", self.name, size, offset)
-        # vhost-user.rst SET_LOG_BASE: with LOG_SHMFD the front-end waits for a reply,
-        # a u64 (QEMU's vhost_user_set_log_base reads it before going on); 0 = success.
+        # With LOG_SHMFD the front-end waits for a reply to SET_LOG_BASE (QEMU's
+        # vhost_user_set_log_base reads one and checks only its request id; vhost-user.rst
+        # names no reply payload). Like libvhost-user we answer with a u64, 0 = success
+        # (the rule table's Reply.IF_LOG_SHMFD), which also serves as the REPLY_ACK ack.
         self._reply(msg.request, P.U64.pack(0))
         return []
 
