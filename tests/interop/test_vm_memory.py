@@ -43,30 +43,37 @@ def _two_ports(p1: str, p2: str) -> Any:
     return setup
 
 
+@pytest.mark.parametrize("when", ["at-boot", "later"])
 def test_unshared_guest_memory_is_diagnosed(no_leaks: Any, sock_dir: Path,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+                                            caplog: pytest.LogCaptureFixture,
+                                            when: str) -> None:
     """The seed's ``-mem-path`` without share: pings from that guest are all lost and the
-    switch names the cause once."""
+    switch names the cause once, whether the guest pings as soon as its link is up (its
+    kicks then come right after QEMU's start-up kicks) or a while later."""
     _require_guest()
     caplog.set_level(logging.WARNING, logger="vhostuser.io.backend")
     net = pick_subnet()
     p1, p2 = str(sock_dir / "p1.sock"), str(sock_dir / "p2.sock")
+    early: dict[str, str | int] = (
+        {"peer": f"{net}.2", "ping": 3, "wait": 3} if when == "at-boot" else {})
     with SwitchThread(_two_ports(p1, p2)) as st:
         with GuestVM(nets=[NetPort(socket=p1)], mem_path=SHM, mem_share=False, end="shell",
-                     params={"ip": f"{net}.1/24"}) as a, \
+                     params={"ip": f"{net}.1/24", **early}) as a, \
              GuestVM(nets=[NetPort(socket=p2)], end="shell",
                      params={"ip": f"{net}.2/24"}) as b:
-            a.wait_ready(BOOT_TIMEOUT)
-            b.wait_ready(BOOT_TIMEOUT)
-            r = a.run(f"vu_ping {net}.2 3 5", timeout=60)
-            ping = next(x for x in r.results if x.name == "ping")
+            if early:
+                ping = a.wait_result("ping", BOOT_TIMEOUT)
+            else:
+                a.wait_ready(BOOT_TIMEOUT)
+                r = a.run(f"vu_ping {net}.2 3 5", timeout=60)
+                ping = next(x for x in r.results if x.name == "ping")
             assert ping.int("received") == 0, ping.line  # nothing gets through
             a.stop()
             assert b.poweroff() == 0
         assert not st.errors, st.errors
     said = [x.getMessage() for x in caplog.records if UNSHARED in x.getMessage()]
     assert len(said) == 1, said
-    assert "share=on" in said[0]
+    assert "p1.sock" in said[0] and "share=on" in said[0]  # the guest at fault, only
 
 
 def test_truncated_guest_memory_ends_only_that_port(no_leaks: Any, sock_dir: Path,

@@ -59,18 +59,22 @@ MESSAGE_DEADLINE = 5.0
 """Seconds a started message may take to arrive whole (SECURITY.md rule 6)."""
 
 UNSHARED_GRACE = 1.0
-"""Seconds after a kick fd is set during which kicks are not taken as a sign of unshared
-memory: QEMU kicks every ring once when it starts it, before the driver published
-anything (so that no kick is lost across the switch of notifiers)."""
+"""Seconds after a kick fd is set during which a ring's first empty kick is not taken as
+a sign of unshared memory: QEMU kicks every ring once when it starts it, before the
+driver published anything (so that no kick is lost across the switch of notifiers)."""
+
+UNSHARED_GAP = 0.05
+"""A second empty kick on the same ring at least this long after its first one counts
+even within the grace period: QEMU's start-up kick comes once per ring."""
 
 UNSHARED_KICKS = 1
-"""Kicks that found nothing, with no ring ever having moved and arriving after
-:data:`UNSHARED_GRACE`, after which a session says (once) that the guest's memory is
-probably not shared with us. A driver kicks only after publishing a buffer, so such a
-kick means we look at a copy of guest RAM the guest does not write (QEMU's RAM mapped
-MAP_PRIVATE). One is enough, and needed: such a driver kicks each ring about once, since
-with EVENT_IDX it reads our ``avail_event`` from its own copy, where it stays 0 (virtio
-1.2 2.7.10)."""
+"""Kicks that found nothing, with no ring ever having moved (and past the start-up kicks:
+:data:`UNSHARED_GRACE`, :data:`UNSHARED_GAP`), after which a session says (once) that the
+guest's memory is probably not shared with us. A driver kicks only after publishing a
+buffer, so such a kick means we look at a copy of guest RAM the guest does not write
+(QEMU's RAM mapped MAP_PRIVATE). One is enough, and needed: such a driver kicks each ring
+about once, since with EVENT_IDX it reads our ``avail_event`` from its own copy, where it
+stays 0 (virtio 1.2 2.7.10)."""
 
 LOOP_WINDOW = 2.0
 LOOP_SESSIONS = 20
@@ -223,6 +227,7 @@ class BackendSession:
         self._work_seen = False
         self._first_avail: dict[int, int] = {}  # ring -> next_avail when it started
         self._kick_set_at = 0.0  # reactor time the last kick fd was set
+        self._empty_kick_at: dict[int, float] = {}  # ring -> time of its first empty kick
         reactor.add_reader(sock.fileno(), self._on_readable)
         device.attach(self)
 
@@ -477,8 +482,12 @@ class BackendSession:
                                      != self._first_avail.get(i, ring.next_avail)):
                 self._work_seen = True
                 return
-        if self.ring(index) is None or self.reactor.time() - self._kick_set_at < UNSHARED_GRACE:
+        if self.ring(index) is None:
             return
+        now = self.reactor.time()
+        first = self._empty_kick_at.setdefault(index, now)
+        if now - self._kick_set_at < UNSHARED_GRACE and now - first < UNSHARED_GAP:
+            return  # maybe QEMU's start-up kick
         self.empty_kicks += 1
         if self.empty_kicks == UNSHARED_KICKS:
             log.warning(
