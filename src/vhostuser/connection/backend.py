@@ -438,10 +438,13 @@ class BackendConnection(Generic[FdT]):
     def _handle(self, msg: Message[FdT]) -> list[ev.Event]:
         fds = list(msg.fds)
         nfds = len(fds)
-        log.debug(
-            "%s: <- %s flags=%#x size=%d fds=%d",
-            self.name, msg.request, msg.flags, len(msg.payload), nfds,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            known = meaning_of(self.dialect, msg.request)
+            log.debug(
+                "%s: <- %s flags=%#x size=%d fds=%d", self.name,
+                known.name if known is not None else f"request {msg.request}", msg.flags,
+                len(msg.payload), nfds,
+            )
         req: Meaning | None = None
         parsed = False
         self._early = []
@@ -924,7 +927,10 @@ class BackendConnection(Generic[FdT]):
                     f"ring {p.index}: {what} address {addr:#x} is not {align}-byte aligned"
                 )
         if len(self.mem) == 0:
-            raise RemoteProtocolError(f"ring {p.index}: addresses set before any memory table")
+            raise RemoteProtocolError(
+                f"ring {p.index}: addresses set before any memory table (a front-end whose "
+                "guest RAM cannot be shared sends none; QEMU needs -object "
+                "memory-backend-memfd,id=mem,size=SIZE,share=on -numa node,memdev=mem)")
         n = v.num or 1
         for what, addr, length in (("desc", p.desc, 16 * n), ("avail", p.avail, 4),
                                    ("used", p.used, 4)):
