@@ -3,7 +3,7 @@
 # qemu-storage-daemon, a guest kernel and busybox; tcpdump to read the switch's captures)
 # from Debian 12's own packages.
 # Idempotent: when every package is installed and every binary is present it does nothing.
-# See shared INTEROP.md for why each package is named (the DPDK PMDs are only Recommends).
+# The DPDK PMDs are named explicitly: the dpdk package only recommends them.
 set -euo pipefail
 
 PACKAGES=(

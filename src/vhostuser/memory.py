@@ -8,7 +8,7 @@ production, a ``bytearray`` in tests) and translates:
 * guest-physical addresses (``GPA``: descriptor buffers) and
 * front-end virtual addresses (``FrontendVA``: ring addresses from SET_VRING_ADDR)
 
-into ``memoryview`` slices, bounds-checked against the region (SECURITY.md rule 5: "every
+into ``memoryview`` slices, bounds-checked against the region (docs/security.md rule 5: "every
 guest address is translated through one function that clamps to the region and splits
 across regions").
 

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.interop
 T = TypeVar("T")
 
 # What these exact peer versions offer (DPDK 22.11 net_vhost, QEMU 7.2 qemu-storage-daemon),
-# as recorded in ../shared/traces/.
+# as recorded in tests/data/traces/.
 DPDK_VHOST_FEATURES = 0xD7C66E7CB
 DPDK_VHOST_PROTOCOL_FEATURES = 0x10CBF
 QSD_BLK_FEATURES = 0x175007E46
@@ -173,7 +173,7 @@ def test_backend_with_qemu(no_leaks: Any, sock_dir: Path, qemu_listens: bool) ->
 
 def _check_qemu(srv: ServerThread) -> dict[str, Any]:
     # QEMU 7.2 without a guest: features and protocol features negotiated, owner set,
-    # call/err fds for both rings, and both rings enabled (PROTOCOL.md, INTEROP.md).
+    # call/err fds for both rings, and both rings enabled (vhost-user.rst, and what QEMU 7.2 does).
     st = wait_state(srv, lambda s: all(s["enabled"]), 30, "QEMU to enable both rings")
     assert st["protocol_features"] & ProtocolFeature.REPLY_ACK
     assert "BackendChannelSet" in st["events"]

@@ -1,4 +1,4 @@
-"""A real BackendServer under hostile control-plane input (SECURITY.md "Cases").
+"""A real BackendServer under hostile control-plane input (docs/security.md "Cases").
 
 The server (a NullNetDevice on a Reactor run in a background thread) is driven with raw
 bytes and real fds (``socket.send_fds``) over AF_UNIX. For every case: a NACK when

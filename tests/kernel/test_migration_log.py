@@ -2,7 +2,7 @@
 ``map_region``): a good log is mapped, answered with a u64 0 and unmapped when the session
 ends; a hostile one (too big, past its fd, read-only, wrapping) gets a NACK, the
 connection is closed, nothing stays mapped or open (/proc/self counts flat), and the
-server goes on serving (SECURITY.md "Cases").
+server goes on serving (docs/security.md "Cases").
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ DELIVERY_ACK = st.tuples(st.booleans(), MUTATIONS, st.sampled_from([False] * 3 +
 DELIVERY_NO_ACK = st.tuples(st.sampled_from([False, False, True]), MUTATIONS,
                             st.sampled_from([False] * 3 + [True]))
 
-#: Where QEMU sets NEED_REPLY when REPLY_ACK is negotiated (PROTOCOL.md §7).
+#: Where QEMU sets NEED_REPLY when REPLY_ACK is negotiated (QEMU vhost-user.c, with REPLY_ACK).
 QEMU_NEED_REPLY = frozenset({R.SET_MEM_TABLE, R.ADD_MEM_REG, R.REM_MEM_REG, R.SET_VRING_KICK,
                              R.SET_VRING_CALL, R.SET_VRING_ERR, R.NET_SET_MTU,
                              R.SET_VRING_ENABLE, R.SET_FEATURES, R.SET_VRING_ADDR})

@@ -986,7 +986,7 @@ def test_rem_mem_reg_of_a_missing_region(ready: Setup) -> None:
 
 def test_rem_mem_reg_with_the_fd_older_qemu_sends(ready: Setup) -> None:
     """QEMU <= 7.0 sends the region's fd with REM_MEM_REG; libvhost-user accepts and closes
-    it (PROTOCOL.md §4: "no fd (close one if it arrives)")."""
+    it (REM_MEM_REG takes no fd; one that arrives is closed)."""
     conn, host, _f, fds = ready
     feed(conn, req(R.ADD_MEM_REG, _slot(0)), fds.take(1))
     extra = fds.one()

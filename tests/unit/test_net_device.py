@@ -459,7 +459,7 @@ def test_broken_transmit_ring_is_reported_not_raised(fast: bool) -> None:
     sink = Collect()
     rig = Rig(V1 | MRG, sink=sink, fast=fast)
     rig.tx([FRAME])
-    # A head outside the queue behind a good chain (SECURITY.md "Rings"): the good frame
+    # A head outside the queue behind a good chain (docs/security.md "Rings"): the good frame
     # is forwarded, then the ring breaks at the bad entry.
     drv = rig.drivers[1]
     avail = drv._avail_h

@@ -1,4 +1,5 @@
-"""Golden byte vectors for every payload layout (PROTOCOL.md §3) and the real traces.
+"""Golden byte vectors for every payload layout (vhost-user.rst "Message types") and the
+real traces.
 
 Every expected byte string below was written out by hand from the struct layouts
 (little-endian, packed, C sizeof), never produced by the code under test.

@@ -1,4 +1,4 @@
-"""The rule table is complete and the numbers are pinned to PROTOCOL.md (ids 1-43, bits 0-19)."""
+"""The rule table is complete and the numbers are pinned to vhost-user.rst (ids 1-43, bits 0-19)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from vhostuser.protocol.enums import (
 )
 from vhostuser.protocol.table import BACKEND_RULES, FRONTEND_RULES, Fds, Reply
 
-# PROTOCOL.md §4, ids 1-43 (44 and 45 moved while being merged: "check against the peer").
+# vhost-user.rst "Front-end message types", ids 1-43 (44 and 45 moved while being
+# merged: check them against the peer).
 FRONTEND_IDS = {
     "GET_FEATURES": 1,
     "SET_FEATURES": 2,
@@ -66,7 +67,7 @@ FRONTEND_IDS = {
     "CHECK_DEVICE_STATE": 43,
 }
 
-# PROTOCOL.md §5; 9 and 10 are new.
+# vhost-user.rst "Back-end message types"; 9 and 10 are new.
 BACKEND_IDS = {
     "IOTLB_MSG": 1,
     "CONFIG_CHANGE_MSG": 2,
@@ -78,7 +79,7 @@ BACKEND_IDS = {
     "SHARED_OBJECT_LOOKUP": 8,
 }
 
-# PROTOCOL.md §6, bits 0-19 (20-23 are "check against the peer").
+# vhost-user.rst "Protocol features", bits 0-19 (20-23 are "check against the peer").
 PROTOCOL_BITS = {
     "MQ": 0,
     "LOG_SHMFD": 1,
@@ -167,7 +168,7 @@ def test_frontend_ids_1_to_43_pinned() -> None:
 
 
 def test_new_frontend_ids_follow_qemu_merged_enum() -> None:
-    # PROTOCOL.md §4: QEMU's merged enum has 44 = GET_SHMEM_CONFIG, 45 = SKIP_DRAIN.
+    # QEMU's merged enum has 44 = GET_SHMEM_CONFIG, 45 = SKIP_DRAIN.
     assert FrontendRequest.GET_SHMEM_CONFIG.value == 44
     assert FrontendRequest.GET_VRING_BASE_SKIP_DRAIN.value == 45
     assert max(FrontendRequest) == 45
@@ -205,14 +206,14 @@ def test_draft_ids_pinned() -> None:
         assert DraftTextRequest[name] == value, name
 
 
-# -- rules that PROTOCOL.md states ----------------------------------------------------------
+# -- rules that vhost-user.rst states ----------------------------------------------------------
 
 R = FrontendRequest
 PF = ProtocolFeature
 
 
 def test_requests_that_always_reply() -> None:
-    # PROTOCOL.md §4 "(R)": always a reply.
+    # vhost-user.rst: requests that always have a reply.
     for r in (R.GET_FEATURES, R.GET_VRING_BASE, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM,
               R.GET_CONFIG, R.GET_MAX_MEM_SLOTS):
         assert FRONTEND_RULES[r].reply is Reply.ALWAYS, r.name
@@ -253,7 +254,7 @@ def test_fd_rules() -> None:
 
 
 def test_rem_mem_reg_tolerates_the_fd_older_qemu_sends() -> None:
-    """PROTOCOL.md §4: REM_MEM_REG "no fd (close one if it arrives)".
+    """REM_MEM_REG takes no fd (QEMU up to 7.0 sent one: it is closed if it arrives).
 
     QEMU up to 7.0 sent the region's fd with REM_MEM_REG (``vhost_user_write(dev, msg,
     &fd, 1)`` in send_remove_regions, changed by Kevin Wolf in 2022); libvhost-user keeps

@@ -35,7 +35,7 @@ R = FrontendRequest
 
 
 def _traces_dir() -> Path:
-    """The recorded traces: a copy of shared/traces kept in tests/data/traces."""
+    """The recorded traces (tests/data/traces, or $VHOSTUSER_TRACES)."""
     env = os.environ.get("VHOSTUSER_TRACES")
     if env:
         return Path(env)

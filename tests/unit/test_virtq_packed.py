@@ -1,4 +1,4 @@
-"""Packed ring device side: SECURITY.md "Rings" cases, wrap counters, base, notifications."""
+"""Packed ring device side: docs/security.md "Rings" cases, wrap counters, base, notifications."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def test_wrap_zero_lap_pattern() -> None:
     assert [c.head for c in dev.pop(8)] == [0]
 
 
-# -- SECURITY.md "Rings" ---------------------------------------------------------------------
+# -- docs/security.md "Rings" ---------------------------------------------------------------------
 def test_id_out_of_range() -> None:
     r = PRing()
     r.d(0, DATA, 4, 9)

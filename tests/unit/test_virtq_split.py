@@ -1,4 +1,4 @@
-"""Split ring device side: every SECURITY.md "Rings" case, notifications, resume, base."""
+"""Split ring device side: every docs/security.md "Rings" case, notifications, resume, base."""
 
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def test_chain_of_exactly_queue_size_descriptors() -> None:
     assert c.ring_descs == SIZE and c.readable_len == SIZE
 
 
-# -- SECURITY.md "Rings": each gives a broken queue whose reason names the value ----------
+# -- docs/security.md "Rings": each gives a broken queue whose reason names the value ----------
 def test_descriptor_loop() -> None:
     r = Ring()
     r.d(0, DATA, 16, N, 1)

@@ -1,8 +1,8 @@
 """Tiny Linux guests under QEMU for demos and interop tests: initramfs builder and VM runner.
 
 This is a tool module like the rest of ``cli/``: it reads files, runs ``modprobe`` and QEMU
-and writes a cache, so it lives in the I/O shell (DESIGN.md rule 1), beside the commands
-that use it (``vhost-user demo``) and importable by the tests.
+and writes a cache, so it lives in the I/O shell (docs/architecture.md, "Layering rules"),
+beside the commands that use it (``vhost-user demo``) and importable by the tests.
 
 The guest is Debian's own kernel (``/boot/vmlinuz-*``) booted by QEMU under TCG with a gzip
 cpio initramfs built here from Debian's static busybox and the kernel's virtio modules

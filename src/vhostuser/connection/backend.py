@@ -831,7 +831,7 @@ class BackendConnection(Generic[FdT]):
                 "a log fd without the LOG_SHMFD protocol feature negotiated"
             )
         size, offset = p.mmap_size, p.mmap_offset
-        # Everything is checked before anything is mapped (SECURITY.md: a hostile size
+        # Everything is checked before anything is mapped (docs/security.md: a hostile size
         # must neither exhaust our address space nor wrap).
         if size == 0:
             raise RemoteProtocolError("log mmap_size is 0")

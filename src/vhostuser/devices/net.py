@@ -723,7 +723,7 @@ class VirtioNetDevice(Device):
         packed rings go through it first; split rings then go through :meth:`_tx_fast`
         (one-descriptor chains in one memory region, the layout QEMU, Linux and DPDK use);
         everything else goes through the ring engine (:meth:`Device.run_queue`), which
-        validates every case of SECURITY.md.
+        validates every case of docs/security.md.
         Guest faults come back in the result; nothing is raised for guest data.
         """
         try:
@@ -761,7 +761,7 @@ class VirtioNetDevice(Device):
     # the common layout - a buffer of ONE descriptor with no NEXT/INDIRECT flag (and WRITE
     # only on receive), lying inside one memory region - and stop at the first buffer that
     # is anything else, leaving it (and everything after) to the ring engine, which
-    # validates every SECURITY.md case and breaks the ring where needed. Guarantees kept:
+    # validates every docs/security.md case and breaks the ring where needed. Guarantees kept:
     # the avail side is read once per burst and never trusted beyond the queue size; each
     # descriptor is read once into locals, checked, then used; the ring publishes the used
     # entries last; the bytes written into buffers are reported with mark_dirty.

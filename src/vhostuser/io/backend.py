@@ -56,7 +56,7 @@ DEFAULT_BUDGET = 256
 """Chains per ring per pass: a flood on one queue cannot starve the others."""
 
 MESSAGE_DEADLINE = 5.0
-"""Seconds a started message may take to arrive whole (SECURITY.md rule 6)."""
+"""Seconds a started message may take to arrive whole (docs/security.md rule 6)."""
 
 UNSHARED_GRACE = 1.0
 """Seconds after a kick fd is set during which a ring's first empty kick is not taken as
@@ -273,7 +273,7 @@ class BackendSession:
             mapping.guard.watch(self.reactor, functools.partial(self._memory_lost, mapping))
 
     def _memory_lost(self, mapping: Mapping, fault: memguard.Fault) -> None:
-        # SECURITY.md "memory": a truncated region must end this connection, not the process.
+        # docs/security.md "memory": a truncated region must end this connection, not the process.
         if self.closed:
             return
         reason = (

@@ -1,7 +1,7 @@
 """Notification descriptors: eventfds (Linux) and pipes (other POSIX front-ends).
 
-PROTOCOL.md §1: "Notifications use eventfds, or pipes on non-Linux POSIX hosts. Each
-notification is an 8-byte write or read, and the value means nothing." Kick, call, err and
+vhost-user.rst: notifications are eventfds, or pipes on POSIX hosts without eventfd; each
+one is an 8-byte write or read whose value means nothing. Kick, call, err and
 log fds all go through :class:`EventFd`, whether we created them or the peer sent them.
 """
 
@@ -117,7 +117,7 @@ class EventFd(OwnedFd):
 
         For an eventfd this is the counter value (one read resets it). For a pipe it is the
         sum of the complete 8-byte values read until the pipe is empty, and at least 1 if
-        any bytes were read (values mean nothing, PROTOCOL.md §1).
+        any bytes were read (values mean nothing).
 
         Raises:
             ValueError: the descriptor is closed.

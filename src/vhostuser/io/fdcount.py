@@ -1,6 +1,6 @@
 """Resource snapshots of this process (fds, mappings, threads) for leak checks.
 
-SECURITY.md rule 7: "After any of these, the counts of fds, mappings and threads return to
+docs/security.md rule 7: "After any of these, the counts of fds, mappings and threads return to
 where they were. Tests measure this through /proc/self/fd and /proc/self/maps."
 
 Shared mappings (the ``s`` in ``rw-s``) are listed separately: guest memory is always

@@ -2,9 +2,10 @@
 
 vhost-user carries file descriptors (memory regions, kick/call/err eventfds, the back-end
 request socket, inflight memfds) as SCM_RIGHTS ancillary data on the ``sendmsg`` that
-carries a message's header (PROTOCOL.md §1). DESIGN.md rule 4: "Every fd has exactly one
-owner. Received fds are wrapped at once and closed on every error path" — so every fd this
-module receives comes back wrapped in an :class:`OwnedFd`, and every error path closes them.
+carries a message's header (vhost-user.rst "Communication"). Every fd has exactly one
+owner: received fds are wrapped at once and closed on every error path (docs/security.md
+rule 7), so every fd this module receives comes back wrapped in an :class:`OwnedFd`, and
+every error path closes them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Fds per message. PROTOCOL.md "Max fds": VHOST_MEMORY_BASELINE_NREGIONS 8,
+#: Fds per message: VHOST_MEMORY_BASELINE_NREGIONS 8,
 #: VHOST_USER_BACKEND_MAX_FDS 8; libvhost-user's recv buffer is CMSG_SPACE(8*sizeof(int)).
 MAX_FDS = 8
 

@@ -1,8 +1,8 @@
 """Back-end side of guest memory: map a region fd received from the front-end, and unmap it.
 
-PROTOCOL.md §7 "Memory": map each region's fd from offset 0 with length
+vhost-user.rst "Memory regions": map each region's fd from offset 0 with length
 ``mmap_offset + memory_size`` (mmap offsets must be page/huge-page aligned; libvhost-user
-and vhost-user-bridge do the same). SECURITY.md rule 5: "Every mapping is checked against
+and vhost-user-bridge do the same). docs/security.md rule 5: "Every mapping is checked against
 the fd's real size (fstat) before mmap".
 
 Unmapping has one Python-specific hazard: ``mmap.close()`` raises BufferError while any
@@ -240,7 +240,7 @@ def map_region_fd(fd: OwnedFd, *, mmap_offset: int, size: int, readonly: bool = 
     """Map a memory-region fd from offset 0 for ``mmap_offset + size`` bytes, MAP_SHARED.
 
     Takes ownership of ``fd`` and always closes it before returning or raising (the
-    mapping does not need it; SECURITY.md: every fd released on every error path).
+    mapping does not need it; docs/security.md: every fd released on every error path).
 
     The fd must be a regular file (memfd, tmpfs and hugetlbfs files are); it is checked
     with fstat to be at least ``mmap_offset + size`` bytes long. The check alone cannot

@@ -3,7 +3,7 @@
 A front-end gives us guest RAM as file descriptors that we map MAP_SHARED. A front-end
 that truncates such a file afterwards (by mistake or on purpose) turns our next access
 to a lost page into SIGBUS, which kills the process: every other VM on a switch, every
-other disk of a server (SECURITY.md, hostile class "memory"). Two defences, in this order:
+other disk of a server (docs/security.md, hostile class "memory"). Two defences, in this order:
 
 1. **Seal.** A memfd created with MFD_ALLOW_SEALING and not yet sealed with F_SEAL_SEAL
    gets F_SEAL_SHRINK added when we map it (:func:`seal_shrink`); the kernel then refuses

@@ -1,8 +1,8 @@
 """A small single-threaded reactor: fd readiness (epoll via selectors), timers, busy-pollers.
 
-DESIGN.md "The data path": one reactor thread serves all control sockets and kick
+One reactor thread serves all control sockets and kick
 eventfds, so a SET_MEM_TABLE can never race a running ring; an optional busy-poll mode
-spins over the queues instead of sleeping. SECURITY.md rule 3: one bad peer must not take
+spins over the queues instead of sleeping. docs/security.md rule 3: one bad peer must not take
 down the rest, so an exception from one callback is logged, recorded and contained.
 """
 

@@ -749,7 +749,7 @@ def rt_features_first(ctx: Ctx) -> None:
 
 
 @check("HOS-01", "a message cut short (header or payload) followed by EOF ends the "
-       "connection, nothing else", "SECURITY.md: Framing and fds; vhost-user.rst: Message "
+       "connection, nothing else", "docs/security.md: Framing and fds; vhost-user.rst: Message "
        "specification")
 def hos_truncated(ctx: Ctx) -> None:
     run_cases(ctx, [
@@ -792,7 +792,7 @@ def hos_unknown(ctx: Ctx) -> None:
 @check("HOS-05", "notification and channel fds of the wrong kind are refused: a kick fd "
        "that is a regular file, a call fd that is a socket, a back-end channel that is an "
        "eventfd", "vhost-user.rst: SET_VRING_KICK/CALL (an eventfd), SET_BACKEND_REQ_FD (a "
-       "socket); SECURITY.md: Order and indices")
+       "socket); docs/security.md: Order and indices")
 def hos_fd_kinds(ctx: Ctx) -> None:
     cases = [
         Case("SET_VRING_KICK with a regular file", "memory",

@@ -173,7 +173,7 @@ def _r(gpa: int = 0, size: int = 1 << 20, uva: int = 0x7F00_0000_0000, off: int 
 @check("MEM-06", "hostile memory tables are refused: 0, 9 and 0xffffffff regions, a region "
        "of size 0, addresses or offsets wrapping 2^64, a region past its fd's end, an fd "
        "that cannot be mapped (pipe, eventfd, read-only file)",
-       "SECURITY.md: Memory table; vhost-user.rst: SET_MEM_TABLE", timeout=120)
+       "docs/security.md: Memory table; vhost-user.rst: SET_MEM_TABLE", timeout=120)
 def mem_hostile(ctx: Ctx) -> None:
     nine = [_r(gpa=i << 20, uva=0x7F00_0000_0000 + (i << 20)) for i in range(9)]
     cases = [
@@ -375,7 +375,7 @@ def _retry_busy(ctx: Ctx, make: Callable[[], T]) -> T:
 
 @check("RING-09", "a bad ring set-up is refused: sizes 0, 3 (split), 32769 and 65536; ring "
        "addresses outside guest memory or misaligned (at SET_VRING_ADDR, KICK or ENABLE)",
-       f"{SPEC}: SET_VRING_NUM, SET_VRING_ADDR; {VIRTIO} §2.7 (alignment); SECURITY.md: Rings",
+       f"{SPEC}: SET_VRING_NUM, SET_VRING_ADDR; {VIRTIO} §2.7 (alignment); docs/security.md: Rings",
        timeout=120)
 def ring_bad_setup(ctx: Ctx) -> None:
     def size_case(num: int) -> Case:
@@ -563,7 +563,7 @@ def _chain_of(rig: Rig, vq: VQ, entries: list[tuple[int, int, int, int]]) -> Non
 @check("DESC-05", "malformed chains do not take the back-end down or hang it: loops (also "
        "of zero-length descriptors), next or head beyond the ring, avail.idx running ahead "
        "by more than the ring, a readable buffer after a writable one",
-       f"SECURITY.md: Rings; {VIRTIO} §2.7.5.2, §2.7.13", timeout=150)
+       f"docs/security.md: Rings; {VIRTIO} §2.7.5.2, §2.7.13", timeout=150)
 def desc_malformed(ctx: Ctx) -> None:
     def loop_self(rig: Rig, vq: VQ) -> None:
         a, n, _ = _head_desc(rig)
@@ -612,7 +612,7 @@ def desc_malformed(ctx: Ctx) -> None:
 @check("DESC-06", "malformed indirect tables (when offered) do not take the back-end down: "
        "length not a multiple of 16, length 0, a table inside a table, INDIRECT with NEXT, "
        "more entries than the ring, a table outside guest memory",
-       f"SECURITY.md: Rings; {VIRTIO} §2.7.5.3.1", timeout=150)
+       f"docs/security.md: Rings; {VIRTIO} §2.7.5.3.1", timeout=150)
 def desc_bad_indirect(ctx: Ctx) -> None:
     ctx.require_feature(int(VF.RING_INDIRECT_DESC), "VIRTIO_F_INDIRECT_DESC")
 
@@ -657,7 +657,7 @@ def desc_bad_indirect(ctx: Ctx) -> None:
 
 @check("DESC-07", "buffers the device cannot reach do not take the back-end down: outside "
        "guest memory, running past a region's end, lengths summing past 2^32, an address "
-       "wrapping 2^64", f"SECURITY.md: Rings; {SPEC}: Memory access", timeout=120)
+       "wrapping 2^64", f"docs/security.md: Rings; {SPEC}: Memory access", timeout=120)
 def desc_bad_buffers(ctx: Ctx) -> None:
     def placed(bufs: Callable[[Rig], list[tuple[int, int, int]]]) -> Callable[[Rig, VQ], None]:
         def place(rig: Rig, vq: VQ) -> None:
@@ -1128,7 +1128,7 @@ def _settled(ctx: Ctx, before: tuple[int, int], slack: int) -> tuple[int, int] |
 
 @check("SURV-01", "20 front-ends that set up memory and rings and then vanish (half of them "
        "mid-message) leave the back-end's fd and shared-mapping counts where they were",
-       "SECURITY.md: Resources (nothing accumulates); vhost-user.rst: Introduction",
+       "docs/security.md: Resources (nothing accumulates); vhost-user.rst: Introduction",
        timeout=150)
 def surv_leaks(ctx: Ctx) -> None:
     def cycle(k: int) -> None:
@@ -1156,7 +1156,7 @@ def surv_leaks(ctx: Ctx) -> None:
 
 @check("SURV-02", "a message carrying 32 fds (more than any back-end takes) is refused and "
        "every fd closed: 20 times over, the fd count stays flat",
-       "SECURITY.md: Framing and fds (MSG_CTRUNC)", timeout=90)
+       "docs/security.md: Framing and fds (MSG_CTRUNC)", timeout=90)
 def surv_ctrunc(ctx: Ctx) -> None:
     before = _counts(ctx)
     bad: list[str] = []
@@ -1178,7 +1178,7 @@ def surv_ctrunc(ctx: Ctx) -> None:
 
 
 @check("SURV-03", "a session keeps running while another connection comes and breaks the "
-       "protocol", "SECURITY.md: one bad peer must not take down the others; vhost-user.rst")
+       "protocol", "docs/security.md: one bad peer must not take down the others; vhost-user.rst")
 def surv_other(ctx: Ctx) -> None:
     rig = ctx.started()
     rig.exercise(2, seed=1)

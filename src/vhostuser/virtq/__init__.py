@@ -4,7 +4,7 @@ The back-end builds a :class:`SplitDeviceRing` or :class:`PackedDeviceRing` from
 negotiated state (size, GPAs of the ring areas, EVENT_IDX, INDIRECT_DESC, VRING_BASE) and
 runs :func:`run_burst` on each kick. The front-end (and the tests) use the driver sides.
 Guest ring violations raise or record :class:`vhostuser.errors.RingError`; see
-SECURITY.md "Rings" for the list.
+docs/security.md "Rings" for the list.
 """
 
 from .barrier import full_barrier

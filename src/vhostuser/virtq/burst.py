@@ -1,7 +1,7 @@
 """The burst loop: one function per queue that a compiled implementation can replace. No I/O.
 
 :func:`run_burst` pops a batch of chains, hands it to the device handler, pushes what the
-handler completed, and says whether to notify the driver (DESIGN.md "The data path": read
+handler completed, and says whether to notify the driver (docs/architecture.md: read
 ``avail`` once, process up to a budget, publish ``used`` once, notify at most once).
 Guest faults never escape: they come back as ``BurstResult.broken``.
 """

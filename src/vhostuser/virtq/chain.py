@@ -39,7 +39,7 @@ MAX_CHAIN_BYTES: Final = 0xFFFF_FFFF
 #: ``pop(budget)`` stops taking chains once it has read ``DESCS_PER_CHAIN * budget``
 #: descriptors (direct and indirect). Legal chains may each be as long as the queue and may
 #: share descriptors, so without this a guest could make one burst read budget x 32768
-#: descriptors and starve every other queue (SECURITY.md "a flood on one queue does not
+#: descriptors and starve every other queue (docs/security.md "a flood on one queue does not
 #: starve the others"). A burst then reads at most this many plus one chain's worth.
 DESCS_PER_CHAIN: Final = 16
 

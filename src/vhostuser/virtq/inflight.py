@@ -281,7 +281,7 @@ class SplitInflightTracker:
     The tracker keeps no view of the area between calls (each call takes one and releases
     it), so the connection can unmap the area whenever it is replaced or the session ends.
     Indices are stored as single aligned 16-bit stores (``memoryview.cast('H')``), as the
-    rings do (DESIGN.md "Memory ordering"); x86-64 keeps stores in program order, so the
+    rings do (docs/architecture.md "Memory ordering"); x86-64 keeps stores in program order, so the
     spec's order of stores is the order a successor process finds them in after a crash.
 
     Args:

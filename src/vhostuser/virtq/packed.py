@@ -4,7 +4,7 @@ One descriptor ring is shared both ways: the driver marks a descriptor available
 ``VIRTQ_DESC_F_AVAIL`` to its wrap counter and ``VIRTQ_DESC_F_USED`` to the inverse; the
 device marks it used by setting both to its own wrap counter. Each side polls one slot.
 
-Shared-memory discipline (DESIGN.md "Memory ordering", SECURITY.md "Rings"):
+Shared-memory discipline (docs/architecture.md "Memory ordering", docs/security.md "Rings"):
 
 * a descriptor's ``flags`` is read first, as one aligned 16-bit load, and only if it says
   "available" are the address, length and id read (one ``struct`` call) - virtio 1.2 2.8
@@ -596,7 +596,7 @@ class PackedDeviceRing:
     # As SplitDeviceRing's peek_heads/complete_in_place: a device may consume buffers of
     # ONE descriptor without Chain objects. peek_simple() reads them (flags first, then the
     # rest, each once), stopping at anything else, which it leaves to pop() - the engine
-    # that validates every SECURITY.md case; complete_in_place() writes their used
+    # that validates every docs/security.md case; complete_in_place() writes their used
     # descriptors. Every store to the descriptor ring stays in this class.
 
     def peek_simple(self, limit: int, flags: int) -> list[tuple[int, int, int]] | None:

@@ -5,7 +5,7 @@ available, validates every field it reads from shared memory against bounds it o
 size, region table), and publishes used elements. :class:`SplitDriverRing` is the front-end /
 guest side, used by the front-end role and by the tests.
 
-Shared-memory discipline (DESIGN.md "Memory ordering", SECURITY.md "Rings"):
+Shared-memory discipline (docs/architecture.md "Memory ordering", docs/security.md "Rings"):
 
 * ``avail.idx``, ``used.idx``, ``avail.flags``, ``used.flags``, ``used_event``,
   ``avail_event`` and the avail ring entries are read and written as single aligned 16-bit
@@ -409,7 +409,7 @@ class SplitDeviceRing:
         return out
 
     def _walk(self, head: int) -> Chain:
-        """Walk, validate and translate the chain at ``head`` (SECURITY.md "Rings")."""
+        """Walk, validate and translate the chain at ``head`` (docs/security.md "Rings")."""
         size = self._size
         segments = self._mem.segments
         view = self._mem.view
@@ -523,7 +523,7 @@ class SplitDeviceRing:
     # A device may consume simple chains without building Chain objects: peek_heads()
     # gives the heads the driver made available, the device reads each head's descriptor
     # from descriptor_table itself (once, into locals; it must stop at any chain it does
-    # not fully understand and leave it to pop(), which validates every SECURITY.md case),
+    # not fully understand and leave it to pop(), which validates every docs/security.md case),
     # then complete_in_place() publishes the ones it took and moves the ring past them.
     # Every store to the used ring stays in this class.
 
