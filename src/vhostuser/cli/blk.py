@@ -25,10 +25,14 @@ EPILOG = """\
 examples:
   qemu-img create -f raw disk.raw 1G
   vhost-user blk --image disk.raw --socket /tmp/blk.sock
-  qemu-system-x86_64 ... \\
+  # guest RAM must be shared, and -m must equal the memory backend's size
+  qemu-system-x86_64 ... -m 1G \\
     -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\
     -chardev socket,id=c1,path=/tmp/blk.sock,reconnect=1 \\
     -device vhost-user-blk-pci,chardev=c1,num-queues=1
+
+  # QEMU listens (-chardev socket,...,server=on) and we connect to it
+  vhost-user blk --image disk.raw --socket /tmp/qemu-blk.sock --connect
 
   vhost-user blkbench /tmp/blk.sock --rw randread --bs 4k --iodepth 32
 

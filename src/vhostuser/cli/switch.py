@@ -48,8 +48,12 @@ EPILOG = """\
 examples:
   # two QEMU guests on one switch, and the host through tap0
   vhost-user switch --port /tmp/vm1.sock --port /tmp/vm2.sock --tap tap0
-  qemu-system-x86_64 ... -chardev socket,id=c0,path=/tmp/vm1.sock \\
-      -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0
+  qemu-system-x86_64 ... -m 256M \\
+      -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \\
+      -chardev socket,id=c0,path=/tmp/vm1.sock,reconnect=1 \\
+      -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0,vectors=0
+  (guest RAM must be shared; vectors=0 because QEMU 7.2 under TCG crashes with MSI-X on
+  vhost-user NICs; reconnect=1 lets the guest survive a restart of the switch)
 
   # a guest with 2 queue pairs (QEMU: -netdev ...,queues=2 -device ...,mq=on)
   vhost-user switch --port /tmp/vm1.sock,queues=2 --port /tmp/vm2.sock
