@@ -44,6 +44,24 @@ the 2014 draft dialect (a peer speaking the other dialect is named in the log):
   vhost-user probe --draft-numbering code /tmp/draft.sock"""
 
 
+SERVE_EXAMPLES = """\
+examples:
+  # a net back-end for probing and handshake tests; see what it offers
+  vhost-user serve --socket /tmp/null.sock &
+  vhost-user probe /tmp/null.sock
+
+  # two queue pairs, every message logged
+  vhost-user serve --socket /tmp/null.sock --queue-pairs 2 -vv
+
+  # QEMU listens (-chardev socket,...,server=on): connect to it, and again when it restarts
+  vhost-user serve --socket /tmp/qemu.sock --connect
+
+  # put it through the conformance checks
+  vhost-user check 'vhost-user serve --socket {socket}' --device net
+
+For a real NIC use 'vhost-user switch', for a disk 'vhost-user blk'."""
+
+
 def add_draft_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Add ``--draft`` and ``--draft-numbering text|code`` (see :func:`dialect_of`)."""
     p.add_argument("--draft", action="store_true", help=DRAFT_HELP)
@@ -90,7 +108,7 @@ def add_parser(sub: Any) -> None:
             "front-end (QEMU 'server=on', DPDK 'server=1') and reconnects when it goes away."
         ),
         epilog="devices:\n" + "\n".join(f"  {k:10} {v}" for k, v in DEVICES.items())
-        + "\n\n" + DRAFT_EXAMPLES,
+        + "\n\n" + SERVE_EXAMPLES + "\n\n" + DRAFT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="socket path")
