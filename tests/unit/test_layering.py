@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vhostuser"
-PURE_DIRS = ("protocol", "connection", "virtq", "devices")
+PURE_DIRS = ("protocol", "connection", "virtq", "devices", "virtio")
 PURE_FILES = ("memory.py", "errors.py", "switch/fabric.py")
 FORBIDDEN_MODULES = {"socket", "selectors", "asyncio", "mmap", "select", "fcntl", "time",
                      "datetime", "subprocess"}
@@ -95,3 +95,32 @@ def test_the_check_catches_relative_io_imports_and_clock_reads() -> None:
     fabric = SRC / "switch" / "fabric.py"
     assert offenders_in(fabric, "from .ports import Port\n")
     assert offenders_in(fabric, "from .fabric import Member\n") == []
+
+
+#: Packages that drive a back-end from the front-end side: they share virtio's definitions
+#: (vhostuser.virtio) with the devices, never the devices themselves.
+FRONT_END_SIDE = ("frontends", "testing")
+
+
+def _device_imports(path: Path, text: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = _resolve(path, node)
+        found += [f"{path.name}:{getattr(node, 'lineno', 0)} imports {n}" for n in names
+                  if n == "vhostuser.devices" or n.startswith("vhostuser.devices.")]
+    return found
+
+
+def test_front_ends_do_not_import_devices() -> None:
+    files = [p for d in FRONT_END_SIDE for p in (SRC / d).rglob("*.py")]
+    assert files
+    offenders = [o for p in files for o in _device_imports(p, p.read_text())]
+    assert offenders == [], offenders
+    # and the check has teeth
+    fake = SRC / "frontends" / "example.py"
+    assert _device_imports(fake, "from ..devices.net import NET_HDR_MRG\n")
+    assert _device_imports(fake, "from ..virtio.net import NET_HDR_MRG\n") == []

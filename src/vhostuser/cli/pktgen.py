@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..devices.net import parse_mac
 from ..errors import VhostUserError
 from ..frontends.net import (
     PROBE_MIN_FRAME,
@@ -23,6 +22,7 @@ from ..frontends.net import (
     stamp_probe,
 )
 from ..io.pcap import PcapWriter
+from ..virtio.net import parse_mac
 from ._common import add_wait, announce_wait, connect_error, path_error, positive, seconds
 
 DESCRIPTION = """\

@@ -7,8 +7,6 @@ import json
 import sys
 from typing import Any
 
-from ..devices.blk import BlkConfig, blk_config_size
-from ..devices.net import NetConfig
 from ..errors import VhostUserError
 from ..io.frontend import FrontendClient
 from ..protocol.enums import (
@@ -20,6 +18,8 @@ from ..protocol.enums import (
     protocol_feature_names,
 )
 from ..protocol.table import Dialect
+from ..virtio.blk import BlkConfig, blk_config_size
+from ..virtio.net import NetConfig
 from ._common import add_wait, announce_wait, connect_error, positive
 from .serve import DRAFT_EXAMPLES, add_draft_options, dialect_of
 

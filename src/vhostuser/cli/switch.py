@@ -12,11 +12,11 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ..devices.net import DEFAULT_MTU, parse_mac
 from ..engine import ENGINES, ENV
 from ..errors import VhostUserError
 from ..io.reactor import Reactor
 from ..switch import DEFAULT_AGING, Switch
+from ..virtio.net import DEFAULT_MTU, parse_mac
 from ._common import (
     add_verbose,
     flag_text,

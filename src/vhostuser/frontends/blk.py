@@ -35,7 +35,23 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
-from ..devices.blk import (
+from ..errors import (
+    LocalProtocolError,
+    MessageTimeoutError,
+    PeerClosedError,
+    RemoteProtocolError,
+    VhostUserError,
+)
+from ..memory import FlatMemory, GuestMemory
+from ..protocol import payloads as P
+from ..protocol.enums import (
+    BlkFeature,
+    DeviceType,
+    FrontendRequest,
+    ProtocolFeature,
+    VirtioFeature,
+)
+from ..virtio.blk import (
     DWZ_SEGMENT,
     REQ_HEADER,
     SECTOR_SIZE,
@@ -53,22 +69,6 @@ from ..devices.blk import (
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     BlkConfig,
     blk_config_size,
-)
-from ..errors import (
-    LocalProtocolError,
-    MessageTimeoutError,
-    PeerClosedError,
-    RemoteProtocolError,
-    VhostUserError,
-)
-from ..memory import FlatMemory, GuestMemory
-from ..protocol import payloads as P
-from ..protocol.enums import (
-    BlkFeature,
-    DeviceType,
-    FrontendRequest,
-    ProtocolFeature,
-    VirtioFeature,
 )
 from ..virtq import (
     INITIAL_BASE,

@@ -58,15 +58,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..devices.net import (
-    DEFAULT_MTU,
-    ETH_HLEN,
-    NET_CONFIG,
-    NET_HDR_MRG,
-    VIRTIO_NET_S_LINK_UP,
-    VLAN_HLEN,
-    net_header_len,
-)
 from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
 from ..io.fdpass import listen_unix, socket_identity, unlink_socket
 from ..io.frontend import FrontendClient, Negotiated
@@ -80,6 +71,15 @@ from ..protocol.enums import (
     NetFeature,
     ProtocolFeature,
     VirtioFeature,
+)
+from ..virtio.net import (
+    DEFAULT_MTU,
+    ETH_HLEN,
+    NET_CONFIG,
+    NET_HDR_MRG,
+    VIRTIO_NET_S_LINK_UP,
+    VLAN_HLEN,
+    net_header_len,
 )
 from ..virtq import (
     INITIAL_BASE,

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..devices.blk import BlkConfig, blk_config_size
 from ..protocol import payloads as P
 from ..protocol.enums import BlkFeature, FrontendRequest, NetFeature, ProtocolFeature
 from ..protocol.enums import VirtioFeature as VF
 from ..protocol.table import FRONTEND_RULES, Fds, Reply
+from ..virtio.blk import BlkConfig, blk_config_size
 from ..virtq import split_layout
 from .outcome import expect, fail, skip
 from .registry import Ctx, check

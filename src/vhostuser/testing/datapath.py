@@ -17,7 +17,12 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..devices.blk import (
+from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
+from ..io.fdpass import OwnedFd
+from ..protocol import payloads as P
+from ..protocol.enums import BlkFeature, FrontendRequest, NetFeature, ProtocolFeature
+from ..protocol.enums import VirtioFeature as VF
+from ..virtio.blk import (
     DWZ_SEGMENT,
     REQ_HEADER,
     VIRTIO_BLK_ID_BYTES,
@@ -31,12 +36,7 @@ from ..devices.blk import (
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 )
-from ..devices.net import NET_HDR_MRG
-from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
-from ..io.fdpass import OwnedFd
-from ..protocol import payloads as P
-from ..protocol.enums import BlkFeature, FrontendRequest, NetFeature, ProtocolFeature
-from ..protocol.enums import VirtioFeature as VF
+from ..virtio.net import NET_HDR_MRG
 from ..virtq import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from .control import Case, run_cases
 from .outcome import expect, fail, skip

@@ -29,15 +29,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..devices.blk import (
-    REQ_HEADER,
-    SECTOR_SIZE,
-    VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
-    BlkConfig,
-    blk_config_size,
-)
 from ..errors import PeerClosedError
 from ..io.eventfd import EventFd
 from ..io.frontend import FrontendClient
@@ -49,6 +40,15 @@ from ..protocol.enums import (
     NetFeature,
     ProtocolFeature,
     VirtioFeature,
+)
+from ..virtio.blk import (
+    REQ_HEADER,
+    SECTOR_SIZE,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    BlkConfig,
+    blk_config_size,
 )
 from ..virtq import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, split_layout
 from .outcome import fail
