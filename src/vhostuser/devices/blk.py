@@ -552,6 +552,7 @@ class BlkDevice(Device):
             n += len(chains)
             chains.clear()
         self.flush_completions(index, notify=True)
+        self.stats["completed-at-stop"] += n
         log.info("queue %d: stopping; %d delayed requests completed first", index, n)
 
     def _drop_trackers(self) -> None:
