@@ -26,7 +26,7 @@ Front = FrontendConnection[int]
 
 OFFER = int(VF.VERSION_1 | VF.PROTOCOL_FEATURES | VF.RING_EVENT_IDX) | 0x20
 PROTO_OFFER = int(PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.STATUS
-                  | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD)
+                  | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.LOG_SHMFD)
 
 
 def reply(request: int, payload: bytes = b"", flags: int = 0x5) -> bytes:
@@ -521,3 +521,19 @@ def test_channel_nack_is_delivered_to_the_backend() -> None:
     backend.request(B.CONFIG_CHANGE_MSG)
     assert backend.receive_data(reply(B.CONFIG_CHANGE_MSG, u64(1))) == [
         ev.ReplyReceived(B.CONFIG_CHANGE_MSG, u64(1), ())]
+
+
+def test_set_log_base_ack_may_be_empty_as_dpdk_sends_it() -> None:
+    """vhost-user.rst: with LOG_SHMFD the back-end answers SET_LOG_BASE with a u64; DPDK
+    answers with an empty payload, which QEMU accepts: so do we. Other sizes are refused."""
+    for payload in (u64(0), b""):
+        fe = negotiated(protocol=int(PF.LOG_SHMFD))
+        fe.request(R.SET_LOG_BASE, P.LogBase(mmap_size=4096, mmap_offset=0), nfds=1)
+        assert fe.waiting == 1
+        assert fe.receive_data(reply(R.SET_LOG_BASE, payload)) == [
+            ev.ReplyReceived(R.SET_LOG_BASE, payload, ())]
+        assert fe.waiting == 0
+    fe = negotiated(protocol=int(PF.LOG_SHMFD))
+    fe.request(R.SET_LOG_BASE, P.LogBase(mmap_size=4096, mmap_offset=0), nfds=1)
+    with pytest.raises(RemoteProtocolError, match="SET_LOG_BASE reply"):
+        fe.receive_data(reply(R.SET_LOG_BASE, b"\0" * 4))
