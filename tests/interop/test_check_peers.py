@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.check_scores import record_score
+
 from . import peers
 
 pytestmark = pytest.mark.interop
@@ -31,23 +33,6 @@ pytestmark = pytest.mark.interop
 HANG_GUARD = 900.0
 """Seconds after which a run counts as hung (DPDK's takes well under a minute)."""
 
-SCORES = Path(os.environ.get("VHOSTUSER_CHECK_SCORES", "/tmp/vhost-user-check-scores.json"))
-
-
-def record_score(name: str, command: str, doc: dict[str, Any]) -> None:
-    """Merge one run's score into :data:`SCORES`."""
-    try:
-        scores = json.loads(SCORES.read_text())
-    except (OSError, ValueError):
-        scores = {}
-    scores[name] = {
-        "command": command,
-        "device": doc["device"],
-        "summary": doc["summary"],
-        "failed": {r["id"]: r["reason"] for r in doc["results"] if r["outcome"] == "FAIL"},
-        "skipped": {r["id"]: r["reason"] for r in doc["results"] if r["outcome"] == "SKIP"},
-    }
-    SCORES.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
 
 
 def run_check(command: str, device: str) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +43,7 @@ from vhostuser.io.blkfile import BlkFile
 from vhostuser.io.thread import ServerThread
 
 from .peers import QmpClient, require_peer, wait_for_socket
-from .test_vm_switch_restart import switch_process
+from .test_vm_switch_restart import Replies, switch_process
 
 pytestmark = pytest.mark.interop
 
@@ -61,35 +60,6 @@ FLOOD = 1250
 """Bigger pings B sends A meanwhile, 50 a second (25 s, the whole run)."""
 MIGRATE_BANDWIDTH = 48 << 20
 """Bytes per second QEMU may send: 128 MiB of guest RAM take about two seconds."""
-_REPLY = re.compile(r"bytes from [0-9.]+: seq=(\d+) ")
-
-
-class Replies:
-    """Host-side arrival times of the ping replies a guest prints (``seq=N``), from the
-    consoles of both the source and the destination of a migration."""
-
-    def __init__(self) -> None:
-        self.at: dict[int, float] = {}
-        self._lock = threading.Lock()
-
-    def on_line(self, line: str) -> None:
-        """GuestVM's console callback (runs on a reader thread)."""
-        m = _REPLY.search(line)
-        if m is not None:
-            with self._lock:
-                self.at.setdefault(int(m[1]), time.monotonic())
-
-    def seen(self) -> int:
-        """Replies so far."""
-        with self._lock:
-            return len(self.at)
-
-    def after(self, t: float) -> list[int]:
-        """Sequence numbers of the replies that arrived after monotonic time ``t``."""
-        with self._lock:
-            return sorted(seq for seq, at in self.at.items() if at > t)
-
-
 @contextlib.contextmanager
 def _sockets(*paths: str) -> Iterator[None]:
     """Wait for the switch to listen on every path (QEMU connects once, at start)."""

@@ -63,6 +63,11 @@ class Replies:
         with self._lock:
             return len(self.at)
 
+    def after(self, t: float) -> list[int]:
+        """Sequence numbers of the replies that arrived after monotonic time ``t``."""
+        with self._lock:
+            return sorted(seq for seq, at in self.at.items() if at > t)
+
 
 class SwitchProcess:
     """``vhost-user switch`` as a child process, started again on the same arguments."""

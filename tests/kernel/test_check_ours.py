@@ -15,7 +15,6 @@ does not measure speed.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.check_scores import record_score
 
 HANG_GUARD = 900.0
 """Seconds after which a run counts as hung (a full run takes well under a minute)."""
@@ -44,23 +45,6 @@ def _check(*args: str, guard: float = HANG_GUARD) -> tuple[int, dict[str, Any], 
     return r.returncode, doc, r.stderr
 
 
-SCORES = Path(os.environ.get("VHOSTUSER_CHECK_SCORES", "/tmp/vhost-user-check-scores.json"))
-"""Where the scores for the README's table go (with the peers', tests/interop)."""
-
-
-def _record_score(name: str, command: str, doc: dict[str, Any]) -> None:
-    try:
-        scores = json.loads(SCORES.read_text())
-    except (OSError, ValueError):
-        scores = {}
-    scores[name] = {
-        "command": command,
-        "device": doc["device"],
-        "summary": doc["summary"],
-        "failed": {r["id"]: r["reason"] for r in doc["results"] if r["outcome"] == "FAIL"},
-        "skipped": {r["id"]: r["reason"] for r in doc["results"] if r["outcome"] == "SKIP"},
-    }
-    SCORES.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
 
 
 def _by_id(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -88,7 +72,7 @@ def test_our_net_backends_pass(name: str, device: str, command: str) -> None:
     status, doc, err = _check(command, "--device", device)
     _assert_all_pass(doc, err)
     assert status == 0
-    _record_score(f"ours-{name}", command.replace(OURS, "vhost-user"), doc)
+    record_score(f"ours-{name}", command.replace(OURS, "vhost-user"), doc)
     assert len(doc["results"]) >= 30
     assert "passed" in err and "failed" in err and "skipped" in err
 
@@ -101,7 +85,7 @@ def test_our_blk_backend_passes(tmp_path: Path) -> None:
     status, doc, err = _check(command, "--device", "blk")
     _assert_all_pass(doc, err)
     assert status == 0
-    _record_score("ours-blk", "vhost-user blk --image IMG --socket {socket}", doc)
+    record_score("ours-blk", "vhost-user blk --image IMG --socket {socket}", doc)
     got = _by_id(doc)
     for cid in ("IF-01", "IF-02", "IF-03", "BLK-01", "BLK-05", "RC-02"):
         assert got[cid]["outcome"] == "PASS", got[cid]
