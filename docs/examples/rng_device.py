@@ -108,8 +108,8 @@ class RngDevice(Device):
                     f"virtio-rng: buffer {chain.head} has {chain.readable_len} device-readable "
                     "bytes; the driver may offer only device-writable buffers")
         if not enabled:
-            # Disabled after it ran: keep the buffers, untouched, until it is enabled again
-            # (or stopped), when _complete_held() fills them.
+            # Only for a device without consumes(): keep the buffers of a disabled ring,
+            # untouched, until it is enabled again (or stopped); _complete_held() fills them.
             self.held.extend(chains)
             return []
         return [self._fill(chain) for chain in chains]
