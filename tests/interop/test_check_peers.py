@@ -90,7 +90,7 @@ def test_check_dpdk_vhost_pmd() -> None:
         doc = run_check(command, "net")
     finally:
         shutil.rmtree(peers._dpdk_runtime_dir(prefix), ignore_errors=True)
-    # NET-01 is not required here: in about one run in ten DPDK 22.11 hands back 32 used
+    # NET-01 is not required here: in one of a handful of runs DPDK 22.11 handed back 32 used
     # entries, all id 0, for a single transmit buffer (seen on this 2-CPU machine under
     # load; not understood yet), and the kit reports that as the failure it is.
     assert_complete(doc, "net", ["HS-01", "HS-05", "ACK-01", "MEM-01", "RING-01", "RING-03",
