@@ -14,8 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +24,7 @@ from vhostuser.io.thread import ServerThread
 from vhostuser.protocol.table import Dialect
 
 from .peers import QemuStorageDaemon, QemuVhostUserNet, TestpmdVhost, make_raw_image, require_peer
+from .test_control_plane import wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -34,15 +33,6 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 HINT = "looks like it speaks another dialect"
 
 
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def sessions(srv: ServerThread) -> list[dict[str, Any]]:
