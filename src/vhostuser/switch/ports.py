@@ -15,6 +15,12 @@ draft in either numbering.
 A vhost-user port copies frames straight into its front-end's receive ring and holds them
 back (unpublished) until :meth:`Switch.commit`: a frame never reaches its receiver before
 its sender got the transmit buffer back (see ``FrameSink.commit``).
+
+Live migration on one host (see :class:`VhostUserPort`): a listening port keeps a second,
+standby front-end beside the active one - the destination QEMU of a migration connects to
+the same socket path while the source still runs - and hands the port over when the
+standby starts its receive queue while the active one's is stopped, or when the active one
+goes away.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
+from ..connection import events as ev
 from ..devices.net import (
     DEFAULT_MTU,
     ETH_HLEN,
@@ -52,6 +59,11 @@ TAP_BURST: Final = 64
 """Frames read from a tap per readable event (a flood on the tap cannot starve rings)."""
 TAP_SLOT: Final = 65536 + ETH_HLEN + 4
 """Bytes per tap read slot: the largest frame a tap can hand us."""
+STANDBY_DROP: Final = "standby"
+"""Drop reason of frames a standby front-end transmitted (it is not the port's NIC yet)."""
+_RING_EVENTS: Final = (ev.VringStarted, ev.VringStopped, ev.VringEnabled, ev.VringBroken,
+                       ev.DeviceReset)
+"""The events that may start or stop a front-end's receive queues."""
 
 
 class Port(Member):
@@ -105,9 +117,39 @@ class Port(Member):
 class VhostUserPort(Port):
     """A virtio-net NIC served over vhost-user (see the module docstring).
 
-    One front-end at a time: a second connection is refused while one is up; after it goes
-    away the next one gets a fresh device (a reconnecting QEMU, a restarted DPDK) on the
-    same counters, and the addresses learned on the port stay in the switch's table.
+    One NIC, one set of counters, at most two front-ends at once (a listening port):
+
+    * the **active** front-end is the NIC: frames for the port go into its receive queue,
+      frames it transmits enter the switch;
+    * a **standby** front-end is accepted beside it for a live migration on one host
+      (libvirt, or QEMU started with ``-incoming``, connects the destination to the same
+      socket path while the source still runs). It negotiates and shares its memory, but
+      gets no frame, and what it transmits is dropped (counted ``standby``), until it
+      takes the port over;
+    * a third connection is refused (closed at once, with a warning naming the two).
+
+    Handover rules (each one logged at INFO with both sessions named):
+
+    * the standby starts a receive queue (started and enabled) while the active's receive
+      queues are all stopped: the standby becomes active (the migration's switch-over: the
+      source stops its rings with GET_VRING_BASE before the destination starts its own);
+      the former active one stays connected as the standby (a source QEMU in
+      "postmigrate" keeps its connection until it quits);
+    * the active front-end stops its receive queues while the standby's run: likewise;
+    * the active front-end disconnects: the standby (running or not) becomes active.
+
+    A standby that starts its receive queue while the active one's still runs does NOT
+    take the port: QEMU never does this in a correct migration (the source stops first),
+    so it is a wrong set-up (a second guest on the same socket) or a hostile front-end, and
+    the guest already running keeps its network. It is logged as a warning; the standby
+    takes over as soon as the active one stops or goes away. Frames are never delivered
+    to two front-ends. The standby slot is first come, first served: while one waits, no
+    other front-end can connect (quit the source QEMU of a finished migration to free it).
+
+    After the last front-end goes away the next one gets a fresh device (a reconnecting
+    QEMU, a restarted DPDK) on the same counters, and the addresses learned on the port
+    stay in the switch's table. A port that connects (``connect=True``) serves one
+    front-end at a time.
     """
 
     kind = "vhost-user"
@@ -148,14 +190,23 @@ class VhostUserPort(Port):
         self.offer_config = offer_config
         self.dialect = dialect
         self.device: VirtioNetDevice | None = None
+        """The active front-end's NIC (None without a front-end)."""
         self.session: BackendSession | None = None
+        """The active front-end's session."""
+        self.standby: BackendSession | None = None
+        """A second front-end waiting to take the port over (a migration's destination)."""
         self.sessions = 0
+        self.handovers = 0
+        self.refused = 0
         self.last_close_reason: str | None = None
+        self._standby_warned = False  # the standby running beside the active was reported
         self._echo_sink = EchoSink()
         # Check the arguments before binding anything.
         self._make_device()
+        # One more than we keep, so that a third front-end is turned away here, with a
+        # message that says why (see _on_session).
         self.server = BackendServer(
-            switch.reactor, path, self._make_device, connect=connect, max_sessions=1,
+            switch.reactor, path, self._make_device, connect=connect, max_sessions=3,
             mode=mode, on_session=self._on_session, reconnect_interval=reconnect_interval,
             busy_poll=switch.busy_poll, dialect=dialect,
         )
@@ -167,8 +218,17 @@ class VhostUserPort(Port):
             offer_config=self.offer_config, counters=self.counters, name=self.name,
         )
         if self.switch.engine == "compiled" and not self.echo:
-            dev.accelerator = functools.partial(self.switch.compiled_burst, self)
+            dev.accelerator = self._compiled_burst
         return dev
+
+    def _compiled_burst(self, dev: VirtioNetDevice, index: int, ring: Any,
+                        budget: int) -> tuple[int, bool]:
+        """The compiled transmit burst for the active front-end; a standby's transmit
+        ring goes through the Python engine, which hands its frames to :meth:`on_frames`
+        (dropped there)."""
+        if dev is not self.device:
+            return 0, False
+        return self.switch.compiled_burst(self, dev, index, ring, budget)
 
     def compiled_target(self) -> tuple[Any, ...] | None:
         """The receive ring of the attached NIC, when the compiled engine can use it."""
@@ -182,6 +242,18 @@ class VhostUserPort(Port):
             dev.compiled_delivered(frames, nbytes, no_buffer)
 
     def _on_session(self, s: BackendSession) -> None:
+        if self.session is not None and self.standby is not None:
+            # Refused before anything is read: at most one standby (see the class doc).
+            self.refused += 1
+            reason = (f"refused: port {self.name} already has an active front-end "
+                      f"({self.session.name}) and a standby one ({self.standby.name})")
+            log.warning(
+                "%s: refusing a third front-end on %s (%s): %s is active and %s stands by "
+                "(a migration's destination or a finished migration's source); one port "
+                "keeps at most one standby, so quit one of them first", self.name,
+                self.path, s.name, self.session.name, self.standby.name)
+            s.close(reason)
+            return
         # BackendServer has no "session closed" hook of its own: chain ours in front.
         original = s.on_close
 
@@ -191,20 +263,88 @@ class VhostUserPort(Port):
                 original(sess)
 
         s.on_close = closed
-        self.session = s
+        # Heard after the device (which updates its receive pairs first) and the shell.
+        s.conn.dispatcher.subscribe(functools.partial(self._on_event, s))
         self.sessions += 1
-        dev = s.device
-        if isinstance(dev, VirtioNetDevice):
-            self.device = dev
-        log.info("%s: front-end connected (%s)", self.name, s.name)
+        if self.session is None:
+            self._activate(s)
+            log.info("%s: front-end connected (%s)", self.name, s.name)
+        else:
+            self.standby = s
+            self._standby_warned = False
+            log.info(
+                "%s: second front-end connected (%s) while %s is active: it stands by and "
+                "takes the port over when it starts its receive queue with %s's stopped "
+                "(a live migration's destination), or when %s goes away", self.name,
+                s.name, self.session.name, self.session.name, self.session.name)
+
+    @staticmethod
+    def _net_device(s: BackendSession | None) -> VirtioNetDevice | None:
+        dev = None if s is None else s.device
+        return dev if isinstance(dev, VirtioNetDevice) else None
+
+    def _running(self, s: BackendSession | None) -> bool:
+        """True while ``s`` has a receive queue started and enabled."""
+        dev = self._net_device(s)
+        return dev is not None and dev.link_up
+
+    def _activate(self, s: BackendSession) -> None:
+        """Make ``s`` the NIC. Frames the previous one was given are published first (its
+        receive queues are stopped or stopping: nothing more goes there)."""
+        old = self.device
+        if old is not None:
+            old.publish_rx()
+        self.session = s
+        self.device = self._net_device(s)
+
+    def _handover(self, why: str, *, gone: bool = False) -> None:
+        """Make the standby front-end active (it exists); the active one becomes the
+        standby, or is forgotten (``gone``: it went away)."""
+        new, old = self.standby, self.session
+        assert new is not None and old is not None
+        self.standby = None if gone else old
+        self._standby_warned = False
+        self._activate(new)
+        self.handovers += 1
+        log.info("%s: handover #%d: %s takes the port from %s: %s%s", self.name,
+                 self.handovers, new.name, old.name, why,
+                 "" if gone else f"; {old.name} stands by until it goes away")
+
+    def _on_event(self, s: BackendSession, e: ev.Event) -> None:
+        """A session's ring changed: apply the handover rules (see the class doc). Never
+        raises (an exception here would be taken for the front-end's fault)."""
+        if not isinstance(e, _RING_EVENTS) or s.closed or self.closed:
+            return
+        active, standby = self.session, self.standby
+        if standby is None or s not in (active, standby):
+            return
+        if not self._running(standby):
+            self._standby_warned = False
+            return
+        if not self._running(active):
+            if s is standby:
+                self._handover("it started its receive queue; the active front-end's are "
+                               "stopped: a live migration's switch-over")
+            else:
+                self._handover("the active front-end stopped its receive queues; the "
+                               "standby's already run")
+        elif not self._standby_warned:
+            self._standby_warned = True
+            assert active is not None
+            log.warning(
+                "%s: standby front-end %s started its receive queue while the active %s's "
+                "still runs: %s keeps the port and %s gets no frames (what it sends is "
+                "dropped) until %s stops its rings or goes away; QEMU never does this in a "
+                "correct migration (the source stops first): two guests on one socket?",
+                self.name, standby.name, active.name, active.name, standby.name,
+                active.name)
 
     def _session_closed(self, s: BackendSession) -> None:
-        dev = s.device
-        if isinstance(dev, VirtioNetDevice):
-            # Release the device's views of guest memory so the mapping goes now.
-            dev.close()
-            reap_deferred()
-        if s is self.session:
+        dev = self._net_device(s)
+        if s is self.session and self.standby is not None:
+            self.last_close_reason = s.close_reason
+            self._handover(f"{s.name} went away ({s.close_reason})", gone=True)
+        elif s is self.session:
             self.session = None
             self.device = None
             self.last_close_reason = s.close_reason
@@ -213,6 +353,14 @@ class VhostUserPort(Port):
             # is reached at once instead of by flooding. Frames for them meanwhile are
             # counted here as rx_down. The counters stay too: one port, one set.
             log.info("%s: front-end gone: %s", self.name, s.close_reason)
+        elif s is self.standby:
+            self.standby = None
+            self._standby_warned = False
+            log.info("%s: standby front-end %s gone: %s", self.name, s.name, s.close_reason)
+        if dev is not None:
+            # Release the device's views of guest memory so the mapping goes now.
+            dev.close()
+            reap_deferred()
 
     # -- FrameSink (the device hands us what its driver transmitted) ------------------------
     def on_frames(
@@ -222,7 +370,11 @@ class VhostUserPort(Port):
         frames: list[memoryview],
         hdrs: list[bytes | None] | None,
     ) -> None:
-        """Forward a burst into the switch (published at :meth:`commit`)."""
+        """Forward a burst into the switch (published at :meth:`commit`); a standby's
+        frames are dropped (counted ``standby``): it is not the port's NIC yet."""
+        if dev is not self.device:
+            self.counters.drop(STANDBY_DROP, len(frames))
+            return
         self.switch.forward(self, frames, hdrs, pair)
 
     def commit(self, dev: VirtioNetDevice) -> None:
@@ -230,7 +382,10 @@ class VhostUserPort(Port):
         self.switch.commit()
 
     def on_rarp(self, dev: VirtioNetDevice, mac: bytes) -> None:
-        """SEND_RARP from the front-end: re-learn and announce."""
+        """SEND_RARP from the front-end: re-learn and announce (from a standby too: it is
+        the same NIC, and the announcement only re-learns the MAC on this port)."""
+        if dev is not self.device:
+            log.info("%s: RARP announcement from the standby front-end", self.name)
         self.switch.announce(self, mac)
 
     # -- Port -------------------------------------------------------------------------------
@@ -256,7 +411,8 @@ class VhostUserPort(Port):
             dev.publish_rx()
 
     def info(self) -> dict[str, Any]:
-        """Port description: path, mode, front-end state, counters."""
+        """Port description: path, mode, front-end state (the active one, and the standby
+        if any), counters."""
         dev = self.device
         out = super().info()
         out.update({
@@ -271,8 +427,21 @@ class VhostUserPort(Port):
             "features": dev.features if dev is not None else None,
             "mtu": dev.mtu if dev is not None else self.mtu,
             "last_close_reason": self.last_close_reason,
+            "session": self.session.name if self.session is not None else None,
+            "standby": self._standby_info(),
+            "handovers": self.handovers,
+            "refused": self.refused,
         })
         return out
+
+    def _standby_info(self) -> dict[str, Any] | None:
+        s = self.standby
+        if s is None:
+            return None
+        dev = self._net_device(s)
+        return {"session": s.name, "running": self._running(s),
+                "rx_pairs": dev.rx_pairs if dev is not None else [],
+                "features": dev.features if dev is not None else None}
 
     def close(self) -> None:
         """Close the session and the listener (the socket file is removed). Idempotent."""
@@ -282,6 +451,7 @@ class VhostUserPort(Port):
         self.server.close()
         self.device = None
         self.session = None
+        self.standby = None
 
 
 class TapPort(Port):
