@@ -81,6 +81,23 @@ def _check_reply_size(name: str, cls: type[P.Payload] | None, payload: bytes) ->
         raise RemoteProtocolError(f"{name} reply: {e}") from None
 
 
+#: SET_DEVICE_STATE_FD's reply (vhost-user.rst): bits 0-7 an error code (0: success).
+DEVICE_STATE_ERROR_MASK = 0xFF
+#: Bit 8, the invalid-fd flag: set when the back-end sends no fd of its own; clear when
+#: its reply carries one, which the front-end then uses for the transfer instead of ours.
+DEVICE_STATE_NOFD = 0x100
+
+
+def _device_state_reply_fds(payload: bytes) -> int:
+    """The fds SET_DEVICE_STATE_FD's reply must carry: one unless bit 8 is set (QEMU's
+    ``vhost_user_set_device_state_fd`` reads a back-end fd exactly when it is clear).
+    A reply of the wrong size is left to the size check (0 fds then)."""
+    if len(payload) != 8:
+        return 0
+    (value,) = P.U64.unpack(payload)
+    return 0 if value & DEVICE_STATE_NOFD else 1
+
+
 class FrontendConnection(Generic[FdT]):
     """One session with a back-end, front-end role.
 
@@ -250,6 +267,13 @@ class FrontendConnection(Generic[FdT]):
                     f"SET_PROTOCOL_FEATURES {payload.value:#x} acks bits never offered "
                     f"({extra:#x})"
                 )
+            need = int(PF.BACKEND_REQ | PF.REPLY_ACK)
+            if payload.value & PF.INBAND_NOTIFICATIONS and payload.value & need != need:
+                # vhost-user.rst: INBAND_NOTIFICATIONS "requires BACKEND_REQ and REPLY_ACK".
+                raise LocalProtocolError(
+                    f"SET_PROTOCOL_FEATURES {payload.value:#x}: INBAND_NOTIFICATIONS needs "
+                    "BACKEND_REQ and REPLY_ACK acked with it"
+                )
 
     # -- replies ---------------------------------------------------------------------------
     def receive_data(self, data: bytes, fds: Sequence[FdT] = ()) -> list[ev.Event]:
@@ -308,6 +332,8 @@ class FrontendConnection(Generic[FdT]):
                 # vhost-user.rst says u64; QEMU takes both, and so do we.
                 _check_reply_size(name, cls, msg.payload)
             want_fds = want.fds
+            if msg.request == wire_id(self.dialect, FrontendRequest.SET_DEVICE_STATE_FD):
+                want_fds = _device_state_reply_fds(msg.payload)
             if len(msg.fds) != want_fds:
                 raise RemoteProtocolError(
                     f"{name} reply carries {len(msg.fds)} fds, not {want_fds}"
@@ -399,10 +425,14 @@ class BackendChannel(Generic[FdT]):
     Replies go only where REPLY_ACK was negotiated and NEED_REPLY set (vhost-user.rst).
     """
 
-    def __init__(self, role: str, *, reply_ack: bool, name: str = "backend-channel") -> None:
+    def __init__(self, role: str, *, reply_ack: bool, name: str = "backend-channel",
+                 protocol_features: int | None = None) -> None:
         if role not in ("frontend", "backend"):
             raise ValueError(f"role {role!r} is not 'frontend' or 'backend'")
         self.role = role
+        self.protocol_features = protocol_features
+        """What was negotiated (front-end side): a request gated on a protocol feature
+        not in it is refused; None checks no gates."""
         self.reply_ack = reply_ack
         self.name = name
         self._decoder: FrameDecoder[FdT] = FrameDecoder(
@@ -477,6 +507,12 @@ class BackendChannel(Generic[FdT]):
             self._decoder._orphans.extend(msg.fds)
             raise RemoteProtocolError(f"back-end request code {msg.request} is unknown") from None
         rule = BACKEND_RULES[req]
+        if (self.protocol_features is not None and isinstance(rule.gate, ProtocolFeature)
+                and not self.protocol_features & rule.gate):
+            # e.g. BACKEND_VRING_CALL without INBAND_NOTIFICATIONS (vhost-user.rst).
+            self._decoder._orphans.extend(msg.fds)
+            raise RemoteProtocolError(
+                f"{req.name} needs protocol feature {rule.gate.name}, not negotiated")
         try:
             payload: Any = rule.payload.decode(msg.payload)
         except RemoteProtocolError as e:

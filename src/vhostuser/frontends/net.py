@@ -39,6 +39,14 @@ outage, whose start and end are kept in :attr:`~VirtioNetFrontend.outages`. Whil
 back-end is away, :meth:`~VirtioNetFrontend.send` still queues frames (they go out after
 the reconnect) and :attr:`~VirtioNetFrontend.connected` is False.
 
+Migration, as QEMU drives one for a vhost-user NIC: :meth:`~VirtioNetFrontend.start_logging`
+hands the back-end a dirty log (:class:`~vhostuser.io.dirtylog.FrontendDirtyLog`) and
+acks VHOST_F_LOG_ALL; the back-end then marks every guest page it writes (receive buffers,
+used rings). :meth:`~VirtioNetFrontend.migrate` stops every ring on the back-end
+(GET_VRING_BASE) and resumes it at the returned index on another connection (or the same
+one): no frame is lost or delivered twice across the hand-over. With ``inband=True`` the
+session uses in-band notifications (VRING_KICK, BACKEND_VRING_CALL) instead of eventfds.
+
 Errors: negotiation failures raise :class:`~vhostuser.errors.VhostUserError` subclasses
 from :class:`~vhostuser.io.frontend.FrontendClient`; a back-end that returns bad used
 entries breaks the ring (:class:`~vhostuser.errors.RingError`); a back-end that stays away
@@ -53,14 +61,15 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
 from ..errors import MessageTimeoutError, PeerClosedError, RemoteProtocolError, VhostUserError
+from ..io.dirtylog import FrontendDirtyLog
 from ..io.fdpass import listen_unix, socket_identity, unlink_socket
-from ..io.frontend import FrontendClient, Negotiated
+from ..io.frontend import FrontendClient, Negotiated, migrate_rings
 from ..io.guestram import GuestRam
 from ..io.reactor import Reactor
 from ..memory import FlatMemory
@@ -94,6 +103,7 @@ __all__ = [
     "PROBE",
     "NetFrontendStats",
     "ProbeLedger",
+    "RingArea",
     "VirtioNetFrontend",
     "probe_template",
     "read_probe",
@@ -142,6 +152,22 @@ class NetFrontendStats:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class RingArea:
+    """One queue's place in guest memory (guest-physical addresses)."""
+
+    index: int
+    rx: bool
+    desc: int
+    avail: int
+    used: int
+    """The used ring (split); for packed rings the device writes the descriptor ring."""
+    data: int
+    """First buffer slot."""
+    data_size: int
+    """Bytes of buffer slots."""
 
 
 @dataclass(slots=True)
@@ -270,6 +296,9 @@ class VirtioNetFrontend:
         reconnect: take up a new back-end when this one goes away (needs ``dialer``;
             :meth:`connect` and :meth:`accept` give one).
         reconnect_timeout: seconds without a back-end before :meth:`wait` gives up.
+        inband: negotiate INBAND_NOTIFICATIONS: kick with VRING_KICK messages and take
+            calls as BACKEND_VRING_CALL (the back-end must offer it, with BACKEND_REQ and
+            REPLY_ACK, or :meth:`start` raises RemoteProtocolError).
         dialer: how to find the back-end again (internal; see :meth:`connect`).
 
     Raises:
@@ -293,6 +322,7 @@ class VirtioNetFrontend:
         name: str = "net-frontend",
         reconnect: bool = True,
         reconnect_timeout: float = 30.0,
+        inband: bool = False,
         dialer: _Dialer | None = None,
     ) -> None:
         if not 1 <= queue_pairs <= 128:
@@ -319,6 +349,7 @@ class VirtioNetFrontend:
         self.name = name
         self.reconnect_enabled = reconnect and dialer is not None
         self.reconnect_timeout = reconnect_timeout
+        self.inband = inband
         self._dialer = dialer
         self.stats = NetFrontendStats(rx_per_pair=[0] * queue_pairs)
         self.features = 0
@@ -413,7 +444,8 @@ class VirtioNetFrontend:
             BackendChangedError: (not ``first``) a bit negotiated before is gone.
             RemoteProtocolError: packed rings or queue pairs asked for are not offered.
         """
-        n = c.negotiate(features=self.wanted_features() if first else self.features)
+        n = c.negotiate(features=self.wanted_features() if first else self.features,
+                        inband=self.inband)
         if not first:
             check_offer(self.name, features=self.features, offered_features=n.backend_features,
                         protocol_features=self._needed_protocol_features(),
@@ -519,6 +551,10 @@ class VirtioNetFrontend:
         for v in c.vrings.values():
             r.add_reader(v.call.fd, self._on_call)
             self._watched.append(v.call.fd)
+        chan = c.channel_fd if c.inband else None
+        if chan is not None:
+            r.add_reader(chan, self._on_channel)
+            self._watched.append(chan)
         # Nothing may arrive on the control socket while no request waits for a reply:
         # readable means the back-end closed it (or broke the protocol).
         fd = c.sock.fileno()
@@ -533,6 +569,14 @@ class VirtioNetFrontend:
     def _on_call(self) -> None:
         for v in self.client.vrings.values():
             v.call.drain()
+
+    def _on_channel(self) -> None:
+        # In-band calls: each BACKEND_VRING_CALL signals the ring's local call eventfd
+        # (FrontendClient.poll_backend_channel), so waiting is the same in both modes.
+        try:
+            self.client.poll_backend_channel()
+        except (VhostUserError, OSError) as e:
+            self._went_away(f"the back-end channel failed: {e}")
 
     def _on_control_readable(self) -> None:
         self._went_away("the back-end closed the connection")
@@ -638,9 +682,11 @@ class VirtioNetFrontend:
         log.info("%s: reconnected after %.3f s", self.name, now - start)
         return True
 
-    def _resume(self, c: FrontendClient) -> None:
+    def _resume(self, c: FrontendClient, bases: dict[int, int] | None = None) -> None:
         """Hand the session to the back-end behind ``c``: same features, same memory, every
         ring resumed (split) or restarted (packed), then DRIVER_OK and a kick per queue.
+        With ``bases`` (a migration: the old back-end stopped every ring and said where
+        it stopped) every ring, split or packed, resumes at its base instead.
 
         Raises:
             BackendChangedError: a bit the session depends on is gone.
@@ -651,7 +697,7 @@ class VirtioNetFrontend:
             self._reap_tx(tq)
         for rq in self._rx:
             self._reap_rx(rq, self._backlog)
-            if rq.partial is not None:
+            if rq.partial is not None and bases is None:
                 # The rest of this frame went down with the old back-end.
                 self.stats.rx_outage_dropped += 1
                 rq.partial = None
@@ -661,6 +707,11 @@ class VirtioNetFrontend:
         assert self.ram is not None
         c.set_memory(self.ram)
         for q in (*self._rx, *self._tx):
+            if bases is not None:
+                # A frame split across buffers stays valid: the ring goes on where it was.
+                c.setup_vring(q.index, self.queue_size, desc=q.desc, avail=q.avail,
+                              used=q.used, base=bases[q.index])
+                continue
             q.partial = None
             if self.packed:
                 # A packed ring cannot be resumed without inflight tracking: a back-end
@@ -679,7 +730,7 @@ class VirtioNetFrontend:
                           base=base)
         self.client = c
         self._watch(c)
-        if self.packed:
+        if self.packed and bases is None:
             for rq in self._rx:
                 self._refill(rq)
         c.driver_ok()
@@ -688,6 +739,110 @@ class VirtioNetFrontend:
             # back-end look at what is already waiting in the ring.
             c.kick(q.index)
             self.stats.kicks += 1
+
+    # -- migration ------------------------------------------------------------------------------
+    def start_logging(self, dirty_log: FrontendDirtyLog | None = None) -> FrontendDirtyLog:
+        """Have the back-end log every guest page it writes (see the module docstring);
+        returns the log (a new one covering our guest RAM unless given; the caller closes
+        it after :meth:`stop_logging` or :meth:`migrate`).
+
+        Raises:
+            LocalProtocolError: the back-end cannot log (no VHOST_F_LOG_ALL offered, no
+                LOG_SHMFD), or logging is on already.
+            PeerClosedError: the back-end is away.
+        """
+        self._check_open()
+        if self._down_since is not None:
+            raise PeerClosedError(f"{self.name}: no back-end to log for us")
+        assert self.ram is not None
+        own = dirty_log is None
+        log_ = FrontendDirtyLog(self.ram.size) if dirty_log is None else dirty_log
+        try:
+            self.client.start_logging(log_)
+        except BaseException:
+            if own:
+                log_.close()
+            raise
+        return log_
+
+    def stop_logging(self) -> None:
+        """Switch the back-end's logging off (SET_FEATURES without LOG_ALL).
+
+        Raises:
+            LocalProtocolError: logging is not on.
+        """
+        self.client.stop_logging()
+
+    def migrate(self, client: FrontendClient | Callable[[], FrontendClient] | None = None
+                ) -> dict[int, int]:
+        """Move the session to the back-end behind ``client`` (negotiated here with the
+        same features), as QEMU hands rings to the destination of a migration: every ring
+        is stopped here (GET_VRING_BASE; what the back-end completed until then is taken
+        first) and set up there at the returned index, same guest memory; then DRIVER_OK
+        and a kick per ring. Returns the bases.
+
+        ``client`` is a connected client, or a function that connects one: it is called
+        once the old connection is closed (a back-end that serves one front-end at a
+        time, such as DPDK's net_vhost port, is then free for it); None keeps the
+        session on this connection (the rings are stopped and set up again on it). The
+        old connection is closed after its last ring stopped; if logging was on, the log
+        then holds every page written until the stop: read it after this returns.
+
+        Raises:
+            PeerClosedError: the back-end is away.
+            BackendChangedError: the new back-end lacks a bit the session uses.
+            VhostUserError, OSError: stopping or setting up failed (``client`` is then
+                closed; the session is not usable).
+        """
+        self._check_open()
+        if self._down_since is not None:
+            raise PeerClosedError(f"{self.name}: no back-end to migrate from")
+        old = self.client
+        self._unwatch()
+        if client is None or client is old:
+            for tq in self._tx:
+                self._reap_tx(tq)
+            bases = migrate_rings(old)
+            self._watch(old)
+            old.driver_ok()
+        else:
+            try:
+                bases = {q.index: old.stop_vring(q.index)
+                         for q in sorted((*self._rx, *self._tx), key=lambda q: q.index)}
+            except BaseException:
+                old.close()
+                if isinstance(client, FrontendClient):
+                    client.close()
+                raise
+            if not isinstance(client, FrontendClient):
+                old.close()
+                client = client()
+            try:
+                self._resume(client, bases)
+            except BaseException:
+                client.close()
+                raise
+            finally:
+                old.close()
+            return bases
+        for q in (*self._rx, *self._tx):
+            old.kick(q.index)
+            self.stats.kicks += 1
+        return bases
+
+    def ring_areas(self) -> list[RingArea]:
+        """Where each queue lives in guest memory (GPAs), receive queues first: for
+        tests that look at what the back-end wrote (e.g. a dirty-log audit)."""
+        out = []
+        for q in sorted((*self._rx, *self._tx), key=lambda q: q.index):
+            rx = q.index % 2 == 0
+            out.append(RingArea(q.index, rx, q.desc, q.avail, q.used, q.slot_base,
+                                q.slot_size * self.queue_size))
+        return sorted(out, key=lambda a: (not a.rx, a.index))
+
+    def _check_open(self) -> None:
+        if self._closed or not self._started:
+            raise PeerClosedError(f"{self.name}: the front-end is not running")
 
     def _mem_view(self, gpa: int, n: int) -> memoryview:
         buf = self._buf

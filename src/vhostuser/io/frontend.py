@@ -16,6 +16,7 @@ unanswered past the timeout (:meth:`FrontendClient.alive`, :meth:`FrontendClient
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import time
@@ -24,7 +25,12 @@ from types import TracebackType
 from typing import Any
 
 from ..connection import events as ev
-from ..connection.frontend import BackendChannel, FrontendConnection
+from ..connection.frontend import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_NOFD,
+    BackendChannel,
+    FrontendConnection,
+)
 from ..errors import (
     LocalProtocolError,
     MessageTimeoutError,
@@ -35,6 +41,7 @@ from ..protocol import payloads as P
 from ..protocol.enums import FrontendRequest, ProtocolFeature, VirtioFeature, draft_feature_mask
 from ..protocol.payloads import MAX_MEM_TABLE_REGIONS
 from ..protocol.table import Dialect, Reply, rule_for
+from .dirtylog import FrontendDirtyLog
 from .eventfd import EventFd
 from .fdpass import (
     OwnedFd,
@@ -57,8 +64,15 @@ VF = VirtioFeature
 #: Protocol features this front-end knows how to use.
 SUPPORTED_PROTOCOL_FEATURES = (
     PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
-    | PF.MTU | PF.RARP | PF.RESET_DEVICE | PF.INFLIGHT_SHMFD
+    | PF.MTU | PF.RARP | PF.RESET_DEVICE | PF.INFLIGHT_SHMFD | PF.LOG_SHMFD | PF.DEVICE_STATE
 )
+"""INBAND_NOTIFICATIONS is not in it: it changes how rings are notified, so it is asked
+for explicitly (``negotiate(inband=True)``)."""
+
+#: SET_DEVICE_STATE_FD directions and phase (vhost-user.rst "Migrating back-end state").
+STATE_SAVE = 0
+STATE_LOAD = 1
+STATE_PHASE_STOPPED = 0
 
 
 # virtio 1.2 §2.1 device status bits.
@@ -80,6 +94,8 @@ class VringSetup:
     kick: EventFd
     call: EventFd
     err: EventFd | None = None
+    logged: bool = False
+    """SET_VRING_ADDR carried VHOST_VRING_F_LOG (used-ring writes are logged)."""
 
 
 @dataclass(slots=True)
@@ -124,6 +140,16 @@ class FrontendClient:
         self.echoes = 0
         """ECHOes answered so far."""
         self._hung_up_waiting = False
+        self.dirty_log: FrontendDirtyLog | None = None
+        """The log given with SET_LOG_BASE (:meth:`start_logging`); ours to close."""
+        self.logging = False
+        """VHOST_F_LOG_ALL is acked: the back-end logs its writes."""
+        self.inband = False
+        """INBAND_NOTIFICATIONS is negotiated: kicks are VRING_KICK messages and calls
+        arrive as BACKEND_VRING_CALL on the back-end channel (each then signals the
+        ring's local call eventfd, so waiting works the same in both modes)."""
+        self.vring_calls = 0
+        """BACKEND_VRING_CALL messages received."""
         self.dead: str | None = None
         """Why the back-end is considered dead (HUP, or no ECHO reply in time); the client
         is then closed."""
@@ -188,7 +214,7 @@ class FrontendClient:
         if self.conn.waiting == before:
             return None
         reply = self._wait_reply()
-        if self._is_ack(req):
+        if self._is_ack(req) and reply.payload:  # DPDK's SET_LOG_BASE ack is empty
             (value,) = P.U64.unpack(reply.payload)
             if value != 0:
                 raise RemoteProtocolError(f"{req.name}: back-end NACKed with {value:#x}")
@@ -210,9 +236,18 @@ class FrontendClient:
             if left <= 0:
                 self.conn.hint_no_reply()
                 raise MessageTimeoutError(f"{self.name}: no reply within {limit:g} s")
-            r, _, _ = select.select([self.sock], [], [], left)
+            watched: list[socket.socket] = [self.sock]
+            if self._channel_sock is not None:
+                # A back-end that waits for our ack of a back-end request (REPLY_ACK) may
+                # not answer us before it has it.
+                watched.append(self._channel_sock)
+            r, _, _ = select.select(watched, [], [], left)
             if not r:
                 continue
+            if self._channel_sock is not None and self._channel_sock in r:
+                self.poll_backend_channel()
+                if self.sock not in r:
+                    continue
             try:
                 data, fds = recv_some(self.sock, self.conn.wanted())
             except BlockingIOError:
@@ -246,6 +281,7 @@ class FrontendClient:
         protocol_features: int = SUPPORTED_PROTOCOL_FEATURES,
         set_features: bool = True,
         backend_channel: bool = True,
+        inband: bool = False,
     ) -> Negotiated:
         """Run the handshake QEMU runs before memory and rings.
 
@@ -256,6 +292,14 @@ class FrontendClient:
 
         In the 2014 draft: ECHO first (as the draft's QEMU did on connecting), then
         GET_FEATURES, SET_OWNER and SET_FEATURES; the draft has nothing else.
+
+        ``inband=True`` also asks for INBAND_NOTIFICATIONS (with the BACKEND_REQ and
+        REPLY_ACK it requires): rings are then notified by messages (:attr:`inband`).
+        VHOST_F_LOG_ALL is never acked here: :meth:`start_logging` acks it.
+
+        Raises:
+            RemoteProtocolError: ``inband`` and the back-end does not offer
+                INBAND_NOTIFICATIONS with BACKEND_REQ and REPLY_ACK.
         """
         if self.dialect.is_draft:
             self.echo()
@@ -263,7 +307,19 @@ class FrontendClient:
         n = Negotiated(backend_features=offered, features=0)
         if offered & VF.PROTOCOL_FEATURES and not self.dialect.is_draft:
             n.backend_protocol_features = self.get_u64(R.GET_PROTOCOL_FEATURES)
-            n.protocol_features = n.backend_protocol_features & int(protocol_features)
+            asked = int(protocol_features)
+            if inband:
+                asked |= int(PF.INBAND_NOTIFICATIONS | PF.BACKEND_REQ | PF.REPLY_ACK)
+                need = int(PF.INBAND_NOTIFICATIONS | PF.BACKEND_REQ | PF.REPLY_ACK)
+                if n.backend_protocol_features & need != need or not backend_channel:
+                    raise RemoteProtocolError(
+                        f"{self.name}: in-band notifications asked for, but the back-end "
+                        f"offers protocol features {n.backend_protocol_features:#x} (needs "
+                        "INBAND_NOTIFICATIONS, BACKEND_REQ and REPLY_ACK)"
+                    )
+            else:
+                asked &= ~int(PF.INBAND_NOTIFICATIONS)
+            n.protocol_features = n.backend_protocol_features & asked
             self.send(R.SET_PROTOCOL_FEATURES, P.U64Payload(value=n.protocol_features))
             if self.conn.has(PF.MQ):
                 n.queue_num = self.get_u64(R.GET_QUEUE_NUM)
@@ -271,6 +327,7 @@ class FrontendClient:
                 n.max_mem_slots = self.get_u64(R.GET_MAX_MEM_SLOTS)
             if backend_channel and self.conn.has(PF.BACKEND_REQ):
                 self._open_backend_channel()
+            self.inband = self.conn.has(PF.INBAND_NOTIFICATIONS)
         self.send(R.SET_OWNER)
         if set_features:
             want = offered if features is None else features & offered
@@ -323,7 +380,13 @@ class FrontendClient:
             theirs.close()
         ours.setblocking(False)
         self._channel_sock = ours
-        self.backend_channel = BackendChannel("frontend", reply_ack=self.conn.has(PF.REPLY_ACK))
+        self.backend_channel = BackendChannel("frontend", reply_ack=self.conn.has(PF.REPLY_ACK),
+                                              protocol_features=self.conn.protocol_features)
+
+    @property
+    def channel_fd(self) -> int | None:
+        """The back-end channel's socket (to watch for BACKEND_VRING_CALL), if open."""
+        return None if self._channel_sock is None else self._channel_sock.fileno()
 
     def poll_backend_channel(self) -> list[ev.Event]:
         """Read and answer any back-end requests waiting on the channel (non-blocking)."""
@@ -339,6 +402,12 @@ class FrontendClient:
             for e in events:
                 if isinstance(e, ev.BackendRequestReceived):
                     close_all(f for f in e.fds if isinstance(f, OwnedFd))
+                elif isinstance(e, ev.VringCalled):
+                    # vhost-user.rst BACKEND_VRING_CALL: in place of the call eventfd.
+                    self.vring_calls += 1
+                    v = self.vrings.get(e.index)
+                    if v is not None:
+                        v.call.notify()
             out.extend(events)
             for b in self.backend_channel.data_to_send():
                 send_msg(self._channel_sock, b)
@@ -397,14 +466,20 @@ class FrontendClient:
         vring_file: P.VringFile | P.DraftVringFile = (
             P.DraftVringFile(index=index) if self.dialect.is_draft else P.VringFile(index=index)
         )
+        # vhost-user.rst: with INBAND_NOTIFICATIONS the invalid-fd flag (0x100) in
+        # SET_VRING_KICK/CALL means "notify with VRING_KICK / BACKEND_VRING_CALL"; our
+        # local eventfds then stand for the messages (see :attr:`inband`).
+        nofd = P.VringFile(index=index, nofd=True)
         try:
             self.send(R.SET_VRING_NUM, P.VringState(index=index, num=size))
             self.send(R.SET_VRING_BASE, P.VringState(index=index, num=base))
-            self.send(R.SET_VRING_ADDR, P.VringAddr(
-                index=index, flags=0, desc=self.gpa_to_uva(desc), used=self.gpa_to_uva(used),
-                avail=self.gpa_to_uva(avail), log=0))
-            self.send(R.SET_VRING_CALL, vring_file, [call.fd])
-            self.send(R.SET_VRING_KICK, vring_file, [kick.fd])
+            self._send_addr(index, desc, avail, used, log=self.logging)
+            if self.inband:
+                self.send(R.SET_VRING_CALL, nofd)
+                self.send(R.SET_VRING_KICK, nofd)
+            else:
+                self.send(R.SET_VRING_CALL, vring_file, [call.fd])
+                self.send(R.SET_VRING_KICK, vring_file, [kick.fd])
             if enable and (self.conn.features or 0) & VF.PROTOCOL_FEATURES:
                 self.send(R.SET_VRING_ENABLE, P.VringState(index=index, num=1))
         except BaseException:
@@ -415,13 +490,147 @@ class FrontendClient:
         if old is not None:
             old.kick.close()
             old.call.close()
-        v = VringSetup(index, size, desc, avail, used, kick, call)
+        v = VringSetup(index, size, desc, avail, used, kick, call, logged=self.logging)
         self.vrings[index] = v
         return v
 
+    def _send_addr(self, index: int, desc: int, avail: int, used: int, *, log: bool) -> None:
+        """SET_VRING_ADDR with front-end virtual addresses; with ``log``, the
+        VHOST_VRING_F_LOG flag and the used ring's guest-physical address as
+        log_guest_addr (vhost-user.rst "Migration": used-ring writes are logged there).
+        Acked (REPLY_ACK) or followed by a GET_FEATURES barrier while logging changes,
+        as QEMU does, so the back-end logs from the moment this returns."""
+        self.send(R.SET_VRING_ADDR, P.VringAddr(
+            index=index, flags=P.VRING_F_LOG if log else 0, desc=self.gpa_to_uva(desc),
+            used=self.gpa_to_uva(used), avail=self.gpa_to_uva(avail), log=used if log else 0),
+            need_reply=True if log and self.conn.has(PF.REPLY_ACK) else None)
+
     def kick(self, index: int) -> None:
-        """Notify the back-end that ring ``index`` has new buffers."""
-        self.vrings[index].kick.notify()
+        """Notify the back-end that ring ``index`` has new buffers: write its kick eventfd
+        or, with in-band notifications, send VRING_KICK (num 0, vhost-user.rst).
+
+        Raises:
+            KeyError: ring ``index`` was never set up.
+        """
+        v = self.vrings[index]
+        if self.inband:
+            self.send(R.VRING_KICK, P.VringState(index=index, num=0), need_reply=False)
+        else:
+            v.kick.notify()
+
+    # -- dirty logging (live migration) --------------------------------------------------------
+    def _sync(self) -> None:
+        """Make sure the back-end handled everything sent: a GET_FEATURES round trip
+        (QEMU's ``vhost_user_write_sync`` without REPLY_ACK)."""
+        if not self.conn.has(PF.REPLY_ACK):
+            self.get_u64(R.GET_FEATURES)
+
+    def start_logging(self, log: FrontendDirtyLog) -> None:
+        """Have the back-end log every guest page it writes into ``log``, as QEMU starts a
+        migration (``vhost_migration_log``): SET_LOG_BASE with the memfd (answered with a
+        u64 under LOG_SHMFD, or DPDK's empty ack), SET_FEATURES with VHOST_F_LOG_ALL,
+        then SET_VRING_ADDR with VHOST_VRING_F_LOG for every ring set up (rings set up
+        later get it too). When this returns the back-end logs. ``log`` stays the
+        caller's to close (after :meth:`stop_logging`).
+
+        Raises:
+            LocalProtocolError: no memory was shared yet, the log does not cover it,
+                logging is already on, the back-end did not offer VHOST_F_LOG_ALL, or
+                LOG_SHMFD was not negotiated (we hand the log only as shared memory).
+            RemoteProtocolError, MessageTimeoutError, PeerClosedError: as :meth:`send`.
+        """
+        if self.logging:
+            raise LocalProtocolError(f"{self.name}: logging is already on")
+        if not self.mem_regions:
+            raise LocalProtocolError(f"{self.name}: share guest memory before logging it")
+        end = max(r.guest_phys_addr + r.memory_size for r in self.mem_regions)
+        if log.guest_end < end:
+            raise LocalProtocolError(
+                f"{self.name}: the dirty log covers guest memory up to {log.guest_end:#x}, "
+                f"not to {end:#x}")
+        offered = self.conn.backend_features or 0
+        if not offered & VF.LOG_ALL:
+            raise LocalProtocolError(
+                f"{self.name}: the back-end offers features {offered:#x} without "
+                "VHOST_F_LOG_ALL (bit 26): it cannot log for a migration")
+        if not self.conn.has(PF.LOG_SHMFD):
+            raise LocalProtocolError(
+                f"{self.name}: LOG_SHMFD was not negotiated (the back-end offers protocol "
+                f"features {self.conn.backend_protocol_features or 0:#x}); without it a "
+                "log cannot be shared (QEMU refuses to migrate then too)")
+        self.send(R.SET_LOG_BASE, P.LogBase(mmap_size=log.size, mmap_offset=0), [log.fd])
+        self.dirty_log = log
+        self._set_logging(True)
+
+    def stop_logging(self) -> None:
+        """Switch logging off: SET_FEATURES without VHOST_F_LOG_ALL, then SET_VRING_ADDR
+        without the log flag for every ring (QEMU's order). The log stays mapped by the
+        back-end until the next SET_LOG_BASE or the end of the session; read it with
+        :meth:`FrontendDirtyLog.take` after this returns for the last pages.
+
+        Raises:
+            LocalProtocolError: logging is not on.
+            RemoteProtocolError, MessageTimeoutError, PeerClosedError: as :meth:`send`.
+        """
+        if not self.logging:
+            raise LocalProtocolError(f"{self.name}: logging is not on")
+        self._set_logging(False)
+
+    def _set_logging(self, on: bool) -> None:
+        features = self.conn.features or 0
+        features = features | int(VF.LOG_ALL) if on else features & ~int(VF.LOG_ALL)
+        self.send(R.SET_FEATURES, P.U64Payload(value=features))
+        if self.negotiated is not None:
+            self.negotiated.features = features
+        self.logging = on
+        for v in self.vrings.values():
+            self._send_addr(v.index, v.desc, v.avail, v.used, log=on)
+            v.logged = on
+        self._sync()
+
+    # -- back-end state (DEVICE_STATE) ---------------------------------------------------------
+    def set_device_state_fd(self, direction: int, fd: int, *,
+                            phase: int = STATE_PHASE_STOPPED) -> tuple[int, OwnedFd | None]:
+        """SET_DEVICE_STATE_FD: give the back-end ``fd`` to write its state into
+        (``direction`` :data:`STATE_SAVE`) or read it from (:data:`STATE_LOAD`), in
+        ``phase`` (only :data:`STATE_PHASE_STOPPED` exists: every ring stopped).
+
+        Returns the reply's u64 and the back-end's own fd: vhost-user.rst lets it answer
+        with an fd of its own (bit 8, the invalid-fd flag, clear), which the front-end
+        then uses instead of ``fd``; None when it sets bit 8. The caller closes it.
+
+        Raises:
+            LocalProtocolError: DEVICE_STATE was not negotiated; bad direction or phase.
+            RemoteProtocolError: the back-end refused (error code in bits 0-7), or its
+                reply is malformed (an fd without bit 8 clear, or the reverse).
+        """
+        if direction not in (STATE_SAVE, STATE_LOAD):
+            raise LocalProtocolError(f"device state direction {direction} is not 0 or 1")
+        if phase != STATE_PHASE_STOPPED:
+            raise LocalProtocolError(f"device state phase {phase} is not 0 (stopped)")
+        reply = self.send(R.SET_DEVICE_STATE_FD,
+                          P.DeviceStateParams(direction=direction, phase=phase), [fd])
+        if reply is None:
+            raise RemoteProtocolError("SET_DEVICE_STATE_FD: no reply")
+        (value,) = P.U64.unpack(reply.payload)
+        theirs = [f for f in reply.fds if isinstance(f, OwnedFd)]
+        own = theirs[0] if theirs and not value & DEVICE_STATE_NOFD else None
+        if value & DEVICE_STATE_ERROR_MASK:
+            if own is not None:
+                own.close()
+            raise RemoteProtocolError(
+                f"SET_DEVICE_STATE_FD ({'save' if direction == STATE_SAVE else 'load'}): "
+                f"the back-end refused with error {value & DEVICE_STATE_ERROR_MASK:#x} "
+                f"(reply {value:#x})")
+        return value, own
+
+    def check_device_state(self) -> int:
+        """CHECK_DEVICE_STATE after a transfer; returns the back-end's u64 (0: success).
+
+        Raises:
+            LocalProtocolError: DEVICE_STATE was not negotiated.
+        """
+        return self.get_u64(R.CHECK_DEVICE_STATE)
 
     def stop_vring(self, index: int) -> int:
         """SET_VRING_ENABLE 0 (if negotiated) and GET_VRING_BASE; return the base."""
@@ -572,3 +781,139 @@ class FrontendClient:
             self._channel_sock = None
         close_all(self.conn.take_fds())
         self.sock.close()
+
+
+# -- migration helpers ----------------------------------------------------------------------------
+def migrate_rings(src: FrontendClient, dst: FrontendClient | None = None) -> dict[int, int]:
+    """Hand every ring of ``src`` over to ``dst`` (or to ``src`` itself, same socket):
+    stop each on ``src`` (SET_VRING_ENABLE 0, GET_VRING_BASE) and set it up on the
+    destination at the same addresses with SET_VRING_BASE = the index the source
+    returned (vhost-user.rst "Starting and stopping rings": GET_VRING_BASE stops the ring
+    and returns where the next back-end resumes). ``dst`` must have negotiated and been
+    given the same guest memory (:meth:`FrontendClient.set_memory`). Returns the bases.
+
+    Kick the rings afterwards (a ring starts on its first kick) and read the source's
+    dirty log last: the used-ring writes a stop makes are logged too.
+
+    Raises:
+        LocalProtocolError: ``src`` has no rings, or ``dst`` has no memory yet.
+        RemoteProtocolError, MessageTimeoutError, PeerClosedError: from either side.
+    """
+    target = src if dst is None else dst
+    if not src.vrings:
+        raise LocalProtocolError(f"{src.name}: no rings to hand over")
+    if not target.mem_regions:
+        raise LocalProtocolError(f"{target.name}: share guest memory before taking rings")
+    rings = sorted(src.vrings.values(), key=lambda v: v.index)
+    bases = {v.index: src.stop_vring(v.index) for v in rings}
+    for v in rings:
+        target.setup_vring(v.index, v.size, desc=v.desc, avail=v.avail, used=v.used,
+                           base=bases[v.index])
+    return bases
+
+
+def _pipe_read_all(fd: int, deadline: float, what: str) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MessageTimeoutError(f"{what}: no end of state (EOF) in time")
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def _pipe_write_all(fd: int, data: bytes, deadline: float, what: str) -> None:
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MessageTimeoutError(f"{what}: the back-end did not read its state in time")
+        _, w, _ = select.select([], [fd], [], left)
+        if not w:
+            continue
+        try:
+            n = os.write(fd, view[:65536])
+        except BlockingIOError:
+            continue
+        view = view[n:]
+
+
+def save_device_state(src: FrontendClient, *, timeout: float | None = None) -> bytes:
+    """Have the (stopped) back-end behind ``src`` write its state into a pipe and read it
+    until EOF (SET_DEVICE_STATE_FD, direction save); then CHECK_DEVICE_STATE.
+
+    Raises:
+        LocalProtocolError: DEVICE_STATE was not negotiated.
+        RemoteProtocolError: the back-end refused, or CHECK_DEVICE_STATE says it failed.
+        MessageTimeoutError: the state did not end (EOF) within ``timeout``.
+    """
+    limit = src.timeout if timeout is None else timeout
+    r, w = os.pipe2(os.O_CLOEXEC)
+    read_fd = OwnedFd(r)
+    try:
+        try:
+            _, own = src.set_device_state_fd(STATE_SAVE, w)
+        finally:
+            os.close(w)  # the back-end holds the write end: EOF once it closes it
+        if own is not None:
+            read_fd.close()
+            read_fd = own
+        state = _pipe_read_all(read_fd.fd, time.monotonic() + limit, f"{src.name}: save")
+    finally:
+        read_fd.close()
+    result = src.check_device_state()
+    if result:
+        raise RemoteProtocolError(f"{src.name}: CHECK_DEVICE_STATE after saving: {result:#x}")
+    return state
+
+
+def load_device_state(dst: FrontendClient, state: bytes, *,
+                      timeout: float | None = None) -> None:
+    """Give the (stopped) back-end behind ``dst`` a pipe to read ``state`` from
+    (SET_DEVICE_STATE_FD, direction load), write it and close (EOF ends it); then
+    CHECK_DEVICE_STATE, which on the loading side also says whether the state was
+    understood.
+
+    Raises:
+        LocalProtocolError: DEVICE_STATE was not negotiated.
+        RemoteProtocolError: the back-end refused, or CHECK_DEVICE_STATE says it failed.
+        MessageTimeoutError: the back-end did not read the state within ``timeout``.
+    """
+    limit = dst.timeout if timeout is None else timeout
+    r, w = os.pipe2(os.O_CLOEXEC)
+    write_fd = OwnedFd(w)
+    try:
+        try:
+            _, own = dst.set_device_state_fd(STATE_LOAD, r)
+        finally:
+            os.close(r)
+        if own is not None:
+            write_fd.close()
+            write_fd = own
+        os.set_blocking(write_fd.fd, False)
+        _pipe_write_all(write_fd.fd, state, time.monotonic() + limit, f"{dst.name}: load")
+    finally:
+        write_fd.close()
+    result = dst.check_device_state()
+    if result:
+        raise RemoteProtocolError(f"{dst.name}: CHECK_DEVICE_STATE after loading: {result:#x}")
+
+
+def transfer_device_state(src: FrontendClient, dst: FrontendClient, *,
+                          timeout: float | None = None) -> int:
+    """Move the back-end state of ``src`` to ``dst`` (both stopped: every ring's
+    GET_VRING_BASE answered on the source, none started on the destination), as QEMU
+    migrates a back-end's internal state (vhost-user.rst "Migrating back-end state"):
+    :func:`save_device_state` then :func:`load_device_state`. Returns the state's size.
+
+    Raises:
+        LocalProtocolError, RemoteProtocolError, MessageTimeoutError: as those two.
+    """
+    state = save_device_state(src, timeout=timeout)
+    load_device_state(dst, state, timeout=timeout)
+    return len(state)

@@ -1,0 +1,117 @@
+"""Audit a back-end's dirty logging from the front-end, as a migration depends on it.
+
+vhost-user.rst "Migration": while VHOST_F_LOG_ALL is acked, every write the back-end makes
+to guest memory must be marked in the log (the used ring at ``log_guest_addr``, and "all
+the modifications to memory pointed by vring descriptor"). :func:`audit_net_echo` checks
+that the way a migration would fail without it: a shadow copy of guest memory is taken,
+frames go out to a back-end that sends them back (our switch's echo port, DPDK testpmd in
+macswap mode), and once memory has settled every page whose bytes changed must be in the
+log. Between the two copies the front-end itself writes nothing (it does not reap, refill
+or re-arm notifications), so every change is the back-end's. A page marked but unchanged
+is allowed (the back-end may write the bytes that were there, or mark a page first and
+write it later): :attr:`LogAudit.extra` lists them for the record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..frontends.net import RingArea, VirtioNetFrontend
+from ..io.dirtylog import LOG_PAGE, FrontendDirtyLog, changed_pages
+
+__all__ = ["LogAudit", "audit_net_echo", "settle"]
+
+
+@dataclass(slots=True)
+class LogAudit:
+    """What one audited round found (page numbers, ``gpa // 4096``)."""
+
+    changed: set[int]
+    marked: set[int]
+    ring_pages: set[int] = field(default_factory=set)
+    """Pages the device writes ring state into: used rings (split) or descriptor rings
+    (packed)."""
+    rx_pages: set[int] = field(default_factory=set)
+    """Pages of receive buffers."""
+
+    @property
+    def missing(self) -> set[int]:
+        """Changed but not marked: a migration would lose these writes."""
+        return self.changed - self.marked
+
+    @property
+    def extra(self) -> set[int]:
+        """Marked but unchanged (allowed)."""
+        return self.marked - self.changed
+
+    def describe(self) -> str:
+        """One line for reports."""
+        return (f"{len(self.changed)} pages changed ({len(self.changed & self.ring_pages)} "
+                f"ring, {len(self.changed & self.rx_pages)} receive buffers), "
+                f"{len(self.marked)} marked, {len(self.missing)} changed but not marked "
+                f"{sorted(self.missing)[:8]}, {len(self.extra)} marked but unchanged")
+
+
+def _pages(start: int, size: int) -> set[int]:
+    return set(range(start // LOG_PAGE, (start + max(size, 1) - 1) // LOG_PAGE + 1))
+
+
+def settle(buf: memoryview, *, quiet: float = 0.3, timeout: float = 10.0) -> bytes:
+    """Copy ``buf`` once it stopped changing for ``quiet`` seconds (or ``timeout``
+    passed); return the copy."""
+    deadline = time.monotonic() + timeout
+    last = bytes(buf)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = bytes(buf)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def audit_net_echo(nic: VirtioNetFrontend, log: FrontendDirtyLog, frames: Sequence[bytes],
+                   *, timeout: float = 20.0) -> tuple[LogAudit, list[bytes]]:
+    """Send ``frames`` to a back-end that echoes them, with logging on (the caller started
+    it with ``log``), and compare guest memory before and after (see the module).
+
+    Returns the audit and the frames that came back (taken after the second copy).
+
+    Raises:
+        ValueError: the front-end has no guest RAM (not started), or more frames than
+            its transmit ring takes at once.
+    """
+    ram = nic.ram
+    if ram is None:
+        raise ValueError(f"{nic.name}: not started")
+    if len(frames) > nic.queue_size:
+        raise ValueError(f"{len(frames)} frames do not fit a ring of {nic.queue_size}")
+    buf = ram.buf
+    areas: list[RingArea] = nic.ring_areas()
+    ring_pages: set[int] = set()
+    rx_pages: set[int] = set()
+    for a in areas:
+        if nic.packed:
+            ring_pages |= _pages(a.desc, 16 * nic.queue_size)
+        else:
+            ring_pages |= _pages(a.used, 6 + 8 * nic.queue_size)
+        if a.rx:
+            rx_pages |= _pages(a.data, a.data_size)
+    sent = nic.send(frames)
+    if sent != len(frames):
+        raise ValueError(f"{nic.name}: only {sent} of {len(frames)} frames found a slot")
+    log.take()  # what was marked before the first copy is no part of the audit
+    before = bytes(buf)
+    after = settle(buf, timeout=timeout)
+    time.sleep(0.05)  # a mark that follows its write (DPDK logs the used index after it)
+    marked = log.take()
+    audit = LogAudit(changed_pages(before, after), marked, ring_pages, rx_pages)
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < len(frames) and time.monotonic() < deadline:
+        got += nic.recv(timeout=0.2)
+    return audit, got
