@@ -220,6 +220,137 @@ def test_guest_migrates_to_another_switch_port(no_leaks: Any, sock_dir: Path) ->
         assert len(late) >= 10, f"{name}: only {late} after the migration"
 
 
+def _port(stats: Path, name: str) -> dict[str, Any]:
+    """Port ``name`` as the switch's stats file describes it now."""
+    for p in json.loads(stats.read_text())["ports"]:
+        if p["name"] == name:
+            return dict(p)
+    raise AssertionError(f"no port {name} in {stats}")
+
+
+SAME_PINGS = 150
+"""Pings each way in the same-socket test (30 s): they outlast a destination started and
+killed, a second one started, the migration, and the source quitting."""
+
+
+def test_guest_migrates_to_a_destination_on_the_same_socket(no_leaks: Any,
+                                                            sock_dir: Path) -> None:
+    """Live migration on one host as libvirt does it: the destination QEMU connects to the
+    SAME switch socket as the source, while the source runs. Guest A (port vm1) and guest
+    B (port vm2) ping each other, 5 pings a second. A first destination QEMU (-incoming)
+    connects to vm1's socket, stands by, and is SIGKILLed: A's pings are not disturbed.
+    A second destination connects and stands by; A is migrated to it. The switch hands vm1
+    over when the destination starts its rings (the source stopped its own), the guest
+    carries on there with at most a handful of pings lost each way, and its replies come
+    from the destination. Then the source QEMU (left in "postmigrate", still connected)
+    quits, and the pings go on to the end."""
+    require_peer("qemu")
+    require_peer("guest")
+    net = pick_subnet()
+    p1, p2 = str(sock_dir / "p1.sock"), str(sock_dir / "p2.sock")
+    mig1, mig2 = sock_dir / "mig1.sock", sock_dir / "mig2.sock"
+    stats = sock_dir / "stats.json"
+    args = ["--port", f"{p1},name=vm1", "--port", f"{p2},name=vm2", "--stats-json",
+            str(stats), "--stats-interval", "0.2", "-v"]
+    ra, rb = Replies(), Replies()
+    src = GuestVM(nets=[NetPort(socket=p1)], end="shell", on_line=ra.on_line, mem_mb=MEM_MB,
+                  params={"ip": f"{net}.1/24"}, qmp=sock_dir / "src.qmp", name="vm1-src")
+    mac = src.nets[0].mac
+    assert mac is not None
+
+    def destination(n: int, mig: Path) -> GuestVM:
+        # Built like the source, on the same socket path: libvirt's command line for a
+        # migration on one host.
+        return GuestVM(nets=[NetPort(socket=p1, mac=mac)], end="shell", on_line=ra.on_line,
+                       mem_mb=MEM_MB, params={"ip": f"{net}.1/24"},
+                       qmp=sock_dir / f"dst{n}.qmp", name=f"vm1-dst{n}",
+                       incoming=f"unix:{mig}")
+
+    doomed, dst = destination(1, mig1), destination(2, mig2)
+    with switch_process(args, sock_dir / "switch.log") as sw, _sockets(p1, p2), \
+            GuestVM(nets=[NetPort(socket=p2)], end="shell", on_line=rb.on_line,
+                    mem_mb=MEM_MB, params={"ip": f"{net}.2/24"}) as b, src:
+        def tail() -> str:
+            return (f"--- switch ---\n{sw.tail()}\n--- source ---\n{src.tail(15)}\n"
+                    f"--- destination ---\n{dst.tail(15)}\n--- B ---\n{b.tail(10)}")
+
+        def standby() -> Any:
+            return _port(stats, "vm1")["standby"]
+
+        for vm, peer in ((src, f"{net}.2"), (b, f"{net}.1")):
+            first = vm.run(f"vu_ping {peer} 2 60 0.2", timeout=BOOT_TIMEOUT)
+            reach = [r for r in first.results if r.name == "reach"]
+            assert reach and reach[0]["ok"] == "1", first.output + tail()
+        ra.at.clear()
+        rb.at.clear()
+        ping = f"ping -c {SAME_PINGS} -i {INTERVAL} -W 2 {{peer}}; true"
+        ca = src.submit(ping.format(peer=f"{net}.2"))
+        cb = b.submit(ping.format(peer=f"{net}.1"))
+        _wait(lambda: ra.seen() >= MIGRATE_AFTER and rb.seen() >= MIGRATE_AFTER, 90,
+              "replies before the migration", tail)
+
+        # A destination that never receives the guest: it stands by, then dies.
+        with doomed:
+            _wait(lambda: standby() is not None, 60, "the first destination to stand by",
+                  tail)
+            killed_at = ra.seen()
+            assert doomed.proc is not None
+            doomed.proc.kill()
+        _wait(lambda: standby() is None, 30, "the killed destination to be forgotten", tail)
+        _wait(lambda: ra.seen() >= killed_at + 5, 30, "pings after the kill", tail)
+
+        with dst:
+            _wait(lambda: standby() is not None, 60, "the destination to stand by", tail)
+            assert _port(stats, "vm1")["handovers"] == 0
+            t_start = time.monotonic()
+            info = _migrate(sock_dir / "src.qmp", f"unix:{mig2}", 120.0)
+            t_done = time.monotonic()
+            dst.take_over(src)
+            _wait(lambda: len(ra.after(t_done)) >= 10 and len(rb.after(t_done)) >= 10, 60,
+                  "replies from the destination", tail)
+            after_migration = _port(stats, "vm1")
+            with QmpClient(sock_dir / "src.qmp", timeout=30.0) as qmp:
+                src_status = qmp.execute("query-status")["status"]
+            src.stop()  # the source QEMU quits: libvirt's last step
+            t_quit = time.monotonic()
+            _wait(lambda: standby() is None, 30, "the source to be forgotten", tail)
+            done_a = dst.wait_command(ca, SAME_PINGS * INTERVAL + 90)
+            done_b = b.wait_command(cb, SAME_PINGS * INTERVAL + 90)
+            final = _port(stats, "vm1")
+            switch_log = (sock_dir / "switch.log").read_text(errors="replace")
+            assert sw.alive(), tail()
+            assert dst.poweroff() == 0, tail()
+        assert b.poweroff() == 0, tail()
+    print(f"migration: {t_done - t_start:.2f} s, downtime {info.get('downtime')} ms")
+    print("\n".join(line for line in switch_log.splitlines()
+                    if "vm1:" in line and ("front-end" in line or "handover" in line
+                                          or "RARP" in line)))
+    assert src_status == "postmigrate", src_status
+    # The killed destination was the standby; the source kept the port meanwhile.
+    assert re.search(r"vm1: standby front-end p1\.sock#1 gone", switch_log), switch_log
+    # The switch-over: the destination took the port from the source, once.
+    assert re.search(r"vm1: handover #1: p1\.sock#2 takes the port from p1\.sock#0: it "
+                     r"started its receive queue", switch_log), switch_log
+    assert re.search(r"vm1: standby front-end p1\.sock#0 gone", switch_log), switch_log
+    assert "refusing" not in switch_log and "handover #2" not in switch_log, switch_log
+    assert re.search(rf"vm1: RARP announcement for {mac}", switch_log, re.I), switch_log
+    assert after_migration["session"] == "p1.sock#2", after_migration
+    assert after_migration["standby"]["session"] == "p1.sock#0", after_migration
+    assert after_migration["standby"]["running"] is False, after_migration
+    assert final["session"] == "p1.sock#2" and final["standby"] is None, final
+    assert final["handovers"] == 1 and final["sessions"] == 3, final
+    for name, replies, done in (("A->B", ra, done_a), ("B->A", rb, done_b)):
+        got = sorted(replies.at)
+        missing = sorted(set(range(SAME_PINGS)) - set(got))
+        print(f"{name}: {len(got)}/{SAME_PINGS} replies, lost {missing}, "
+              f"{len(replies.after(t_done))} after the migration, "
+              f"{len(replies.after(t_quit))} after the source quit")
+        assert f"{SAME_PINGS} packets transmitted" in done.output, done.output
+        assert len(missing) <= MAX_LOST, f"{name}: lost {missing}\n{done.output}"
+        assert SAME_PINGS - 1 in replies.at, f"{name}: pings did not go on to the end"
+        assert len(replies.after(t_quit)) >= 10, f"{name}: few replies after the quit"
+
+
 def _port_tx(stats: Path, name: str) -> int:
     """Frames the switch has put into port ``name``'s guest so far (its stats file)."""
     for p in json.loads(stats.read_text())["ports"]:
