@@ -6,10 +6,15 @@ the modifications to memory pointed by vring descriptor"). :func:`audit_net_echo
 that the way a migration would fail without it: a shadow copy of guest memory is taken,
 frames go out to a back-end that sends them back (our switch's echo port, DPDK testpmd in
 macswap mode), and once memory has settled every page whose bytes changed must be in the
-log. Between the two copies the front-end itself writes nothing (it does not reap, refill
-or re-arm notifications), so every change is the back-end's. A page marked but unchanged
-is allowed (the back-end may write the bytes that were there, or mark a page first and
-write it later): :attr:`LogAudit.extra` lists them for the record.
+log. The copy is taken before the frames are queued, since a polling back-end (DPDK)
+takes them at once; the only bytes the front-end writes in between are the transmit
+side's descriptors, available ring and frame slots, and those byte ranges are left out of
+the comparison (not their pages: a split ring's used ring shares a page with its
+available ring, and its changes still count). A packed ring's descriptors are written by
+both sides, so the transmit descriptor ring of a packed queue is left out as a whole; its
+receive ring is fully audited. A page marked but unchanged is allowed (the back-end may
+write the bytes that were there, or mark a page first and write it later):
+:attr:`LogAudit.extra` lists them for the record.
 """
 
 from __future__ import annotations
@@ -101,14 +106,26 @@ def audit_net_echo(nic: VirtioNetFrontend, log: FrontendDirtyLog, frames: Sequen
             ring_pages |= _pages(a.used, 6 + 8 * nic.queue_size)
         if a.rx:
             rx_pages |= _pages(a.data, a.data_size)
+    ours: list[tuple[int, int]] = []  # byte ranges the front-end writes in send()
+    for a in areas:
+        if a.rx:
+            continue
+        if nic.packed:
+            ours.append((a.desc, 16 * nic.queue_size))
+        else:
+            ours.append((a.desc, 16 * nic.queue_size))
+            ours.append((a.avail, 6 + 2 * nic.queue_size))
+        ours.append((a.data, a.data_size))
+    log.take()  # what was marked before the first copy is no part of the audit
+    before = bytearray(buf)
     sent = nic.send(frames)
     if sent != len(frames):
         raise ValueError(f"{nic.name}: only {sent} of {len(frames)} frames found a slot")
-    log.take()  # what was marked before the first copy is no part of the audit
-    before = bytes(buf)
-    after = settle(buf, timeout=timeout)
+    after = bytearray(settle(buf, timeout=timeout))
     time.sleep(0.05)  # a mark that follows its write (DPDK logs the used index after it)
     marked = log.take()
+    for start, size in ours:
+        after[start : start + size] = before[start : start + size]
     audit = LogAudit(changed_pages(before, after), marked, ring_pages, rx_pages)
     got: list[bytes] = []
     deadline = time.monotonic() + timeout
