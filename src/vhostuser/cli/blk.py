@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import sys
-from typing import Any
+from typing import Any, Final
 
 from .. import engine as engines
+from ..connection import events as ev
 from ..devices.blk import SECTOR_SIZE, BlkDevice
 from ..io.backend import BackendServer, BackendSession
 from ..io.blkfile import BlkFile
@@ -45,6 +48,17 @@ holds (INFLIGHT_SHMFD); a restarted back-end resubmits them when the front-end r
 FLUSH request makes them durable (fdatasync). SIGINT or SIGTERM stops the back-end and
 removes the socket.
 
+Live migration on one host: the destination QEMU (started with -incoming) connects to the
+same socket while the source still runs, so two front-ends are served at once by default
+(--sessions 2), both on this one image. QEMU runs one of them at a time: the source stops
+its queues (GET_VRING_BASE, after the requests this back-end still holds are completed)
+before the destination starts its own. A queue started while another front-end's run is
+logged as a warning (two guests writing one disk corrupt it); --sessions 1 refuses any
+second front-end while one is connected.
+  qemu-system-x86_64 ... -chardev socket,id=c1,path=/tmp/blk.sock \\
+    -device vhost-user-blk-pci,chardev=c1,num-queues=1 -incoming unix:/tmp/mig
+  (then on the source's monitor: migrate unix:/tmp/mig)
+
 Testing a front-end's recovery: with --latency 2000 every request stays in flight for two
 seconds; kill -9 this process meanwhile and start it again, and the front-end's requests
 are resubmitted ("resubmitting N requests" with -v) and complete exactly once.
@@ -64,6 +78,29 @@ def _latency_ms(text: str) -> float:
     if not 0 <= ms <= 3_600_000:
         raise argparse.ArgumentTypeError(f"latency {text} ms is outside 0..3600000")
     return ms / 1000.0
+
+
+MAX_SESSIONS: Final = 2
+"""Front-ends served at once at most: one, and a live migration's destination."""
+
+log = logging.getLogger("vhostuser.cli.blk")
+
+
+def _sessions(text: str) -> int:
+    """``--sessions``: 1 or 2.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer in 1..2.
+    """
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sessions {text!r} is not an integer") from None
+    if not 1 <= n <= MAX_SESSIONS:
+        raise argparse.ArgumentTypeError(
+            f"sessions {n} is outside 1..{MAX_SESSIONS}: a second front-end is for a live "
+            "migration's destination; more would only let more guests write one disk")
+    return n
 
 
 def add_parser(sub: Any) -> None:
@@ -106,6 +143,11 @@ def add_parser(sub: Any) -> None:
                    help="request engine: compiled (C, when built at install: reads and "
                         "writes straight between the image and guest memory), python, or "
                         f"auto (compiled when built; default ${engines.ENV} or auto)")
+    p.add_argument("--sessions", type=_sessions, default=MAX_SESSIONS, metavar="N",
+                   help="front-ends served at once, 1 or 2 (default 2): the second is the "
+                        "destination QEMU of a live migration on this host, which connects "
+                        "to the same socket while the source still runs (see below); 1 "
+                        "refuses it")
     p.add_argument("--mode", type=octal_mode, default=0o600,
                    help="socket file mode in octal (default 600)")
     add_verbose(p, "sessions and recoveries")
@@ -146,14 +188,59 @@ def run(args: argparse.Namespace) -> int:
         return 2
     reactor = Reactor()
 
+    running: dict[BackendSession, set[int]] = {}  # live sessions -> queues started
+
+    def on_ring(s: BackendSession, e: ev.Event) -> None:
+        queues = running.get(s)
+        if queues is None:
+            return
+        if isinstance(e, ev.VringStarted):
+            others = [o.name for o, q in running.items() if o is not s and q]
+            queues.add(e.index)
+            if others:
+                log.warning(
+                    "%s started queue %d while %s runs its queues too: two drivers write "
+                    "this one disk at once, which corrupts it; a live migration never "
+                    "does this (its source stops its queues before the destination starts)",
+                    s.name, e.index, " and ".join(others))
+        elif isinstance(e, ev.VringStopped | ev.VringBroken):
+            queues.discard(e.index)
+        elif isinstance(e, ev.DeviceReset):
+            queues.clear()
+
     def on_session(s: BackendSession) -> None:
-        print(f"front-end connected ({s.name})", flush=True)
+        others = [o.name for o in running]
+        if len(others) >= args.sessions:
+            log.warning(
+                "%s: refusing another front-end (%s): %s already connected (--sessions %d; "
+                "the second one is for a live migration's destination)", args.socket,
+                s.name, " and ".join(others), args.sessions)
+            s.close(f"refused: {len(others)} front-end(s) already connected")
+            return
+        running[s] = set()
+        original = s.on_close
+
+        def closed(sess: BackendSession) -> None:
+            running.pop(sess, None)
+            if original is not None:
+                original(sess)
+
+        s.on_close = closed
+        s.conn.dispatcher.subscribe(functools.partial(on_ring, s))
+        if others:
+            print(f"front-end connected ({s.name}) while {' and '.join(others)} is "
+                  "connected: both are served, on this one image (a live migration's "
+                  "destination)", flush=True)
+        else:
+            print(f"front-end connected ({s.name})", flush=True)
 
     try:
-        # One front-end at a time, as qemu-storage-daemon's vhost-user-blk export: two
-        # drivers sharing one disk would corrupt it.
+        # At most --sessions front-ends at once (see EPILOG: a migration's destination
+        # beside its source); one more is accepted by the server only to be turned away
+        # by on_session with a message that says why.
         server = BackendServer(reactor, args.socket, make_device, connect=args.connect,
-                               mode=args.mode, on_session=on_session, max_sessions=1)
+                               mode=args.mode, on_session=on_session,
+                               max_sessions=args.sessions + 1)
     except (OSError, ValueError) as e:
         image.close()
         reactor.close()

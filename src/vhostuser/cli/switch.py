@@ -74,13 +74,21 @@ examples:
   vhost-user switch --port /tmp/vm1.sock --port /tmp/vm2.sock --pcap /tmp/cap
   tcpdump -nn -e -r /tmp/cap/p0.pcap
 
+  # live migration on one host: the destination QEMU connects to the SAME port socket
+  # (as libvirt does) while the source runs; it stands by and takes the port when it
+  # starts its rings (the source has stopped its own) or when the source quits
+  qemu-system-x86_64 ... -chardev socket,id=c0,path=/tmp/vm1.sock ... -incoming unix:/tmp/mig
+  (then on the source's monitor: migrate unix:/tmp/mig)
+
   # every vhost-user port speaks the 2014 draft (text numbering; or --draft-numbering code)
   vhost-user switch --draft --port /tmp/a.sock --echo /tmp/echo.sock
   vhost-user probe --draft /tmp/a.sock
 
 counters (per port, from the port's side): rx = frames the attached driver sent into the
 switch, tx = frames delivered to it, drops by reason: runt, oversize, bad_header,
-queue_disabled, no_rx_buffer, rx_down, rx_buffer_small, offload, tap_full, ring_broken.
+queue_disabled, no_rx_buffer, rx_down, rx_buffer_small, offload, tap_full, ring_broken,
+standby (sent by a second front-end standing by). A listening vhost-user port keeps at most
+two front-ends: the active one and one standby (--stats-json shows it); a third is refused.
 """
 
 
