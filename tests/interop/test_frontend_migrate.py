@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 
+from vhostuser.frontends.blk import BlkOp, VirtioBlkFrontend
 from vhostuser.frontends.net import VirtioNetFrontend, probe_template, stamp_probe
 from vhostuser.io.frontend import FrontendClient
 from vhostuser.protocol.enums import ProtocolFeature, VirtioFeature
-from vhostuser.testing.migration import LogAudit, audit_net_echo
+from vhostuser.testing.migration import LogAudit, audit_blk_reads, audit_net_echo
 
 from .peers import TestpmdVhost, require_peer
+from .test_blk_interop import backend, wait_ready
 
 pytestmark = pytest.mark.interop
 
@@ -118,3 +120,44 @@ def test_dpdk_logs_what_it_writes_and_resumes_at_its_base(
                 got += receive(nic, 50)
             assert got == swapped(more)
             assert nic.stats.rx_errors == 0
+
+
+# -- blk: qemu-storage-daemon and our blk back-end ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["qsd", "ours"])
+def test_blk_backend_logs_reads_and_resumes_at_its_base(no_leaks: Any, sock_dir: Path,
+                                                        kind: str) -> None:
+    """qemu-storage-daemon's vhost-user-blk export (libvhost-user) and ``vhost-user blk``:
+    with logging on, every page a read writes (data, status, used ring) is marked; the
+    ring then moves to a new connection at GET_VRING_BASE's index."""
+    size = 8 << 20
+    img = sock_dir / "disk.raw"
+    pattern = bytes(range(256)) * (size // 256)
+    img.write_bytes(pattern)
+    sock = sock_dir / "blk.sock"
+    peer = backend(kind, sock, img)
+    with peer:
+        wait_ready(peer)
+        with VirtioBlkFrontend(str(sock), reconnect=False) as disk:
+            fe = disk._session.fe if disk._session is not None else None
+            assert fe is not None
+            offered = fe.conn.backend_features or 0
+            print(f"{kind}: features {offered:#x}, protocol features "
+                  f"{fe.conn.backend_protocol_features or 0:#x}")
+            assert offered & VirtioFeature.LOG_ALL, f"{kind} does not offer LOG_ALL"
+            assert fe.conn.has(ProtocolFeature.LOG_SHMFD), f"{kind} does not offer LOG_SHMFD"
+            disk.write(0, b"\xa5" * 65536)
+            with disk.start_logging() as log:
+                ops = [BlkOp("read", offset=k * 131072, length=65536) for k in range(8)]
+                audit = audit_blk_reads(disk, log, ops)
+                print(f"{kind}: {audit.describe()}")
+                assert all(op.ok for op in ops)
+                assert ops[3].data == pattern[3 * 131072 : 3 * 131072 + 65536]
+                assert not audit.missing, audit.describe()
+                assert audit.changed & audit.rx_pages and audit.changed & audit.ring_pages
+                bases = disk.migrate()
+                assert bases == {0: 9}, bases
+            assert disk.read(0, 65536) == b"\xa5" * 65536
+            disk.write(65536, b"\x5a" * 4096)
+            assert disk.read(65536, 4096) == b"\x5a" * 4096

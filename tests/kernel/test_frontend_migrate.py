@@ -11,12 +11,16 @@ from typing import Any
 
 import pytest
 
+from vhostuser.devices.blk import BlkDevice
 from vhostuser.errors import LocalProtocolError
+from vhostuser.frontends.blk import BlkOp, VirtioBlkFrontend
 from vhostuser.frontends.net import VirtioNetFrontend
+from vhostuser.io.blkfile import BlkFile
 from vhostuser.io.dirtylog import FrontendDirtyLog
 from vhostuser.io.frontend import FrontendClient
+from vhostuser.io.thread import ServerThread
 from vhostuser.switch import SwitchThread
-from vhostuser.testing.migration import audit_net_echo
+from vhostuser.testing.migration import audit_blk_reads, audit_net_echo
 
 from .test_net_switch import MAC_A, MAC_B, frames_seq, port_info, receive_n, sock_dir
 
@@ -93,3 +97,36 @@ def test_audit_catches_writes_missing_from_the_log(no_leaks: Any, sock_dir: Path
             audit, back = audit_net_echo(nic, unused, frames_seq(16, 800, MAC_A, MAC_B))
         assert len(back) == 16
         assert audit.changed and audit.missing == audit.changed and not audit.marked
+
+
+# -- blk: our back-end ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_blk_logged_reads_then_rings_move(no_leaks: Any, sock_dir: Path, packed: bool) -> None:
+    """Our blk back-end logs the data it reads into guest memory, the status bytes and
+    the used ring; the rings then move to a new connection at GET_VRING_BASE's index and
+    requests go on."""
+    size = 8 << 20
+    img = sock_dir / "disk.raw"
+    pattern = bytes(range(256)) * (size // 256)
+    img.write_bytes(pattern)
+    sock = str(sock_dir / "blk.sock")
+    with BlkFile.open(str(img)) as image, \
+            ServerThread(sock, lambda: BlkDevice(image)) as srv, \
+            VirtioBlkFrontend(sock, packed=packed, reconnect=False) as disk:
+        disk.write(0, b"\xa5" * 65536)
+        with disk.start_logging() as log:
+            ops = [BlkOp("read", offset=k * 131072, length=65536) for k in range(8)]
+            audit = audit_blk_reads(disk, log, ops)
+            assert all(op.ok for op in ops)
+            assert ops[1].data == pattern[131072 : 131072 + 65536]
+            assert not audit.missing, audit.describe()
+            assert audit.changed & audit.rx_pages and audit.changed & audit.ring_pages
+            bases = disk.migrate()
+            if not packed:
+                assert bases == {0: 1 + 8}
+        assert disk.read(0, 65536) == b"\xa5" * 65536
+        disk.write(65536, b"\x5a" * 4096)
+        assert disk.read(65536, 4096) == b"\x5a" * 4096
+        assert srv.errors == []

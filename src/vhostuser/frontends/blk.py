@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -42,6 +42,7 @@ from ..errors import (
     RemoteProtocolError,
     VhostUserError,
 )
+from ..io.dirtylog import FrontendDirtyLog
 from ..memory import FlatMemory, GuestMemory
 from ..protocol import payloads as P
 from ..protocol.enums import (
@@ -402,6 +403,8 @@ class VirtioBlkFrontend:
             without a bit the session depends on ends it at once, see :meth:`reconnect`).
         inflight: negotiate INFLIGHT_SHMFD when offered.
         packed: use packed rings (VIRTIO_F_RING_PACKED; the back-end must offer it).
+        inband: negotiate INBAND_NOTIFICATIONS (with BACKEND_REQ and REPLY_ACK): kicks go
+            as VRING_KICK messages, completions are signalled by BACKEND_VRING_CALL.
 
     Raises:
         VhostUserError: the handshake failed (``RemoteProtocolError``,
@@ -424,6 +427,7 @@ class VirtioBlkFrontend:
         reconnect_timeout: float = 30.0,
         inflight: bool = True,
         packed: bool = False,
+        inband: bool = False,
     ) -> None:
         from ..io.guestram import GuestRam
         from ..io.reactor import Reactor
@@ -438,6 +442,7 @@ class VirtioBlkFrontend:
         self.reconnect_timeout = reconnect_timeout
         self.want_inflight = inflight
         self.want_queues = num_queues
+        self.inband = inband
         if not 1 <= num_queues <= 256:
             raise ValueError(f"num_queues {num_queues} is outside 1..256")
         self.reconnects = 0
@@ -475,6 +480,11 @@ class VirtioBlkFrontend:
 
     # -- properties ------------------------------------------------------------------------
     @property
+    def ram(self) -> Any:
+        """Our guest RAM (a :class:`~vhostuser.io.guestram.GuestRam`; None once closed)."""
+        return self._ram
+
+    @property
     def capacity(self) -> int:
         """Disk size in bytes (capacity * 512)."""
         return self.config.capacity_bytes
@@ -508,19 +518,21 @@ class VirtioBlkFrontend:
         return sum(q.free_slots for q in self.queues)
 
     # -- connection --------------------------------------------------------------------------
-    def _connect(self, *, first: bool, connect_timeout: float) -> None:
+    def _connect(self, *, first: bool, connect_timeout: float,
+                 bases: dict[int, int] | None = None) -> None:
         from ..io.frontend import FrontendClient
 
         fe = FrontendClient.connect(self.path, timeout=self.timeout,
                                     connect_timeout=connect_timeout)
         try:
-            self._handshake(fe, first=first)
+            self._handshake(fe, first=first, bases=bases)
         except BaseException:
             self._unwatch()
             fe.close()
             raise
 
-    def _handshake(self, fe: Any, *, first: bool) -> None:
+    def _handshake(self, fe: Any, *, first: bool, bases: dict[int, int] | None = None
+                   ) -> None:
         pf = _protocol_features(self.want_inflight)
         want = WANTED_FEATURES | (int(VF.RING_PACKED) if self.packed else 0)
         if not first:
@@ -528,7 +540,8 @@ class VirtioBlkFrontend:
             # with the first back-end: ask for exactly that again (a newer back-end's extra
             # bits are not acked), and give up at once when a bit is gone.
             want = self.features
-        n = fe.negotiate(features=want, protocol_features=pf, backend_channel=False)
+        n = fe.negotiate(features=want, protocol_features=pf, backend_channel=self.inband,
+                         inband=self.inband)
         if not first:
             needed_pf = int(PF.CONFIG)
             if self._inflight_fd is not None:
@@ -588,7 +601,9 @@ class VirtioBlkFrontend:
             # driver has reaped up to (reconnect() reaps first) as both positions, which
             # is right for a back-end without inflight tracking that completes in order,
             # and a tracking back-end takes its position from the inflight area.
-            if self.packed:
+            if bases is not None:
+                base = bases[q.index]  # a migration: where the old back-end stopped
+            elif self.packed:
                 base = INITIAL_BASE  # both wrap counters set (virtio 1.2 §2.8.1)
                 if not first:
                     assert isinstance(q.ring, PackedDriverRing)
@@ -616,6 +631,11 @@ class VirtioBlkFrontend:
             call = fe.vrings[q.index].call
             r.add_reader(call.fd, call.drain)
             self._watched.append(call.fd)
+        chan = fe.channel_fd if fe.inband else None
+        if chan is not None:
+            # In-band calls: poll_backend_channel signals the ring's local call eventfd.
+            r.add_reader(chan, fe.poll_backend_channel)
+            self._watched.append(chan)
         # Nothing may arrive on the control socket while no request waits for a reply:
         # readable means the back-end closed it (or broke the protocol).
         sock_fd = fe.sock.fileno()
@@ -677,6 +697,68 @@ class VirtioBlkFrontend:
         self._down_since = None
         log.info("%s: reconnected (%d in flight)", self.path, self.in_flight)
 
+    # -- migration ---------------------------------------------------------------------------
+    def start_logging(self, dirty_log: FrontendDirtyLog | None = None) -> FrontendDirtyLog:
+        """Have the back-end log every guest page it writes (read data, status bytes,
+        used rings) into a dirty log: ``dirty_log``, or a new one covering our guest RAM.
+        The caller closes it (after :meth:`stop_logging` or :meth:`migrate`).
+
+        Raises:
+            LocalProtocolError: the back-end cannot log (no VHOST_F_LOG_ALL, no
+                LOG_SHMFD), logging is on already, or the front-end is closed.
+            PeerClosedError: the back-end is away.
+        """
+        fe = self._live_session().fe
+        own = dirty_log is None
+        log_ = FrontendDirtyLog(self._ram.size) if dirty_log is None else dirty_log
+        try:
+            fe.start_logging(log_)
+        except BaseException:
+            if own:
+                log_.close()
+            raise
+        return log_
+
+    def stop_logging(self) -> None:
+        """Switch the back-end's logging off.
+
+        Raises:
+            LocalProtocolError: logging is not on.
+            PeerClosedError: the back-end is away.
+        """
+        self._live_session().fe.stop_logging()
+
+    def migrate(self, path: str | None = None) -> dict[int, int]:
+        """Hand the disk's rings to the back-end at ``path`` (default: the same socket, a
+        new connection), as QEMU does at the end of a migration: every ring is stopped
+        (GET_VRING_BASE; a blk back-end completes what it holds first, and those
+        completions are taken), the connection closed, and the new one negotiates the
+        same features, shares the same memory and resumes each ring at the returned
+        index. Returns the bases. If logging was on, the log holds every page written
+        until the stop.
+
+        Raises:
+            PeerClosedError: the back-end is away.
+            BackendChangedError: the new back-end lacks a bit the session uses.
+            VhostUserError, OSError: stopping or the new handshake failed.
+        """
+        fe = self._live_session().fe
+        try:
+            bases = {q.index: fe.stop_vring(q.index) for q in self.queues}
+        finally:
+            self._drop_session()
+        self._ready.extend(self.poll())
+        if path is not None:
+            self.path = path
+        self._connect(first=False, connect_timeout=self.timeout, bases=bases)
+        return bases
+
+    def _live_session(self) -> _Session:
+        self._check_open()
+        if self._session is None or self._disconnected:
+            raise PeerClosedError(f"{self.path}: the back-end is away")
+        return self._session
+
     # -- asynchronous interface --------------------------------------------------------------
     def submit(self, op: BlkOp) -> BlkOp:
         """Queue one request and kick the back-end if needed; returns ``op``.
@@ -699,8 +781,12 @@ class VirtioBlkFrontend:
         raise LocalProtocolError(
             f"all {self.depth * n} request slots are in flight; wait for completions")
 
-    def submit_many(self, ops: Iterable[BlkOp]) -> None:
+    def submit_many(self, ops: Iterable[BlkOp], *,
+                    before_publish: Callable[[], None] | None = None) -> None:
         """Add several requests, then publish and kick each queue once.
+
+        ``before_publish`` is called once every request is laid out in guest memory and
+        none is visible to the back-end yet (a dirty-log audit copies memory there).
 
         Raises:
             As :meth:`submit`.
@@ -719,6 +805,8 @@ class VirtioBlkFrontend:
             else:
                 raise LocalProtocolError(
                     f"all {self.depth * n} request slots are in flight; wait for completions")
+        if before_publish is not None:
+            before_publish()
         for i in sorted(touched):
             if self.queues[i].publish() and self._session is not None \
                     and not self._disconnected:
@@ -771,6 +859,16 @@ class VirtioBlkFrontend:
             self._reactor.run_once(left if left is not None else 1.0)
             out.extend(self.poll())
         return out
+
+    def wait_for(self, ops: Iterable[BlkOp]) -> None:
+        """Wait until every op in ``ops`` completed (others completing meanwhile are kept
+        for :meth:`wait`/:meth:`poll`).
+
+        Raises:
+            MessageTimeoutError: nothing completed for ``timeout`` seconds.
+            BlkError: one of ``ops`` failed.
+        """
+        self._wait_all(list(ops))
 
     def _wait_all(self, ops: list[BlkOp]) -> None:
         """Wait for every op in ``ops``; completions of other ops are kept for later.

@@ -150,6 +150,8 @@ class FrontendClient:
         ring's local call eventfd, so waiting works the same in both modes)."""
         self.vring_calls = 0
         """BACKEND_VRING_CALL messages received."""
+        self.log_base_reply: bytes | None = None
+        """The payload of the last SET_LOG_BASE reply (LOG_SHMFD), as it came."""
         self.dead: str | None = None
         """Why the back-end is considered dead (HUP, or no ECHO reply in time); the client
         is then closed."""
@@ -214,7 +216,12 @@ class FrontendClient:
         if self.conn.waiting == before:
             return None
         reply = self._wait_reply()
-        if self._is_ack(req) and reply.payload:  # DPDK's SET_LOG_BASE ack is empty
+        if req is R.SET_LOG_BASE:
+            # vhost-user.rst gives this reply no meaning and QEMU looks only at its id:
+            # DPDK sends it empty, libvhost-user (qemu-storage-daemon) echoes the first
+            # u64 of the request (mmap_size). Not a NACK either way; kept for the record.
+            self.log_base_reply = bytes(reply.payload)
+        elif self._is_ack(req):
             (value,) = P.U64.unpack(reply.payload)
             if value != 0:
                 raise RemoteProtocolError(f"{req.name}: back-end NACKed with {value:#x}")

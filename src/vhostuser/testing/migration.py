@@ -23,10 +23,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..frontends.blk import BlkOp, VirtioBlkFrontend
 from ..frontends.net import RingArea, VirtioNetFrontend
 from ..io.dirtylog import LOG_PAGE, FrontendDirtyLog, changed_pages
 
-__all__ = ["LogAudit", "audit_net_echo", "settle"]
+__all__ = ["LogAudit", "audit_blk_reads", "audit_net_echo", "settle"]
 
 
 @dataclass(slots=True)
@@ -132,3 +133,49 @@ def audit_net_echo(nic: VirtioNetFrontend, log: FrontendDirtyLog, frames: Sequen
     while len(got) < len(frames) and time.monotonic() < deadline:
         got += nic.recv(timeout=0.2)
     return audit, got
+
+
+def audit_blk_reads(disk: VirtioBlkFrontend, log: FrontendDirtyLog, ops: Sequence[BlkOp],
+                    *, timeout: float = 20.0) -> LogAudit:
+    """Submit ``ops`` (reads, writes, ...) on a disk whose back-end logs into ``log``, and
+    compare guest memory from just before they are published (every request laid out,
+    none visible to the back-end) with memory once it settled: every page changed must be
+    marked (see the module). The front-end's only write in between is publishing: the
+    available ring of a split queue (those bytes are left out) or the descriptors of a
+    packed one (its descriptor ring is left out). Waits for the completions.
+
+    Raises:
+        ValueError: the disk has no guest RAM.
+        LocalProtocolError: more requests than free slots.
+    """
+    ram = disk.ram
+    if ram is None:
+        raise ValueError(f"{disk.path}: no guest RAM")
+    buf: memoryview = ram.buf
+    ours: list[tuple[int, int]] = []
+    ring_pages: set[int] = set()
+    rx_pages: set[int] = set()
+    for q in disk.queues:
+        lay = q.layout
+        if disk.packed:
+            ours.append((lay.desc, 16 * lay.size))
+            ring_pages |= _pages(lay.desc, 16 * lay.size)
+        else:
+            ours.append((lay.avail, 6 + 2 * lay.size))
+            ring_pages |= _pages(lay.used, 6 + 8 * lay.size)
+        rx_pages |= _pages(lay.meta, lay.data - lay.meta) | _pages(lay.data, lay.end - lay.data)
+    copies: list[bytearray] = []
+
+    def snap() -> None:
+        log.take()
+        copies.append(bytearray(buf))
+
+    disk.submit_many(ops, before_publish=snap)
+    after = bytearray(settle(buf, timeout=timeout))
+    time.sleep(0.05)
+    marked = log.take()
+    before = copies[0]
+    for start, size in ours:
+        after[start : start + size] = before[start : start + size]
+    disk.wait_for(ops)
+    return LogAudit(changed_pages(before, after), marked, ring_pages, rx_pages)
