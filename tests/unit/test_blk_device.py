@@ -439,3 +439,85 @@ def test_packed_rings_with_an_inflight_area_are_tracked() -> None:
     free_head, old_free_head, used_idx, old_used_idx = struct.unpack_from("<4H", area.buf, 12)
     # header, data and status: three ring descriptors
     assert (used_idx, old_used_idx) == (3, 3) and free_head == old_free_head
+
+
+# -- migration state (DEVICE_STATE) ----------------------------------------------------------
+
+
+def test_state_round_trip_carries_counters() -> None:
+    from vhostuser.devices.blk import STATE_FORMAT
+
+    src = BlkDevice(MemoryBackend(MiB), serial="disk-7", num_queues=2)
+    assert src.supports_state()
+    src.on_features(src.virtio_features)
+    src.stats["in ok"] += 5
+    blob = src.save_state()
+    import json
+
+    doc = json.loads(blob)
+    assert doc["format"] == STATE_FORMAT and doc["version"] == 1
+    assert doc["capacity_sectors"] == MiB // 512 and doc["in_flight"] == 0
+    assert doc["serial"] == "disk-7" and doc["num_queues"] == 2
+    assert doc["write_cache"] == "writeback"
+    dst = BlkDevice(MemoryBackend(MiB), serial="disk-7", num_queues=2)
+    dst.load_state(blob)
+    assert dst.stats["in ok"] == 5
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"size": 2 * MiB}, "capacity_sectors"),
+    ({"read_only": True}, "read_only"),
+    ({"serial": "other"}, "serial"),
+    ({"num_queues": 1}, "num_queues"),
+    ({"blk_size": 4096}, "blk_size"),
+    ({"seg_max": 8}, "seg_max"),
+])
+def test_state_load_refuses_a_different_device(kw: dict[str, Any], field: str) -> None:
+    from vhostuser.devices.base import DeviceStateError
+
+    src = BlkDevice(MemoryBackend(MiB), serial="disk-7", num_queues=2)
+    blob = src.save_state()
+    args: dict[str, Any] = {"serial": "disk-7", "num_queues": 2, **kw}
+    size = args.pop("size", MiB)
+    dst = BlkDevice(MemoryBackend(size), **args)
+    with pytest.raises(DeviceStateError, match=field):
+        dst.load_state(blob)
+
+
+def test_state_load_refuses_acked_features_the_destination_lacks() -> None:
+    from vhostuser.devices.base import DeviceStateError
+
+    src = BlkDevice(MemoryBackend(MiB))
+    src.on_features(src.virtio_features | (1 << 32))  # VERSION_1 is not the device's
+    blob = src.save_state()
+    BlkDevice(MemoryBackend(MiB)).load_state(blob)  # same offer: fine
+    with pytest.raises(DeviceStateError, match="acked_features"):
+        BlkDevice(MemoryBackend(MiB), discard=False).load_state(blob)
+
+
+@pytest.mark.parametrize(("blob", "why"), [
+    (b"\xff\xfe", "not a JSON document"),
+    (b"[1, 2]", "format"),
+    (b'{"format": "vhostuser-blk-state", "version": 99}', "version 99"),
+    (b'{"format": "vhostuser-blk-state", "version": 1}', "missing"),
+])
+def test_state_load_refuses_garbage(blob: bytes, why: str) -> None:
+    from vhostuser.devices.base import DeviceStateError
+
+    with pytest.raises(DeviceStateError, match=why):
+        BlkDevice(MemoryBackend(MiB)).load_state(blob)
+
+
+def test_state_load_refuses_a_wrong_type_and_in_flight_requests() -> None:
+    import json
+
+    from vhostuser.devices.base import DeviceStateError
+
+    dev = BlkDevice(MemoryBackend(MiB))
+    doc = json.loads(dev.save_state())
+    with pytest.raises(DeviceStateError, match="read_only"):
+        dev.load_state(json.dumps({**doc, "read_only": 0}).encode())
+    with pytest.raises(DeviceStateError, match="in_flight"):
+        dev.load_state(json.dumps({**doc, "in_flight": 3}).encode())
+    with pytest.raises(DeviceStateError, match="stats"):
+        dev.load_state(json.dumps({**doc, "stats": {"x": "y"}}).encode())

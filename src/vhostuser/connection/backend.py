@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..devices.base import Device
+from ..devices.base import Device, DeviceStateError
 from ..errors import GuestMemoryError, LocalProtocolError, RemoteProtocolError, RingError
 from ..memory import U64_MAX, DirtyLog, Region, RegionTable
 from ..protocol import payloads as P
@@ -95,6 +95,86 @@ MAX_QUEUES = 256
 
 MAX_SPLIT_RING = 32768
 """virtio 1.2 §2.7: queue size is at most 32768 (and a power of two for split rings)."""
+
+STATE_SAVE = 0
+STATE_LOAD = 1
+"""SET_DEVICE_STATE_FD directions (vhost-user.rst "Migrating back-end state")."""
+
+STATE_PHASE_STOPPED = 0
+"""The only transfer phase defined: after memory was transferred, device suspended."""
+
+STATE_REPLY_NOFD = 0x100
+"""SET_DEVICE_STATE_FD reply bit 8: no fd returned, the front-end keeps its own end."""
+
+
+class StateTransfer(Generic[FdT]):
+    """One device-state transfer (SET_DEVICE_STATE_FD ... CHECK_DEVICE_STATE). No I/O.
+
+    The shell moves the bytes: on save it writes :meth:`pending` into :attr:`fd` and
+    reports :meth:`wrote`; on load it hands what it reads to :meth:`received` and says
+    :meth:`eof`, which loads the blob into the device. Either way it then asks the
+    connection to release the fd (``BackendConnection.release_state_fd``), which is how
+    the reading end sees the end of the data. :attr:`error` records why it failed.
+    """
+
+    def __init__(self, direction: int, fd: FdT, *, outgoing: bytes = b"", limit: int,
+                 load: Callable[[bytes], None] | None = None) -> None:
+        self.direction = direction
+        self.fd: FdT | None = fd
+        self.outgoing = outgoing
+        self.sent = 0
+        self.incoming = bytearray()
+        self.limit = limit
+        self._load = load
+        self.done = direction == STATE_SAVE and not outgoing
+        self.error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once nothing more moves through the fd (done or failed)."""
+        return self.done or self.error is not None
+
+    def pending(self) -> memoryview:
+        """Save: the bytes still to write."""
+        return memoryview(self.outgoing)[self.sent:]
+
+    def wrote(self, n: int) -> None:
+        """Save: ``n`` more bytes went into the pipe."""
+        self.sent += n
+        if self.sent >= len(self.outgoing):
+            self.done = True
+
+    def received(self, data: bytes) -> None:
+        """Load: bytes read from the pipe. More than :attr:`limit` in all fails the
+        transfer (a front-end must not make the back-end grow without bound)."""
+        if self.finished:
+            return
+        if len(self.incoming) + len(data) > self.limit:
+            self.fail(f"the state is larger than the {self.limit} bytes this device accepts")
+            self.incoming = bytearray()
+            return
+        self.incoming += data
+
+    def eof(self) -> None:
+        """Load: the front-end closed its end; hand the blob to the device."""
+        if self.finished:
+            return
+        blob = bytes(self.incoming)
+        self.incoming = bytearray()
+        try:
+            if self._load is not None:
+                self._load(blob)
+        except DeviceStateError as e:
+            self.fail(str(e))
+            return
+        self.done = True
+
+    def fail(self, reason: str) -> None:
+        """The transfer failed (CHECK_DEVICE_STATE will say so)."""
+        if self.error is None:
+            self.error = reason
+            log.warning("device state %s failed: %s",
+                        "save" if self.direction == STATE_SAVE else "load", reason)
 
 
 
@@ -199,6 +279,7 @@ class BackendConnection(Generic[FdT]):
         dialect: Dialect = Dialect.CURRENT,
         ring_factory: RingFactory = default_ring_factory,
         name: str = "vhost-user",
+        inband_notifications: bool = False,
     ) -> None:
         if not 1 <= device.num_queues <= MAX_QUEUES:
             raise LocalProtocolError(f"device num_queues {device.num_queues} not in 1..256")
@@ -220,6 +301,13 @@ class BackendConnection(Generic[FdT]):
             pf |= PF.MQ
         if device.offer_config and device.config_space():
             pf |= PF.CONFIG
+        if inband_notifications:
+            # Opt-in: vhost-user.rst "In-band notifications" advises against it "unless
+            # absolutely necessary", and QEMU neither sends VRING_KICK nor handles
+            # BACKEND_VRING_CALL. Used only on rings whose kick/call fd is absent.
+            pf |= PF.INBAND_NOTIFICATIONS
+        if device.supports_state():
+            pf |= PF.DEVICE_STATE
         self.offered_protocol_features = int(pf)  # plain int, see above
         if dialect.is_draft:
             # A 2014 front-end knows 32 feature bits and no protocol features; offer only
@@ -270,6 +358,9 @@ class BackendConnection(Generic[FdT]):
         """The log SET_LOG_BASE mapped (LOG_SHMFD), whether or not logging is on: it is
         on (``mem.log`` is this log) only while VHOST_F_LOG_ALL is acked too."""
         self._log_map: MappedBuffer | None = None
+        self.state_transfer: StateTransfer[FdT] | None = None
+        """The device-state transfer set up by SET_DEVICE_STATE_FD, until checked."""
+        self._state_refused: str | None = None
 
     def _release_session(self) -> None:
         for v in self.vrings:
@@ -282,6 +373,7 @@ class BackendConnection(Generic[FdT]):
         self.backend_channel = None
         self.log_fd = None
         self.extra_fds = []
+        self.release_state_fd()
         self._drop_inflight()
         self._drop_log()
         self._unmap(self.mem.clear())
@@ -353,6 +445,21 @@ class BackendConnection(Generic[FdT]):
     def has(self, feature: ProtocolFeature) -> bool:
         """True if ``feature`` was negotiated with SET_PROTOCOL_FEATURES."""
         return bool(self.protocol_features & feature)
+
+    @property
+    def suspended(self) -> bool:
+        """True while every ring is stopped (vhost-user.rst "Suspended device state": no
+        guest-memory writes, no notifications, no back-end requests)."""
+        return not any(v.started for v in self.vrings)
+
+    def call_inband(self, index: int) -> bool:
+        """True if used-buffer notifications of ring ``index`` go as BACKEND_VRING_CALL
+        messages: INBAND_NOTIFICATIONS negotiated, a back-end channel set, and no call fd
+        (never set, or set with the invalid-fd flag; like libvhost-user, an fd is always
+        preferred)."""
+        return (bool(self.protocol_features & PF.INBAND_NOTIFICATIONS)
+                and self.backend_channel is not None
+                and 0 <= index < len(self.vrings) and self.vrings[index].call is None)
 
     @property
     def acked_features(self) -> int:
@@ -994,14 +1101,20 @@ class BackendConnection(Generic[FdT]):
         if old is not None:
             self.host.release_fd(old)
         setattr(v, kind, fd)
+        # vhost-user.rst SET_VRING_KICK/CALL: the invalid-fd flag means polling. With
+        # INBAND_NOTIFICATIONS negotiated it means the notifications travel as messages
+        # instead (VRING_KICK, BACKEND_VRING_CALL), as libvhost-user and the UML
+        # front-end read it: the ring is then not polled.
+        inband = p.nofd and self.has(PF.INBAND_NOTIFICATIONS)
         if kind == "kick":
-            v.kick_polled = p.nofd
+            v.kick_polled = p.nofd and not inband
+            v.kick_inband = inband
         elif kind == "call":
-            v.call_polled = p.nofd
+            v.call_polled = p.nofd and not inband
         out: list[ev.Event] = [ev.VringFdSet(p.index, kind, fd)]
-        if kind == "kick" and p.nofd:
+        if kind == "kick" and v.kick_polled:
             # vhost-user.rst: with NOFD the ring is polled, so it starts now.
-            out.extend(self.kick(p.index))
+            out.extend(self._start_on_kick(p.index))
         return out
 
     def _set_vring_kick(self, p: P.VringFile, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
@@ -1025,7 +1138,108 @@ class BackendConnection(Generic[FdT]):
     def _vring_kick_inband(
         self, p: P.VringState, msg: Message[FdT], fds: list[FdT]
     ) -> list[ev.Event]:
-        return self.kick(p.index)
+        # vhost-user.rst VRING_KICK: "state.num field is currently reserved and must be
+        # set to 0"; the ring starts on it like on a kick fd ("Ring states"). Unlike a
+        # kick fd's courtesy kick (QEMU writes one before the ring exists), a message
+        # naming a ring that cannot run is the front-end's mistake.
+        if p.num != 0:
+            raise RemoteProtocolError(f"ring {p.index}: num {p.num:#x} is reserved (must be 0)")
+        v = self.vrings[p.index]
+        if not v.configured:
+            raise RemoteProtocolError(
+                f"ring {p.index} is not configured (size {v.num}, addresses "
+                f"{'set' if v.addr is not None else 'not set'})")
+        if len(self.mem) == 0:
+            raise RemoteProtocolError(f"ring {p.index} kicked before any memory table")
+        out = self._start_on_kick(p.index)
+        out.append(ev.VringKicked(p.index))
+        return out
+
+    # -- device state (DEVICE_STATE) ------------------------------------------------------
+    def _refuse_state(self, msg: Message[FdT], fd: FdT, why: str) -> list[ev.Event]:
+        # vhost-user.rst SET_DEVICE_STATE_FD: bits 0-7 non-zero is an error; bit 8 set: no
+        # fd returned ("must not both indicate an error and return a file descriptor").
+        # The session goes on: the source simply stays where it is.
+        self.host.release_fd(fd)
+        self._state_refused = why
+        log.warning("%s: SET_DEVICE_STATE_FD refused: %s", self.name, why)
+        self._reply(msg.request, P.U64.pack(STATE_REPLY_NOFD | 1))
+        return []
+
+    def _set_device_state_fd(
+        self, p: P.DeviceStateParams, msg: Message[FdT], fds: list[FdT]
+    ) -> list[ev.Event]:
+        fd = fds.pop()
+        self.release_state_fd()
+        self.state_transfer = None
+        self._state_refused = None
+        if p.direction not in (STATE_SAVE, STATE_LOAD):
+            return self._refuse_state(msg, fd, f"direction {p.direction} is not 0 (save) "
+                                      "or 1 (load)")
+        if p.phase != STATE_PHASE_STOPPED:
+            return self._refuse_state(msg, fd, f"phase {p.phase} is not 0 (stopped), the "
+                                      "only phase defined")
+        running = [v.index for v in self.vrings if v.started]
+        if running:
+            # vhost-user.rst "Migrating back-end state": the transfer happens while the
+            # device is suspended, i.e. after GET_VRING_BASE stopped every ring.
+            return self._refuse_state(
+                msg, fd, f"ring(s) {', '.join(map(str, running))} still run; the state "
+                "moves only while every ring is stopped (GET_VRING_BASE)")
+        check = getattr(self.host, "check_state_fd", None)
+        if check is not None:
+            try:
+                check(fd, "SET_DEVICE_STATE_FD fd")
+            except (RemoteProtocolError, OSError) as e:
+                return self._refuse_state(msg, fd, str(e))
+        limit = self.device.max_state_size
+        if p.direction == STATE_SAVE:
+            try:
+                blob = self.device.save_state()
+            except DeviceStateError as e:
+                return self._refuse_state(msg, fd, str(e))
+            t: StateTransfer[FdT] = StateTransfer(STATE_SAVE, fd, outgoing=blob, limit=limit)
+        else:
+            t = StateTransfer(STATE_LOAD, fd, limit=limit, load=self.device.load_state)
+        self.state_transfer = t
+        self._reply(msg.request, P.U64.pack(STATE_REPLY_NOFD))
+        return [ev.DeviceStateTransfer(p.direction, fd, t)]
+
+    def release_state_fd(self) -> None:
+        """Close the device-state transfer fd (the shell calls it once the data moved;
+        closing is how the reading end sees the end of the data). Idempotent."""
+        t = self.state_transfer
+        if t is not None and t.fd is not None:
+            fd, t.fd = t.fd, None
+            self.host.release_fd(fd)
+
+    def _check_device_state(self, p: Any, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
+        # vhost-user.rst CHECK_DEVICE_STATE: 0 if the back-end fully processed the state,
+        # non-zero otherwise; the shell first finishes what it can without blocking.
+        if self.state_transfer is not None:
+            self._notify(ev.DeviceStateChecking())
+        t = self.state_transfer
+        error: str | None
+        if t is None:
+            error = self._state_refused or "no SET_DEVICE_STATE_FD was accepted before"
+        elif t.error is not None:
+            error = t.error
+        elif not t.done:
+            if t.direction == STATE_SAVE:
+                error = (f"only {t.sent} of {len(t.outgoing)} state bytes were read from "
+                         "the pipe")
+            else:
+                error = "the front-end did not close its end of the pipe (no end of file)"
+        else:
+            error = None
+        direction = t.direction if t is not None else None
+        self.release_state_fd()
+        self.state_transfer = None
+        self._state_refused = None
+        if error is not None:
+            log.warning("%s: CHECK_DEVICE_STATE: failure: %s", self.name, error)
+        self._reply(msg.request, P.U64.pack(0 if error is None else 1))
+        return [ev.DeviceStateChecked(direction, error is None, error)]
 
     def _get_config(self, p: P.ConfigPayload, msg: Message[FdT], fds: list[FdT]) -> list[ev.Event]:
         data = self.device.get_config(p.offset, p.size)
@@ -1132,11 +1346,17 @@ class BackendConnection(Generic[FdT]):
 
     # -- data-path entry points (called by the shell) --------------------------------------
     def kick(self, index: int) -> list[ev.Event]:
-        """A kick arrived for ring ``index`` (kick fd readable, or in-band VRING_KICK).
+        """A kick arrived for ring ``index`` (its kick fd became readable, or it is polled).
 
         Starts the ring on its first kick (vhost-user.rst: "the back-end must start a ring
-        upon receiving a kick"). Returns the events this caused.
+        upon receiving a kick"). Returns the events this caused (already delivered).
         """
+        out = self._start_on_kick(index)
+        self.dispatcher.deliver(out)
+        return out
+
+    def _start_on_kick(self, index: int) -> list[ev.Event]:
+        """Start ring ``index`` if it is stopped and can run; the events, undelivered."""
         v = self.vrings[index]
         out: list[ev.Event] = []
         if not v.started:
@@ -1147,7 +1367,6 @@ class BackendConnection(Generic[FdT]):
             out.append(ev.VringStarted(index))
             if v.broken is not None:
                 out.append(ev.VringBroken(index, v.broken))
-            self.dispatcher.deliver(out)
         return out
 
     def ring_broken(self, index: int, reason: str) -> ev.VringBroken:
@@ -1195,4 +1414,6 @@ _HANDLERS: dict[Meaning, _Handler] = {
     FrontendRequest.GET_STATUS: BackendConnection._get_status,
     FrontendRequest.GET_INFLIGHT_FD: BackendConnection._get_inflight_fd,
     FrontendRequest.SET_INFLIGHT_FD: BackendConnection._set_inflight_fd,
+    FrontendRequest.SET_DEVICE_STATE_FD: BackendConnection._set_device_state_fd,
+    FrontendRequest.CHECK_DEVICE_STATE: BackendConnection._check_device_state,
 }

@@ -92,6 +92,45 @@ class VringStopping(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class VringKicked(Event):
+    """VRING_KICK (INBAND_NOTIFICATIONS): the front-end says, in-band, that ring ``index``
+    has new buffers. The ring was started first if it was not yet (vhost-user.rst "Ring
+    states"); the shell runs it at once, so a front-end that asked for an ack
+    (REPLY_ACK) gets it after the ring was processed."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateTransfer(Event, Generic[FdT]):
+    """SET_DEVICE_STATE_FD accepted (DEVICE_STATE): move the device's state through
+    ``fd``, the front-end's end of a pipe (the core owns it). ``direction`` is 0 (save:
+    the back-end writes ``transfer.outgoing`` and closes) or 1 (load: the back-end reads
+    until end of file). ``transfer`` is the core's
+    :class:`~vhostuser.connection.backend.StateTransfer` the shell feeds."""
+
+    direction: int
+    fd: FdT
+    transfer: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateChecking(Event):
+    """CHECK_DEVICE_STATE arrived: delivered while the message is handled, so the shell
+    can finish the transfer with what the pipe already holds (without blocking) before
+    the core answers."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateChecked(Event):
+    """CHECK_DEVICE_STATE answered: ``ok``, or ``error`` saying why not."""
+
+    direction: int | None
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LogChanged(Event):
     """Dirty logging changed: ``active`` says whether writes to guest memory are logged
     now (SET_LOG_BASE mapped a log and VHOST_F_LOG_ALL is acked); ``size`` is the log's

@@ -58,6 +58,9 @@ class VringControl(Generic[FdT]):
     err: FdT | None = None
     kick_polled: bool = False
     call_polled: bool = False
+    kick_inband: bool = False
+    """SET_VRING_KICK had the invalid-fd flag while INBAND_NOTIFICATIONS was negotiated:
+    kicks come as VRING_KICK messages (the ring is not polled)."""
     started: bool = False
     enabled: bool = False
     broken: str | None = None

@@ -52,6 +52,15 @@ class Cancellable(Protocol):
         ...
 
 
+class DeviceStateError(ValueError):
+    """A device state blob cannot be saved or loaded (DEVICE_STATE); the message names
+    the field that is wrong (e.g. the disk's capacity differs from the source's)."""
+
+
+DEFAULT_MAX_STATE_SIZE = 1 << 20
+"""The largest state blob a device accepts on load unless it says otherwise."""
+
+
 class Device:
     """Base class of back-end devices; override what you need.
 
@@ -71,6 +80,38 @@ class Device:
     virtio_features: int = 0
     protocol_features: int = 0
     num_queues: int = 1
+
+    max_state_size: int = DEFAULT_MAX_STATE_SIZE
+    """The largest state blob :meth:`load_state` is handed (DEVICE_STATE): a front-end
+    that writes more fails the transfer instead of making the back-end grow."""
+
+    def supports_state(self) -> bool:
+        """True if the device overrides :meth:`save_state` and :meth:`load_state`; the
+        connection offers the DEVICE_STATE protocol feature only then."""
+        cls = type(self)
+        return (cls.save_state is not Device.save_state
+                and cls.load_state is not Device.load_state)
+
+    def save_state(self) -> bytes:
+        """The device's internal state, for the destination of a migration
+        (SET_DEVICE_STATE_FD, direction save). Called only while every ring is stopped
+        (vhost-user.rst "Suspended device state"), so nothing is in flight.
+
+        Raises:
+            DeviceStateError: the device cannot describe its state.
+        """
+        raise DeviceStateError(f"{type(self).__name__} has no state to save")
+
+    def load_state(self, data: bytes) -> None:
+        """Adopt the state a source back-end saved (SET_DEVICE_STATE_FD, direction load),
+        checking that this device can take over from it. Called only while every ring is
+        stopped, before the front-end starts them again.
+
+        Raises:
+            DeviceStateError: the blob is malformed, of an unknown version, or describes a
+                device this one cannot stand in for (the message names the field).
+        """
+        raise DeviceStateError(f"{type(self).__name__} cannot load state")
 
     def config_space(self) -> bytes:
         """Return the whole device config space (empty: the device has none)."""

@@ -11,6 +11,7 @@ resubmits what was in flight (:mod:`vhostuser.virtq.inflight`).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -110,7 +111,7 @@ from ..virtq.inflight import (
 )
 from ..virtq.packed import PackedDeviceRing
 from ..virtq.split import SplitDeviceRing
-from .base import Device
+from .base import Device, DeviceStateError
 
 if TYPE_CHECKING:
     from ..connection.events import Event
@@ -303,6 +304,13 @@ class BlkRequest:
                 f"sector={self.sector}, status={self.status})")
 
 
+STATE_FORMAT: Final = "vhostuser-blk-state"
+STATE_VERSION: Final = 1
+DEVICE_FEATURE_BITS: Final = (1 << 24) - 1
+STATE_MAX_BYTES: Final = 64 * 1024
+"""A blk state document is a few hundred bytes; a load larger than this fails."""
+
+
 class BlkDevice(Device):
     """A virtio-blk back-end on a :class:`BlockBackend`. No I/O of its own.
 
@@ -478,6 +486,105 @@ class BlkDevice(Device):
         effects"; for a disk that means not touching the image, so requests wait.
         """
         return self._queues is None or self._queues.enabled(index)
+
+    # -- migration (DEVICE_STATE) ---------------------------------------------------------
+    max_state_size = STATE_MAX_BYTES
+
+    def _state_fields(self) -> dict[str, Any]:
+        """What a destination must agree on (geometry, identity, limits the driver read
+        from config space, features) or carry over (counters)."""
+        return {
+            "capacity_sectors": self.capacity,
+            "blk_size": self.blk_size,
+            "read_only": self.read_only,
+            "serial": self.serial.decode("ascii"),
+            "num_queues": self.num_queues,
+            # No VIRTIO_BLK_F_CONFIG_WCE: the cache mode is fixed by FLUSH (write-back
+            # with FLUSH offered, else every write is stable when completed).
+            "write_cache": "writeback" if self.virtio_features & BlkFeature.FLUSH
+                           else "writethrough",
+            "seg_max": self.seg_max,
+            "max_discard_sectors": self.max_discard_sectors,
+            "max_discard_seg": self.max_discard_seg,
+            "max_write_zeroes_sectors": self.max_write_zeroes_sectors,
+            "max_write_zeroes_seg": self.max_write_zeroes_seg,
+            "offered_features": self.virtio_features,
+            # Device-specific bits only (0-23, virtio 1.2 §6): the ring and transport bits
+            # are negotiated afresh with the destination by the front-end.
+            "acked_features": self._acked & DEVICE_FEATURE_BITS,
+        }
+
+    def save_state(self) -> bytes:
+        """The device state for a destination back-end (vhost-user.rst "Migrating back-end
+        state"): a versioned, self-describing JSON document (:data:`STATE_FORMAT`).
+
+        Everything a request needs is in the rings or on the disk: the core calls this
+        only while every ring is stopped, and GET_VRING_BASE completed every request a
+        ring held (delayed ones included), so ``in_flight`` is 0 and nothing else of the
+        device's is in flight. The disk image itself is shared storage (not copied).
+
+        Raises:
+            DeviceStateError: a request is still held (a bug: rings are stopped).
+        """
+        held = sum(len(chains) for timers in self._delayed for chains in timers.values())
+        held += sum(len(d) for d in self._done)
+        if held:
+            raise DeviceStateError(f"{held} requests are still held by the device; the "
+                                   "state is saved only after GET_VRING_BASE stopped every ring")
+        doc = {"format": STATE_FORMAT, "version": STATE_VERSION, **self._state_fields(),
+               "in_flight": 0, "resubmitted": self.resubmitted,
+               "stats": dict(sorted(self.stats.items()))}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def load_state(self, data: bytes) -> None:
+        """Take over from the source whose :meth:`save_state` produced ``data``.
+
+        Geometry, identity, the limits the driver read and the features it acked must
+        match (a destination offering every feature the driver acked is enough); counters
+        are carried over.
+
+        Raises:
+            DeviceStateError: ``data`` is not such a document, or names a device this one
+                cannot stand in for (the message names the field and both values).
+        """
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise DeviceStateError(f"blk state is not a JSON document ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+            raise DeviceStateError(f"blk state: format is not {STATE_FORMAT!r}")
+        if doc.get("version") != STATE_VERSION:
+            raise DeviceStateError(f"blk state: version {doc.get('version')!r} is not "
+                                   f"{STATE_VERSION}, the one this back-end reads")
+        ours = self._state_fields()
+        for key, mine in ours.items():
+            if key not in doc:
+                raise DeviceStateError(f"blk state: field {key!r} is missing")
+            theirs = doc[key]
+            if type(theirs) is not type(mine):
+                raise DeviceStateError(f"blk state: field {key!r} is {theirs!r}, not a "
+                                       f"{type(mine).__name__}")
+            if key == "offered_features":
+                continue  # what matters is what the driver acked, checked next
+            if key == "acked_features":
+                missing = theirs & ~self.virtio_features
+                if missing:
+                    raise DeviceStateError(
+                        f"blk state: acked_features {theirs:#x} include {missing:#x}, which "
+                        f"this device does not offer ({self.virtio_features:#x})")
+                continue
+            if theirs != mine:
+                raise DeviceStateError(f"blk state: {key} is {theirs!r} on the source but "
+                                       f"{mine!r} here")
+        if doc.get("in_flight") != 0:
+            raise DeviceStateError(f"blk state: in_flight is {doc.get('in_flight')!r}; a "
+                                   "source saves its state only with nothing in flight")
+        stats, resubmitted = doc.get("stats", {}), doc.get("resubmitted", 0)
+        if (not isinstance(stats, dict) or not isinstance(resubmitted, int)
+                or not all(isinstance(k, str) and isinstance(v, int) for k, v in stats.items())):
+            raise DeviceStateError("blk state: stats must map names to integers")
+        self.stats.update(stats)
+        self.resubmitted += resubmitted
 
     # -- inflight tracking -------------------------------------------------------------------
     def on_inflight(self, area: InflightArea, *, fresh: bool) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..connection import events as ev
-from ..connection.backend import BackendConnection, Dialect
+from ..connection.backend import STATE_SAVE, BackendConnection, Dialect, StateTransfer
 from ..connection.frontend import BackendChannel
 from ..connection.snapshot import SessionSnapshot, snapshot_backend
 from ..devices.base import Device
@@ -83,6 +83,26 @@ reconnected to in a tight loop (a front-end that retries at once whatever went w
 
 LOOP_LOG_INTERVAL = 10.0
 """Seconds between two reports of a tight reconnect loop."""
+
+CHANNEL_QUEUE = 64
+"""Back-end requests other than VRING_CALL that may wait for the back-end channel (a
+front-end that does not read it); more are dropped, counted and logged. In-band calls
+wait at most one per ring: a call still queued already covers every later used buffer."""
+
+CHANNEL_UNACKED = 32
+"""Requests sent on the back-end channel whose REPLY_ACK ack has not come back, after
+which more wait in the queue (vhost-user.rst "In-band notifications" wants the acks to
+pace the sender; waiting in the reactor is never an option)."""
+
+CHANNEL_RETRY = (0.005, 0.2)
+"""First and longest delay (s) between tries to write to a full back-end channel."""
+
+STATE_CHUNK = 65536
+"""Bytes per read or write of a device-state pipe."""
+
+STATE_DEADLINE = 30.0
+"""Seconds a device-state save may wait for the front-end to read the pipe; then the
+transfer fails and the pipe is closed (CHECK_DEVICE_STATE reports it)."""
 
 
 class ShellHost:
@@ -148,6 +168,17 @@ class ShellHost:
             return
         raise RemoteProtocolError(f"{what} is {target}, not an eventfd or a pipe")
 
+    def check_state_fd(self, fd: OwnedFd, what: str) -> None:
+        """Refuse a device-state fd that is not a pipe or a socket (the reactor can only
+        wait on those; vhost-user.rst asks for something that "behaves like a pipe").
+
+        Raises:
+            RemoteProtocolError: the fd is of another kind (named in the message).
+        """
+        mode = os.fstat(fd.fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise RemoteProtocolError(f"{what} is not a pipe or a socket (mode {mode:#o})")
+
     def check_socket_fd(self, fd: OwnedFd, what: str) -> None:
         """Refuse a back-end channel fd that is not a connected AF_UNIX stream socket.
 
@@ -193,6 +224,7 @@ class BackendSession:
         budget: int = DEFAULT_BUDGET,
         name: str = "vhost-user",
         busy_poll: bool = False,
+        inband_notifications: bool = False,
     ) -> None:
         sock.setblocking(False)
         self.reactor = reactor
@@ -203,7 +235,8 @@ class BackendSession:
         self.busy_poll = busy_poll
         self.on_close = on_close
         self.conn: BackendConnection[OwnedFd] = BackendConnection(
-            device, ShellHost(self._watch_mapping), dialect=dialect, name=name
+            device, ShellHost(self._watch_mapping), dialect=dialect, name=name,
+            inband_notifications=inband_notifications,
         )
         # The shell hears every event right after the device, in order, as it happens
         # (one dispatcher: connection/dispatch.py), also in the middle of a chunk.
@@ -222,6 +255,26 @@ class BackendSession:
         """Recent events, for tests and tools (bounded)."""
         self._channel: BackendChannel[OwnedFd] | None = None
         self._channel_sock: socket.socket | None = None
+        # Back-end channel output, never written with a blocking call: whole requests
+        # waiting (request, payload, ring of a VRING_CALL), the unsent rest of the one
+        # being written, the rings with a call queued, and acks still to come.
+        self._chan_queue: collections.deque[
+            tuple[BackendRequest, P.Payload | None, int | None]] = collections.deque()
+        self._chan_partial: memoryview | None = None
+        self._chan_calls: set[int] = set()
+        self._chan_unacked = 0
+        self._chan_timer: Timer | None = None
+        self._chan_delay = CHANNEL_RETRY[0]
+        self.channel_drops = 0
+        """Back-end requests dropped: queue full, or an in-band call of a ring that
+        stopped before the front-end read the channel."""
+        self.inband_calls = 0
+        """BACKEND_VRING_CALL messages written to the back-end channel."""
+        # Device-state transfer: our duplicate of the pipe fd, its timers.
+        self._state_fd: int | None = None
+        self._state: StateTransfer[OwnedFd] | None = None
+        self._state_timer: Timer | None = None
+        self._state_deadline = 0.0
         self.empty_kicks = 0
         """Kicks that found nothing available while no ring had ever shown a buffer."""
         self._work_seen = False
@@ -253,9 +306,17 @@ class BackendSession:
         return 0 <= index < len(self.conn.vrings) and self.conn.vrings[index].enabled
 
     def notify(self, index: int) -> None:
-        """Signal ring ``index``'s call fd."""
+        """Signal ring ``index``'s call fd, or send BACKEND_VRING_CALL when its calls are
+        in-band (see :meth:`BackendConnection.call_inband`)."""
         if not self.closed and 0 <= index < len(self.conn.vrings):
-            signal_fd(self.conn.vrings[index].call)
+            self._signal_call(index)
+
+    def _signal_call(self, index: int) -> None:
+        call = self.conn.vrings[index].call
+        if call is not None:
+            signal_fd(call)
+        elif self.conn.call_inband(index):
+            self._queue_call(index)
 
     def ring_broken(self, index: int, reason: str) -> None:
         """The device found ring ``index`` broken by the guest."""
@@ -345,7 +406,12 @@ class BackendSession:
             if isinstance(e, ev.VringStarted) and (ring := self.ring(e.index)) is not None:
                 self._first_avail[e.index] = ring.next_avail
             self._wake(e.index)
+        elif isinstance(e, ev.VringKicked):
+            # In-band kick: run the first burst now, so that the ack a front-end asked
+            # for (REPLY_ACK) goes out after the ring was processed.
+            self._wake(e.index, now=True)
         elif isinstance(e, ev.VringStopped):
+            self._drop_queued_call(e.index)
             self._unregister_kick(e.index)
             self._nofd.discard(e.index)
             runner = self._runners.get(e.index)
@@ -360,8 +426,15 @@ class BackendSession:
             self._nofd.clear()
             self._runners.clear()
             self._close_channel()
+            self._end_state_io()
         elif isinstance(e, ev.BackendChannelSet):
             self._open_channel(e.fd)
+        elif isinstance(e, ev.DeviceStateTransfer):
+            self._start_state_io(e.fd, e.transfer)
+        elif isinstance(e, ev.DeviceStateChecking):
+            # The front-end is done with the pipe: take what it holds, then close ours.
+            self._state_step(final=True)
+            self._end_state_io()
 
     # -- back-end -> front-end channel ------------------------------------------------------
     def _open_channel(self, fd: OwnedFd) -> None:
@@ -381,6 +454,16 @@ class BackendSession:
             self._channel_sock.close()
         self._channel_sock = None
         self._channel = None
+        if self._chan_queue or self._chan_partial is not None:
+            log.debug("%s: back-end channel closed with %d request(s) unsent", self.name,
+                      len(self._chan_queue) + (self._chan_partial is not None))
+        self._chan_queue.clear()
+        self._chan_calls.clear()
+        self._chan_partial = None
+        self._chan_unacked = 0
+        if self._chan_timer is not None:
+            self._chan_timer.cancel()
+            self._chan_timer = None
 
     def _on_channel_readable(self) -> None:
         if self._channel_sock is None or self._channel is None:
@@ -395,9 +478,11 @@ class BackendSession:
             return
         try:
             for got in self._channel.receive_data(data, fds):
-                if isinstance(got, ev.ReplyReceived) and P.U64.unpack(got.payload)[0] != 0:
-                    log.warning("%s: front-end NACKed back-end request %d", self.name,
-                                got.request)
+                if isinstance(got, ev.ReplyReceived):
+                    self._chan_unacked = max(0, self._chan_unacked - 1)
+                    if P.U64.unpack(got.payload)[0] != 0:
+                        log.warning("%s: front-end NACKed back-end request %d", self.name,
+                                    got.request)
         except RemoteProtocolError as err:
             for f in self._channel.take_fds():
                 f.close()
@@ -406,23 +491,162 @@ class BackendSession:
             return
         if not data:
             self._close_channel()
+            return
+        self._pump_channel()  # acks came back: what waited for them may go
 
     def send_backend_request(self, req: BackendRequest, payload: P.Payload | None = None) -> bool:
-        """Send a request on the back-end channel; False if there is no channel.
+        """Queue a request for the back-end channel and write what the channel accepts
+        now, never waiting for it; False if there is no channel or the queue is full
+        (:data:`CHANNEL_QUEUE`: the request is dropped and counted in
+        :attr:`channel_drops`).
 
         Acks (with REPLY_ACK) are read asynchronously by the reactor, so the front-end can
         keep sending us requests meanwhile.
         """
         if self._channel is None or self._channel_sock is None:
             return False
-        data = self._channel.request(req, payload)
-        try:
-            send_msg(self._channel_sock, data)
-        except (PeerClosedError, MessageTimeoutError, OSError) as e:
-            log.warning("%s: back-end channel send failed: %s", self.name, e)
-            self._close_channel()
+        if sum(1 for q in self._chan_queue if q[2] is None) >= CHANNEL_QUEUE:
+            self._count_drop(f"{req.name}: {CHANNEL_QUEUE} requests already wait for the "
+                             "front-end to read its back-end channel")
             return False
+        self._chan_queue.append((req, payload, None))
+        self._pump_channel()
         return True
+
+    def _queue_call(self, index: int) -> None:
+        """BACKEND_VRING_CALL for ring ``index`` (in-band used-buffer notification)."""
+        if self._channel is None or index in self._chan_calls:
+            return  # one queued call covers every buffer used before it is written
+        if not self.conn.vrings[index].started:
+            # vhost-user.rst "Suspended device state": no notifications from a stopped
+            # ring (and no messages at all while every ring is stopped).
+            return
+        self._chan_calls.add(index)
+        # vhost-user.rst BACKEND_VRING_CALL: state.num "is currently reserved and must be
+        # set to 0".
+        self._chan_queue.append((BackendRequest.VRING_CALL, P.VringState(index=index, num=0),
+                                 index))
+        self._pump_channel()
+
+    def _drop_queued_call(self, index: int) -> None:
+        """Ring ``index`` stopped: a call it still has queued must not go out any more."""
+        if index not in self._chan_calls:
+            return
+        self._chan_calls.discard(index)
+        self._chan_queue = collections.deque(q for q in self._chan_queue if q[2] != index)
+        self._count_drop(f"in-band call of ring {index}: the ring stopped before the "
+                         "front-end read its back-end channel", level=logging.DEBUG)
+
+    def _count_drop(self, why: str, *, level: int = logging.WARNING) -> None:
+        self.channel_drops += 1
+        n = self.channel_drops
+        if n == 1 or n % 1000 == 0:
+            log.log(level, "%s: back-end request dropped (%d so far): %s", self.name, n, why)
+
+    def _pump_channel(self) -> None:
+        """Write queued back-end requests until the channel is full, the ack window
+        (:data:`CHANNEL_UNACKED`) is used up or the queue is empty; retry later on a
+        full channel. Never blocks."""
+        sock, chan = self._channel_sock, self._channel
+        if sock is None or chan is None or self.closed:
+            return
+        while True:
+            if self._chan_partial is None:
+                if not self._chan_queue or self._chan_unacked >= CHANNEL_UNACKED:
+                    return
+                req, payload, ring = self._chan_queue.popleft()
+                if ring is not None:
+                    self._chan_calls.discard(ring)
+                    if not self.conn.vrings[ring].started:
+                        continue
+                    self.inband_calls += 1
+                self._chan_partial = memoryview(chan.request(req, payload))
+                if chan.reply_ack:
+                    self._chan_unacked += 1
+            try:
+                n = sock.send(self._chan_partial, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                self._retry_channel()
+                return
+            except OSError as e:
+                log.warning("%s: back-end channel send failed: %s", self.name, e)
+                self._close_channel()
+                return
+            rest = self._chan_partial[n:]
+            self._chan_partial = rest if len(rest) else None
+            self._chan_delay = CHANNEL_RETRY[0]
+
+    def _retry_channel(self) -> None:
+        if self._chan_timer is None:
+            self._chan_timer = self.reactor.call_later(self._chan_delay, self._channel_timer)
+            self._chan_delay = min(self._chan_delay * 2, CHANNEL_RETRY[1])
+
+    def _channel_timer(self) -> None:
+        self._chan_timer = None
+        self._pump_channel()
+
+    # -- device state (SET_DEVICE_STATE_FD) -------------------------------------------------
+    def _start_state_io(self, fd: OwnedFd, transfer: StateTransfer[OwnedFd]) -> None:
+        """Move the device state through the pipe on the reactor, never blocking it: a
+        front-end that never reads (save) or never writes (load) stalls only itself."""
+        self._end_state_io()
+        dup = os.dup(fd.fd)
+        os.set_blocking(dup, False)
+        self._state_fd, self._state = dup, transfer
+        self._state_deadline = self.reactor.time() + STATE_DEADLINE
+        if transfer.direction == STATE_SAVE:
+            self._state_step()
+        else:
+            self.reactor.add_reader(dup, self._state_step)
+
+    def _state_step(self, final: bool = False) -> None:
+        """Move what the pipe takes or holds now; ``final`` (CHECK_DEVICE_STATE): the
+        front-end says it is done, so a save that cannot go on fails."""
+        t, fd = self._state, self._state_fd
+        if t is None or fd is None:
+            return
+        try:
+            if t.direction == STATE_SAVE:
+                while not t.finished:
+                    chunk = t.pending()[:STATE_CHUNK]
+                    t.wrote(os.write(fd, chunk))
+            else:
+                for _ in range(64):  # bounded per wake-up: other fds get their turn
+                    data = os.read(fd, STATE_CHUNK)
+                    if not data:
+                        t.eof()
+                    else:
+                        t.received(data)
+                    if t.finished:
+                        break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:  # EPIPE: the front-end closed its end before reading it all
+            t.fail(f"pipe error: {e}")
+        if t.finished:
+            self._end_state_io()
+        elif t.direction == STATE_SAVE and not final:
+            if self.reactor.time() >= self._state_deadline:
+                t.fail(f"the front-end read only {t.sent} of {len(t.outgoing)} state bytes "
+                       f"in {STATE_DEADLINE} s")
+                self._end_state_io()
+            else:
+                self._state_timer = self.reactor.call_later(0.01, self._state_step)
+
+    def _end_state_io(self) -> None:
+        """Stop moving state: close our duplicate and the core's fd (the reader then sees
+        the end of the data)."""
+        if self._state_timer is not None:
+            self._state_timer.cancel()
+            self._state_timer = None
+        fd = self._state_fd
+        if fd is not None:
+            self.reactor.remove_reader(fd)
+            os.close(fd)
+        self._state_fd = None
+        if self._state is not None and self._state is self.conn.state_transfer:
+            self.conn.release_state_fd()
+        self._state = None
 
     def notify_config_change(self) -> bool:
         """BACKEND_CONFIG_CHANGE_MSG: tell the front-end to re-read config space."""
@@ -430,6 +654,13 @@ class BackendSession:
 
     def _set_kick(self, index: int, fd: Any) -> None:
         self._unregister_kick(index)
+        if fd is None and self.conn.vrings[index].kick_inband:
+            # Kicks come as VRING_KICK messages: nothing to watch, nothing to poll.
+            self._nofd.discard(index)
+            runner = self._runners.get(index)
+            if runner is not None:
+                runner.poll = self.busy_poll
+            return
         if fd is None:
             # vhost-user.rst SET_VRING_KICK: with the invalid-fd flag "the back-end must
             # poll" the ring instead of waiting for kicks.
@@ -574,7 +805,7 @@ class BackendSession:
             return 0
         if result.notify:
             # Before a break is reported: what completed in this burst is the driver's.
-            signal_fd(v.call)
+            self._signal_call(index)
         if result.broken is not None:
             if v.broken is None:
                 self.conn.ring_broken(index, result.broken)
@@ -602,6 +833,7 @@ class BackendSession:
         self._runners.clear()
         self._polled.clear()
         self._close_channel()
+        self._end_state_io()
         self.final_snapshot = snapshot_backend(self.conn)
         self.reactor.remove_reader(self.sock.fileno())
         try:
@@ -637,6 +869,7 @@ class BackendServer:
         dialect: Dialect = Dialect.CURRENT,
         on_session: Callable[[BackendSession], None] | None = None,
         busy_poll: bool = False,
+        inband_notifications: bool = False,
     ) -> None:
         self.reactor = reactor
         self.path = path
@@ -647,6 +880,8 @@ class BackendServer:
         self.dialect = dialect
         self.on_session = on_session
         self.busy_poll = busy_poll
+        self.inband_notifications = inband_notifications
+        """Offer INBAND_NOTIFICATIONS (opt-in; see BackendConnection)."""
         self.sessions: list[BackendSession] = []
         self.closed_sessions = 0
         self.last_close_reason: str | None = None
@@ -687,6 +922,7 @@ class BackendServer:
         s = BackendSession(
             self.reactor, sock, self.device_factory(), on_close=self._session_closed,
             dialect=self.dialect, busy_poll=self.busy_poll,
+            inband_notifications=self.inband_notifications,
             name=f"{os.path.basename(self.path)}#{self.closed_sessions + len(self.sessions)}",
         )
         self.sessions.append(s)
