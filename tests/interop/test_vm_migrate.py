@@ -43,6 +43,7 @@ from vhostuser.io.blkfile import BlkFile
 from vhostuser.io.thread import ServerThread
 
 from .peers import QmpClient, require_peer, wait_for_socket
+from .test_blk_interop import OurBlkBackend
 from .test_vm_switch_restart import Replies, switch_process
 
 pytestmark = pytest.mark.interop
@@ -446,14 +447,20 @@ vu_blk_check vda 4242
 """.replace("WRITERS", str(BLK_WRITERS))
 
 
-def test_guest_writing_its_disk_is_migrated_mid_write(no_leaks: Any, sock_dir: Path) -> None:
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_guest_writing_its_disk_is_migrated_mid_write(no_leaks: Any, sock_dir: Path,
+                                                      backend: str) -> None:
     """A guest writes a known pattern over its whole vhost-user-blk disk (O_DIRECT, 64 KiB
     at a time, eight writers at once) on our blk back-end, slowed by a latency so that
     requests are always held there. Mid-write the guest is live-migrated to a destination
     QEMU connected to the same back-end socket (a second session on the same image). The
     source's GET_VRING_BASE completes the requests the back-end still holds before
     answering, so the destination resumes at a consistent index: the write finishes there,
-    the guest reads back exactly the pattern, and so does the host from the image."""
+    the guest reads back exactly the pattern, and so does the host from the image.
+
+    The back-end is a ``ServerThread`` in this process (``thread``) or the ``vhost-user
+    blk`` command (``process``), which serves the destination as its second session
+    (--sessions 2, the default) and must not take it for two drivers at once."""
     require_peer("qemu")
     require_peer("guest")
     img = sock_dir / "disk.raw"
@@ -466,11 +473,25 @@ def test_guest_writing_its_disk_is_migrated_mid_write(no_leaks: Any, sock_dir: P
                   qmp=sock_dir / "src.qmp", name="blk-src")
     dst = GuestVM(blks=[BlkDisk(socket=sock)], end="shell", mem_mb=MEM_MB,
                   qmp=sock_dir / "dst.qmp", name="blk-dst", incoming=f"unix:{mig}")
-    with BlkFile.open(str(img)) as image, \
-            ServerThread(sock, lambda: BlkDevice(image, latency=BLK_LATENCY)) as server, \
-            src, dst:
+    with contextlib.ExitStack() as stack:
+        server: ServerThread | None = None
+        command: OurBlkBackend | None = None
+        if backend == "thread":
+            image = stack.enter_context(BlkFile.open(str(img)))
+            server = stack.enter_context(
+                ServerThread(sock, lambda: BlkDevice(image, latency=BLK_LATENCY)))
+        else:
+            command = stack.enter_context(OurBlkBackend(
+                sock, img, extra=("--latency", str(int(BLK_LATENCY * 1000)))))
+            command.wait_ready()
+        stack.enter_context(src)
+        stack.enter_context(dst)
+
         def tail() -> str:
-            return f"--- source ---\n{src.tail(15)}\n--- destination ---\n{dst.tail(15)}"
+            text = f"--- source ---\n{src.tail(15)}\n--- destination ---\n{dst.tail(15)}"
+            if command is not None:
+                text += f"\n--- vhost-user blk ---\n{command.log_text()[-3000:]}"
+            return text
 
         src.wait_ready(BOOT_TIMEOUT)
         cid = src.submit(_BLK_SCRIPT)
@@ -487,9 +508,21 @@ def test_guest_writing_its_disk_is_migrated_mid_write(no_leaks: Any, sock_dir: P
         dst.take_over(src)
         done = dst.wait_command(cid, 120)
         assert dst.poweroff() == 0, tail()
-        assert server.errors == []
-        held = sum(d.stats["completed-at-stop"] for d in server.devices
-                   if isinstance(d, BlkDevice))
+        if server is not None:
+            assert server.errors == []
+            held = sum(d.stats["completed-at-stop"] for d in server.devices
+                       if isinstance(d, BlkDevice))
+        else:
+            assert command is not None
+            src.stop()
+            assert command.stop() == 0, tail()
+            text = command.log_text()
+            held = sum(int(n) for n in re.findall(
+                r"stopping; (\d+) delayed requests completed first", text))
+            # The destination was served as the second session, beside the source.
+            assert re.search(r"front-end connected \(blk\.sock#1\) while blk\.sock#0 is "
+                             "connected", text), text
+            assert "refusing" not in text and "two drivers" not in text, text
     print(f"migrated after {at_start} of {BLK_DISK // 65536} blocks written, {at_end} at "
           f"the end ({info.get('total-time')} ms); {done.output.strip()[-300:]}")
     assert at_start < BLK_DISK // 65536, "the write was over before the migration"
