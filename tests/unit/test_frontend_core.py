@@ -537,3 +537,61 @@ def test_set_log_base_ack_may_be_empty_as_dpdk_sends_it() -> None:
     fe.request(R.SET_LOG_BASE, P.LogBase(mmap_size=4096, mmap_offset=0), nfds=1)
     with pytest.raises(RemoteProtocolError, match="SET_LOG_BASE reply"):
         fe.receive_data(reply(R.SET_LOG_BASE, b"\0" * 4))
+
+
+# -- in-band notifications and DEVICE_STATE ---------------------------------------------------
+
+
+def _offering(extra: int) -> Front:
+    fe: Front = FrontendConnection()
+    fe.request(R.GET_FEATURES)
+    fe.receive_data(reply(R.GET_FEATURES, u64(OFFER)))
+    fe.request(R.GET_PROTOCOL_FEATURES)
+    fe.receive_data(reply(R.GET_PROTOCOL_FEATURES, u64(PROTO_OFFER | extra)))
+    return fe
+
+
+@pytest.mark.parametrize("missing", [PF.REPLY_ACK, PF.BACKEND_REQ])
+def test_inband_notifications_need_backend_req_and_reply_ack(missing: ProtocolFeature) -> None:
+    fe = _offering(int(PF.INBAND_NOTIFICATIONS))
+    value = (PROTO_OFFER | PF.INBAND_NOTIFICATIONS) & ~int(missing)
+    with pytest.raises(LocalProtocolError, match="INBAND_NOTIFICATIONS needs"):
+        fe.request(R.SET_PROTOCOL_FEATURES, P.U64Payload(value=value))
+    fe.request(R.SET_PROTOCOL_FEATURES,
+               P.U64Payload(value=PROTO_OFFER | PF.INBAND_NOTIFICATIONS), need_reply=False)
+    kick = fe.request(R.VRING_KICK, P.VringState(index=1, num=0))
+    assert header(kick) == (35, 0x1, 8) and fe.waiting == 0
+
+
+@pytest.mark.parametrize(("value", "fds", "ok"), [
+    (0x100, 0, True),  # no fd of its own: bit 8 set
+    (0x000, 1, True),  # its own fd: bit 8 clear
+    (0x000, 0, False),  # bit 8 clear promises an fd
+    (0x100, 1, False),  # bit 8 set, an fd all the same
+    (0x116, 0, True),  # an error, no fd: well formed (the client raises on the error)
+])
+def test_device_state_reply_fd_follows_bit_8(value: int, fds: int, ok: bool) -> None:
+    fe = _offering(int(PF.DEVICE_STATE))
+    fe.request(R.SET_PROTOCOL_FEATURES, P.U64Payload(value=PROTO_OFFER | PF.DEVICE_STATE),
+               need_reply=False)
+    fe.request(R.SET_DEVICE_STATE_FD, P.DeviceStateParams(direction=0, phase=0), nfds=1)
+    data = reply(R.SET_DEVICE_STATE_FD, u64(value))
+    if ok:
+        (got,) = fe.receive_data(data, list(range(100, 100 + fds)))
+        assert isinstance(got, ev.ReplyReceived) and len(got.fds) == fds
+    else:
+        with pytest.raises(RemoteProtocolError, match=f"carries {fds} fds"):
+            fe.receive_data(data, list(range(100, 100 + fds)))
+        assert fe.take_fds() == list(range(100, 100 + fds))
+
+
+def test_channel_refuses_requests_of_features_not_negotiated() -> None:
+    ch: BackendChannel[int] = BackendChannel("frontend", reply_ack=True,
+                                             protocol_features=int(PF.REPLY_ACK))
+    with pytest.raises(RemoteProtocolError, match="INBAND_NOTIFICATIONS"):
+        ch.receive_data(raw(B.VRING_CALL, struct.pack("<II", 0, 0), 0x9))
+    ch = BackendChannel("frontend", reply_ack=True,
+                        protocol_features=int(PF.REPLY_ACK | PF.INBAND_NOTIFICATIONS))
+    assert ch.receive_data(raw(B.VRING_CALL, struct.pack("<II", 2, 0), 0x9)) == [
+        ev.VringCalled(2)]
+    assert ch.data_to_send() == [raw(B.VRING_CALL, u64(0), 0x5)]
