@@ -215,7 +215,12 @@ def test_logging_is_refused_without_log_all_or_log_shmfd(no_leaks: Any) -> None:
 def test_log_base_reply_values_are_not_nacks(no_leaks: Any) -> None:
     """DPDK answers SET_LOG_BASE empty, libvhost-user with the request's mmap_size."""
     for answer in (b"", U64.pack(128)):
-        be = Scripted(handlers={R.SET_LOG_BASE: lambda s, m, f, a=answer: (a, [])})
+
+        def log_base(be: Scripted, m: Seen, fds: list[int], a: bytes = answer
+                     ) -> tuple[bytes, list[int]]:
+            return a, []
+
+        be = Scripted(handlers={R.SET_LOG_BASE: log_base})
         fe = be.start()
         with GuestRam.memfd(4 << 20) as ram, FrontendDirtyLog(ram.size) as log, fe:
             fe.negotiate()
@@ -271,6 +276,7 @@ def test_inband_kick_and_call(no_leaks: Any) -> None:
         be.channel.sendall(HDR.pack(BackendRequest.VRING_CALL, 0x9, 8)
                            + struct.pack("<II", 0, 0))
         select.select([be.channel], [], [], 5)  # nothing yet: we have not polled
+        assert fe.channel_fd is not None
         r, _, _ = select.select([fe.channel_fd], [], [], 5)
         assert r
         fe.poll_backend_channel()
@@ -324,6 +330,7 @@ def test_a_vring_call_without_inband_is_a_violation(no_leaks: Any) -> None:
         fe.negotiate()
         assert be.channel is not None
         be.channel.sendall(HDR.pack(BackendRequest.VRING_CALL, 0x1, 8) + bytes(8))
+        assert fe.channel_fd is not None
         select.select([fe.channel_fd], [], [], 5)
         with pytest.raises(RemoteProtocolError, match="INBAND_NOTIFICATIONS"):
             fe.poll_backend_channel()
