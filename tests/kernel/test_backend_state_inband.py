@@ -232,3 +232,59 @@ def test_inband_is_not_offered_unless_asked(no_leaks: Any, workdir: Path) -> Non
     with serve_blk(sock), FrontendClient.connect(sock) as fe, \
             pytest.raises(RemoteProtocolError, match="in-band"):
         fe.negotiate(inband=True)
+
+
+# -- the back-end channel never blocks the reactor -------------------------------------------
+
+
+def _config_changes(fe: FrontendClient) -> int:
+    return sum(isinstance(e, ev.ConfigChanged) for e in fe.channel_events)
+
+
+def test_a_channel_nobody_reads_bounds_what_waits(no_leaks: Any, workdir: Path) -> None:
+    """REPLY_ACK negotiated: 32 requests go out unacked, 64 more wait, the rest are dropped
+    and counted; the reactor answers meanwhile. Once the front-end reads (and acks) the
+    channel, everything that waited goes out."""
+    from vhostuser.io.backend import CHANNEL_QUEUE, CHANNEL_UNACKED
+
+    sock = str(workdir / "blk.sock")
+    with serve_blk(sock) as srv, FrontendClient.connect(sock) as fe:
+        fe.negotiate()
+        assert fe.conn.has(PF.REPLY_ACK) and fe.channel_fd is not None
+        s = session_of(srv)
+        sent = srv.call(lambda: [s.notify_config_change() for _ in range(200)])
+        assert sent.count(True) == CHANNEL_UNACKED + CHANNEL_QUEUE
+        assert srv.call(lambda: s.channel_drops) == 200 - CHANNEL_UNACKED - CHANNEL_QUEUE
+        assert fe.get_u64(R.GET_FEATURES)  # the reactor was never blocked
+        deadline = time.monotonic() + 10
+        while (_config_changes(fe) < CHANNEL_UNACKED + CHANNEL_QUEUE
+               and time.monotonic() < deadline):
+            select.select([fe.channel_fd], [], [], 0.5)
+            fe.poll_backend_channel()
+        assert _config_changes(fe) == CHANNEL_UNACKED + CHANNEL_QUEUE
+        assert srv.errors == []
+
+
+def test_a_full_channel_without_acks_never_blocks(no_leaks: Any, workdir: Path) -> None:
+    """Without REPLY_ACK nothing paces the sender but the socket buffer: when it is full,
+    64 requests wait and the rest are dropped; the reactor answers meanwhile."""
+    from vhostuser.io.backend import CHANNEL_QUEUE
+    from vhostuser.io.frontend import SUPPORTED_PROTOCOL_FEATURES
+
+    sock = str(workdir / "blk.sock")
+    with serve_blk(sock) as srv, FrontendClient.connect(sock) as fe:
+        fe.negotiate(protocol_features=int(SUPPORTED_PROTOCOL_FEATURES) & ~int(PF.REPLY_ACK))
+        assert not fe.conn.has(PF.REPLY_ACK) and fe.channel_fd is not None
+        s = session_of(srv)
+        n = 200_000  # 12 bytes each: far more than an AF_UNIX socket buffer holds
+        sent = srv.call(lambda: sum(s.notify_config_change() for _ in range(n)))
+        drops = srv.call(lambda: s.channel_drops)
+        assert drops > 0 and sent + drops == n
+        assert fe.get_u64(R.GET_FEATURES)
+        deadline = time.monotonic() + 20
+        while _config_changes(fe) < sent and time.monotonic() < deadline:
+            select.select([fe.channel_fd], [], [], 0.5)
+            fe.poll_backend_channel()
+        assert _config_changes(fe) == sent
+        assert sent >= CHANNEL_QUEUE
+        assert srv.errors == []
