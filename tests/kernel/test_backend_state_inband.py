@@ -288,3 +288,37 @@ def test_a_full_channel_without_acks_never_blocks(no_leaks: Any, workdir: Path) 
         assert _config_changes(fe) == sent
         assert sent >= CHANNEL_QUEUE
         assert srv.errors == []
+
+
+class NullDevice(Device):
+    """Consumes every chain of its one queue."""
+
+    num_queues = 1
+
+
+def test_inband_error_of_a_broken_ring(no_leaks: Any, workdir: Path) -> None:
+    """A ring the guest breaks (an avail entry naming descriptor 999 of 64) is reported
+    as BACKEND_VRING_ERR when the ring has no err fd and notifications are in-band."""
+    import struct
+
+    from vhostuser.io.guestram import GuestRam
+
+    sock = str(workdir / "null.sock")
+    with ServerThread(sock, NullDevice, inband_notifications=True) as srv, \
+            GuestRam.memfd(MiB) as ram, FrontendClient.connect(sock) as fe:
+        from vhostuser.protocol.enums import VirtioFeature as VF
+
+        fe.negotiate(inband=True, features=int(VF.VERSION_1 | VF.PROTOCOL_FEATURES))  # split
+        fe.set_memory(ram)
+        fe.setup_vring(0, 64, desc=0x1000, avail=0x1400, used=0x2000)
+        struct.pack_into("<HHH", ram.buf, 0x1400, 0, 1, 999)  # flags, idx 1, ring[0] 999
+        fe.kick(0)
+        deadline = time.monotonic() + 10
+        while (not any(isinstance(e, ev.VringErrored) for e in fe.channel_events)
+               and time.monotonic() < deadline):
+            select.select([fe.channel_fd], [], [], 0.5)
+            fe.poll_backend_channel()
+        assert ev.VringErrored(0) in fe.channel_events
+        s = session_of(srv)
+        assert srv.call(lambda: s.conn.vrings[0].broken) is not None
+        assert srv.errors == []

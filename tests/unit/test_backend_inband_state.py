@@ -404,3 +404,12 @@ def test_postcopy_without_pagefault_is_a_violation(request_: FrontendRequest) ->
     handshake(conn, setup[3])
     assert not conn.offered_protocol_features & PF.PAGEFAULT
     expect_violation(setup, raw(request_, b"", 0x9), names=[request_.name, "PAGEFAULT"])
+
+
+def test_err_is_inband_only_without_an_err_fd() -> None:
+    conn, _host, _factory, fds = inband_backend()
+    assert conn.err_inband(0)
+    feed(conn, req(R.SET_VRING_ERR, P.VringFile(index=0)), fds.take(1))
+    assert not conn.err_inband(0) and conn.err_inband(1) and not conn.err_inband(9)
+    plain = make_backend(FakeDevice())[0]
+    assert not plain.err_inband(0)

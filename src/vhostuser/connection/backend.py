@@ -461,6 +461,14 @@ class BackendConnection(Generic[FdT]):
                 and self.backend_channel is not None
                 and 0 <= index < len(self.vrings) and self.vrings[index].call is None)
 
+    def err_inband(self, index: int) -> bool:
+        """True if an error of ring ``index`` is reported as BACKEND_VRING_ERR: as
+        :meth:`call_inband`, for the err fd (vhost-user.rst SET_VRING_ERR: an fd "will be
+        preferred over the message")."""
+        return (bool(self.protocol_features & PF.INBAND_NOTIFICATIONS)
+                and self.backend_channel is not None
+                and 0 <= index < len(self.vrings) and self.vrings[index].err is None)
+
     @property
     def acked_features(self) -> int:
         """Virtio features acked by SET_FEATURES (0 before it)."""

@@ -418,7 +418,13 @@ class BackendSession:
             if runner is not None:
                 runner.forget()
         elif isinstance(e, ev.VringBroken):
-            signal_fd(self.conn.vrings[e.index].err)
+            err = self.conn.vrings[e.index].err
+            if err is not None:
+                signal_fd(err)
+            elif self.conn.err_inband(e.index):
+                # vhost-user.rst BACKEND_VRING_ERR: state.num is reserved, 0.
+                self.send_backend_request(BackendRequest.VRING_ERR,
+                                          P.VringState(index=e.index, num=0))
         elif isinstance(e, ev.DeviceReset):
             for i in list(self._kick_fds):
                 self._unregister_kick(i)
