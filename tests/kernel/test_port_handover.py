@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from vhostuser.cli.switch import render_table
 from vhostuser.frontends.net import VirtioNetFrontend
 from vhostuser.io.frontend import FrontendClient
 from vhostuser.switch import Switch, SwitchThread
@@ -237,6 +238,8 @@ def test_a_third_front_end_is_refused(no_leaks: Any, sock_dir: Path,
                               "the refusal")
             assert info["session"] == "a.sock#0", info
             assert info["standby"]["session"] == "a.sock#1", info
+            table = render_table(st.stats(), None, 1.0)
+            assert f"{a}  standby a.sock#1\n" in table + "\n", table
             fr = frames_seq(10, 100, MAC_B, MAC_A, magic=0x41)
             nb.send_all(fr)
             assert receive_n(src, 10) == fr

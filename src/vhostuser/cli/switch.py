@@ -233,6 +233,10 @@ def render_table(stats: dict[str, Any], prev: dict[str, Any] | None, dt: float) 
         detail = where + (f"  [{drops}]" if drops else "")
         if p.get("ring_errors"):
             detail += f"  ring errors {p['ring_errors']}: {p.get('last_error')}"
+        standby = p.get("standby")
+        if standby:
+            detail += (f"  standby {standby['session']}"
+                       + (" (running)" if standby.get("running") else ""))
         lines.append(
             f"{p['name'][:10]:10} {p['kind']:10} {'up' if p['link'] else 'down':4} "
             f"{p['rx_frames']:>10} {_fmt_n(rxr):>8} {p['tx_frames']:>10} {_fmt_n(txr):>8} "
