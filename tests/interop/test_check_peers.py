@@ -93,8 +93,12 @@ def test_check_dpdk_vhost_pmd() -> None:
     # NET-01 is not required here: in one of a handful of runs DPDK 22.11 handed back 32 used
     # entries, all id 0, for a single transmit buffer (seen on this 2-CPU machine under
     # load; not understood yet), and the kit reports that as the failure it is.
+    # MIG-01 is not required either: it fails on the same DPDK anomaly when it strikes (a
+    # burst of 32 used entries past the available index, the extra ones id 0), which the
+    # kit reports as the ring violation it is; its dirty logging of split rings, the check's
+    # point, marks every page written (tests/interop/test_frontend_migrate.py).
     assert_complete(doc, "net", ["HS-01", "HS-05", "ACK-01", "MEM-01", "RING-01", "RING-03",
-                                 "DESC-01", "NET-02", "RC-01", "RC-02"])
+                                 "DESC-01", "NET-02", "RC-01", "RC-02", "MIG-02"])
     record_score("dpdk-vhost-pmd", command, doc)
 
 
@@ -109,5 +113,6 @@ def test_check_qemu_storage_daemon(sock_dir: Path) -> None:
     ])
     doc = run_check(command, "blk")
     assert_complete(doc, "blk", ["HS-01", "HS-05", "ACK-01", "MEM-01", "RING-01", "RING-03",
-                                 "DESC-01", "BLK-01", "BLK-05", "RC-01", "RC-02"])
+                                 "DESC-01", "BLK-01", "BLK-05", "RC-01", "RC-02", "MIG-01",
+                                 "MIG-02"])
     record_score("qemu-storage-daemon", command, doc)

@@ -131,6 +131,24 @@ BROKEN = textwrap.dedent('''
             return state
 
         P.VringState.decode = classmethod(_decode)
+    elif mode == "nolog":
+        # Dirty bits go to a private copy of the log, not the front-end's.
+        from vhostuser import memory
+
+        init = memory.DirtyLog.__init__
+
+        def _init(self, buf, **kw):
+            init(self, bytearray(len(buf)), **kw)
+
+        memory.DirtyLog.__init__ = _init
+    elif mode == "base":
+        # GET_VRING_BASE answers one less than where the ring stopped.
+        encode = P.VringState.encode
+
+        def _encode(self):
+            return encode(dataclasses.replace(self, num=(self.num - 1) & 0xFFFF))
+
+        P.VringState.encode = _encode
     else:
         raise SystemExit(f"unknown mode {mode}")
 
@@ -181,6 +199,22 @@ def test_unanswered_get_vring_base_fails_with_timeout(broken: str) -> None:
         assert "timeout" in got[cid]["reason"], got[cid]
     for cid in ("HS-01", "NET-01"):
         assert got[cid]["outcome"] == "PASS", got[cid]
+    assert status == 1
+
+
+def test_unlogged_writes_and_a_wrong_base_fail_the_migration_checks(broken: str) -> None:
+    status, doc, _err = _check(f"{broken} nolog {{socket}}", "--device", "net",
+                              "--only", "DL,MIG")
+    got = _by_id(doc)
+    assert got["MIG-01"]["outcome"] == "FAIL", got["MIG-01"]
+    assert "not marked in the log" in got["MIG-01"]["reason"], got["MIG-01"]
+    assert got["MIG-02"]["outcome"] == "PASS", got["MIG-02"]
+    assert status == 1
+    status, doc, _err = _check(f"{broken} base {{socket}}", "--device", "net",
+                              "--only", "DL,MIG")
+    got = _by_id(doc)
+    assert got["MIG-02"]["outcome"] == "FAIL", got["MIG-02"]
+    assert got["MIG-01"]["outcome"] == "PASS", got["MIG-01"]
     assert status == 1
 
 

@@ -10,7 +10,8 @@ a reference into the spec and the devices it applies to. Areas:
 * ``DESC`` descriptor chains, legal and hostile;
 * ``NET`` / ``BLK`` the device's data path;  ``IF``  inflight recovery (blk);
 * ``DL``  dirty logging (when offered);     ``RC``  reconnection;
-* ``SURV`` fd and process survival;          ``HOS`` hostile framing.
+* ``SURV`` fd and process survival;          ``HOS`` hostile framing;
+* ``MIG`` migration: every write logged, rings resumed at GET_VRING_BASE's index.
 
 :func:`run_check` runs one check against a running :class:`BackendProcess`: a fresh
 :class:`~vhostuser.testing.registry.Ctx` (fresh connections), a time limit (every socket
@@ -37,7 +38,7 @@ from ..errors import (
     RemoteProtocolError,
     VhostUserError,
 )
-from . import control, datapath
+from . import control, datapath, mig
 from .backend import BackendProcess, BackendStartError
 from .outcome import CheckFailed, CheckSkipped, Outcome, Result
 from .registry import CHECKS, Check, Ctx, Offer
@@ -55,10 +56,10 @@ __all__ = [
     "summary",
 ]
 
-_ = (control, datapath)  # imported for their registrations
+_ = (control, datapath, mig)  # imported for their registrations
 
-AREAS = ("HS", "ACK", "RT", "MEM", "RING", "DESC", "NET", "BLK", "IF", "DL", "RC", "SURV",
-         "HOS")
+AREAS = ("HS", "ACK", "RT", "MEM", "RING", "DESC", "NET", "BLK", "IF", "DL", "MIG", "RC",
+         "SURV", "HOS")
 """Areas in the order the suite runs them."""
 
 DEFAULT_TIMEOUT = 5.0
