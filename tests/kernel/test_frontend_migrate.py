@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from vhostuser.connection import events as ev
 from vhostuser.devices.blk import BlkDevice
+from vhostuser.devices.net import EchoSink, VirtioNetDevice
 from vhostuser.errors import LocalProtocolError
 from vhostuser.frontends.blk import BlkOp, VirtioBlkFrontend
 from vhostuser.frontends.net import VirtioNetFrontend
@@ -19,6 +21,7 @@ from vhostuser.io.blkfile import BlkFile
 from vhostuser.io.dirtylog import FrontendDirtyLog
 from vhostuser.io.frontend import FrontendClient
 from vhostuser.io.thread import ServerThread
+from vhostuser.protocol.enums import ProtocolFeature as PF
 from vhostuser.switch import SwitchThread
 from vhostuser.testing.migration import audit_blk_reads, audit_net_echo
 
@@ -130,3 +133,60 @@ def test_blk_logged_reads_then_rings_move(no_leaks: Any, sock_dir: Path, packed:
         disk.write(65536, b"\x5a" * 4096)
         assert disk.read(65536, 4096) == b"\x5a" * 4096
         assert srv.errors == []
+
+
+# -- in-band notifications and DEVICE_STATE, our front-end with our back-end ---------------------
+
+
+def test_net_inband_echo_then_migrate(no_leaks: Any, sock_dir: Path) -> None:
+    """A net session with in-band notifications (VRING_KICK in, BACKEND_VRING_CALL out,
+    no kick or call eventfd on the wire), logged and moved to a new connection at
+    GET_VRING_BASE's index, in-band again there."""
+    e = str(sock_dir / "e.sock")
+    with ServerThread(e, lambda: VirtioNetDevice(EchoSink()), inband_notifications=True) as srv, \
+            VirtioNetFrontend.connect(e, inband=True, reconnect=False) as nic:
+        assert nic.protocol_features & PF.INBAND_NOTIFICATIONS and nic.client.inband
+        first = frames_seq(50, 300, MAC_A, MAC_B)
+        assert nic.send_all(first) == 50 and receive_n(nic, 50) == first
+        assert nic.client.vring_calls > 0
+        with nic.start_logging() as log:
+            audit, back = audit_net_echo(nic, log, frames_seq(32, 900, MAC_A, MAC_B, 0x31))
+            assert len(back) == 32 and not audit.missing, audit.describe()
+            nic.migrate(lambda: FrontendClient.connect(e))
+        assert nic.client.inband and nic.client.vring_calls == 0
+        more = frames_seq(100, 400, MAC_A, MAC_B, 0x32)
+        assert nic.send_all(more) == 100 and receive_n(nic, 100) == more
+        assert nic.client.vring_calls > 0
+        sessions = srv.call(lambda: list(srv.sessions_seen))
+        kicks = srv.call(lambda: [sum(isinstance(x, ev.VringKicked) for x in s.events)
+                                  for s in sessions])
+        calls = srv.call(lambda: [s.inband_calls for s in sessions])
+        fds = srv.call(lambda: [[v.call for v in s.conn.vrings[:2]] for s in sessions])
+        assert len(sessions) == 2 and all(k > 0 for k in kicks) and all(c > 0 for c in calls)
+        assert fds == [[None, None], [None, None]]
+        assert srv.errors == []
+
+
+def test_blk_migration_moves_the_back_end_state(no_leaks: Any, sock_dir: Path) -> None:
+    """Source and destination are two back-ends on one image: the rings stop on the
+    source, its state goes through a pipe into the destination (CHECK_DEVICE_STATE on
+    both), the rings resume there at GET_VRING_BASE's index and I/O goes on."""
+    size = 8 << 20
+    img = sock_dir / "disk.raw"
+    img.write_bytes(bytes(size))
+    a, b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
+    with BlkFile.open(str(img)) as image, \
+            ServerThread(a, lambda: BlkDevice(image)) as src, \
+            ServerThread(b, lambda: BlkDevice(image)) as dst, \
+            VirtioBlkFrontend(a, reconnect=False, inflight=False) as disk:
+        assert disk.protocol_features & PF.DEVICE_STATE
+        disk.write(0, b"\x11" * 8192)
+        bases = disk.migrate(b, state=True)
+        assert bases == {0: 1}
+        assert disk.path == b and disk.read(0, 8192) == b"\x11" * 8192
+        disk.write(8192, b"\x22" * 4096)
+        assert disk.read(8192, 4096) == b"\x22" * 4096
+        checked = dst.call(lambda: [e for s in dst.sessions_seen for e in s.events
+                                    if isinstance(e, ev.DeviceStateChecked)])
+        assert checked and all(c.error is None for c in checked), checked
+        assert src.errors == [] and dst.errors == []

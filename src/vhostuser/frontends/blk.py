@@ -443,6 +443,7 @@ class VirtioBlkFrontend:
         self.want_inflight = inflight
         self.want_queues = num_queues
         self.inband = inband
+        self._moving_state: bytes | None = None
         if not 1 <= num_queues <= 256:
             raise ValueError(f"num_queues {num_queues} is outside 1..256")
         self.reconnects = 0
@@ -585,6 +586,11 @@ class VirtioBlkFrontend:
             raise RemoteProtocolError("after reconnecting the back-end lacks INFLIGHT_SHMFD")
         assert self._ram is not None and self._mem is not None
         fe.set_memory(self._ram)
+        if self._moving_state is not None:
+            from ..io.frontend import load_device_state
+
+            # The destination is stopped (no ring set up yet), as the load phase requires.
+            load_device_state(fe, self._moving_state)
         event_idx = bool(n.features & VF.RING_EVENT_IDX)
         indirect = bool(n.features & VF.RING_INDIRECT_DESC)
         if first:
@@ -728,7 +734,7 @@ class VirtioBlkFrontend:
         """
         self._live_session().fe.stop_logging()
 
-    def migrate(self, path: str | None = None) -> dict[int, int]:
+    def migrate(self, path: str | None = None, *, state: bool = False) -> dict[int, int]:
         """Hand the disk's rings to the back-end at ``path`` (default: the same socket, a
         new connection), as QEMU does at the end of a migration: every ring is stopped
         (GET_VRING_BASE; a blk back-end completes what it holds first, and those
@@ -737,20 +743,32 @@ class VirtioBlkFrontend:
         index. Returns the bases. If logging was on, the log holds every page written
         until the stop.
 
+        ``state``: also move the back-end's own state (DEVICE_STATE, vhost-user.rst
+        "Migrating back-end state"): saved from the stopped source before its connection
+        closes, loaded into the destination before its rings are set up, each side
+        confirmed with CHECK_DEVICE_STATE. Both must have negotiated DEVICE_STATE.
+
         Raises:
             PeerClosedError: the back-end is away.
             BackendChangedError: the new back-end lacks a bit the session uses.
             VhostUserError, OSError: stopping or the new handshake failed.
         """
+        from ..io.frontend import save_device_state
+
         fe = self._live_session().fe
         try:
             bases = {q.index: fe.stop_vring(q.index) for q in self.queues}
+            if state:
+                self._moving_state = save_device_state(fe)
         finally:
             self._drop_session()
         self._ready.extend(self.poll())
         if path is not None:
             self.path = path
-        self._connect(first=False, connect_timeout=self.timeout, bases=bases)
+        try:
+            self._connect(first=False, connect_timeout=self.timeout, bases=bases)
+        finally:
+            self._moving_state = None
         return bases
 
     def _live_session(self) -> _Session:
