@@ -313,10 +313,12 @@ def test_inband_error_of_a_broken_ring(no_leaks: Any, workdir: Path) -> None:
         fe.setup_vring(0, 64, desc=0x1000, avail=0x1400, used=0x2000)
         struct.pack_into("<HHH", ram.buf, 0x1400, 0, 1, 999)  # flags, idx 1, ring[0] 999
         fe.kick(0)
+        chan = fe.channel_fd
+        assert chan is not None
         deadline = time.monotonic() + 10
         while (not any(isinstance(e, ev.VringErrored) for e in fe.channel_events)
                and time.monotonic() < deadline):
-            select.select([fe.channel_fd], [], [], 0.5)
+            select.select([chan], [], [], 0.5)
             fe.poll_backend_channel()
         assert ev.VringErrored(0) in fe.channel_events
         s = session_of(srv)
