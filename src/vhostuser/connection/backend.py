@@ -264,6 +264,10 @@ def default_ring_factory(mem: RegionTable, vring: VringControl[Any], features: i
 class BackendConnection(Generic[FdT]):
     """One front-end session, back-end role. Feed it with :meth:`receive_data`.
 
+    ``inband_notifications``: offer INBAND_NOTIFICATIONS (off by default: QEMU acks it
+    without using it, and vhost-user.rst advises it only "when absolutely necessary").
+    DEVICE_STATE is offered when the device has a state (``Device.supports_state``).
+
     Raises (from :meth:`receive_data`):
         RemoteProtocolError: the front-end broke the protocol; the connection is now in
             ERROR, every resource is released, and queued bytes (a NACK) should still be

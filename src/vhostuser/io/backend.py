@@ -9,6 +9,13 @@ front-end and reconnects when it goes away (like ``reconnect=``).
 
 A violation by one front-end closes that session only; every fd and mapping it held is
 released, and the reactor and other sessions go on.
+
+With ``inband_notifications=True`` INBAND_NOTIFICATIONS is offered: rings whose kick or
+call was set with the invalid-fd flag are kicked by VRING_KICK and called by
+BACKEND_VRING_CALL, written to the back-end channel without ever blocking the reactor (a
+bounded queue, see :data:`CHANNEL_QUEUE`). A device with a state (``Device.save_state``)
+gets DEVICE_STATE: its state moves through the front-end's pipe on the reactor, never
+blocking it either.
 """
 
 from __future__ import annotations
