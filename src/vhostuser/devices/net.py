@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import add
 from typing import Any, Final, Protocol
 
 from ..connection import events as ev
@@ -442,8 +444,6 @@ class VirtioNetDevice(Device):
         self._hdrs: list[bytes | None] = []
         self._with_hdr = False
         self._nbytes = 0
-        self._used: list[int] = []
-        self._tx_used: list[int] = []
         self.fast_path = True
         """Use the fast paths (False: always the ring engine; for tests)."""
         self._regions: list[tuple[int, int, memoryview, int]] = []
@@ -761,11 +761,48 @@ class VirtioNetDevice(Device):
                  budget: int) -> int:
         """Transmit fast path; chains completed, or -1 when the engine must take the next
         chain (see the comment above)."""
-        ents = ring.peek_simple(budget, 0)
-        if ents is None:
+        run = ring.peek_run(budget, 0)
+        if run is None:
             return -1
-        if not ents:
+        ids, addrs, lens = run
+        n = len(ids)
+        if not n:
             return 0
+        g0, g1, rbuf, mo = self._last_region
+        hl = self.hdr_len
+        minlen = hl + ETH_HLEN
+        maxlen = hl + self._max_frame
+        frames = self._frames
+        taken = 0
+        try:
+            longest = max(lens)
+            if (minlen <= min(lens) and longest <= maxlen and g0 <= min(addrs)
+                    and max(addrs) + longest <= g1 and not self._with_hdr):
+                # The whole burst lies in the last region and every length is plausible
+                # (checked once for the burst): per frame only the header's offload bits
+                # are left to look at. The first frame with any goes the general way.
+                start = len(frames)
+                append = frames.append
+                d = mo - g0
+                for addr, ln in zip(addrs, lens, strict=True):
+                    o = addr + d
+                    if rbuf[o] & HDR_F_NEEDS_CSUM or rbuf[o + 1]:
+                        break
+                    append(rbuf[o + hl : o + ln])
+                taken = len(frames) - start
+                self._nbytes += (sum(lens) if taken == n else sum(lens[:taken])) - taken * hl
+            if taken < n:
+                taken = self._tx_each(ids, addrs, lens, taken)
+            if taken:
+                self._flush_frames(index)
+        finally:
+            if taken:
+                ring.complete_run(ids, addrs, None, taken)
+        return taken if taken else -1
+
+    def _tx_each(self, ids: list[int], addrs: list[int], lens: list[int], k: int) -> int:
+        """The transmit fast path frame by frame from ``k`` on (region lookups, offload
+        fields, runts, oversize frames); how many chains are taken in all."""
         g0, g1, rbuf, mo = self._last_region
         hl = self.hdr_len
         minlen = hl + ETH_HLEN
@@ -773,37 +810,27 @@ class VirtioNetDevice(Device):
         frames = self._frames
         hdrs = self._hdrs
         slow = self._take_frame
-        with_hdr = self._with_hdr
-        used = self._tx_used  # not _used: the sink may deliver back to this NIC (echo)
-        used.clear()
         nbytes = 0
-        taken = 0
-        try:
-            for bid, addr, ln in ents:
-                if not (g0 <= addr and addr + ln <= g1):
-                    r = self._region(addr, ln)
-                    if r is None:
-                        break  # unmapped or across regions: the engine decides
-                    g0, g1, rbuf, mo = r
-                o = mo + addr - g0
-                taken += 1
-                used.append(bid)
-                used.append(0)
-                if minlen <= ln <= maxlen and not rbuf[o] & HDR_F_NEEDS_CSUM and not rbuf[o + 1]:
-                    frames.append(rbuf[o + hl : o + ln])
-                    nbytes += ln - hl
-                    if with_hdr:
-                        hdrs.append(None)
-                else:  # runt, oversize or offload fields: validated (and counted) there
-                    slow(rbuf[o : o + ln], None)
-                    with_hdr = self._with_hdr
-            if taken:
-                self._nbytes += nbytes
-                self._flush_frames(index)
-        finally:
-            if taken:
-                ring.complete_in_place(used, taken)
-        return taken if taken else -1
+        n = len(ids)
+        while k < n:
+            addr = addrs[k]
+            ln = lens[k]
+            if not (g0 <= addr and addr + ln <= g1):
+                r = self._region(addr, ln)
+                if r is None:
+                    break  # unmapped or across regions: the engine decides
+                g0, g1, rbuf, mo = r
+            o = mo + addr - g0
+            k += 1
+            if minlen <= ln <= maxlen and not rbuf[o] & HDR_F_NEEDS_CSUM and not rbuf[o + 1]:
+                frames.append(rbuf[o + hl : o + ln])
+                nbytes += ln - hl
+                if self._with_hdr:
+                    hdrs.append(None)
+            else:  # runt, oversize or offload fields: validated (and counted) there
+                slow(rbuf[o : o + ln], None)
+        self._nbytes += nbytes
+        return k
 
     # -- receive (us -> guest) --------------------------------------------------------------
     def deliver(
@@ -1040,23 +1067,39 @@ class VirtioNetDevice(Device):
     ) -> tuple[int, int]:
         """Receive fast path (see the comment on the fast paths): deliver a prefix of
         ``frames`` into one-descriptor buffers; returns (frames delivered, bytes)."""
-        ents = ring.peek_simple(len(frames), DESC_F_WRITE)
-        if not ents:
+        run = ring.peek_run(len(frames), DESC_F_WRITE)
+        if run is None:
+            return 0, 0
+        ids, addrs, lens = run
+        n = len(ids)
+        if not n:
             return 0, 0
         hl = self.hdr_len
         plain = self._plain_hdr
         mark = self._marker()
         g0, g1, buf, mo = self._last_region
-        used = self._used
-        used.clear()
+        flens = list(map(len, frames if n == len(frames) else frames[:n]))
+        needs = list(map(add, flens, repeat(hl)))
+        longest = max(needs)
+        if (hdrs is None and longest <= min(lens) and g0 <= min(addrs)
+                and max(addrs) + longest <= g1):
+            # The whole burst fits its buffers, in the last region (checked once for the
+            # burst): per frame, the header and the one copy of the frame.
+            d = mo - g0
+            for addr, frame, need in zip(addrs, frames, needs, strict=False):
+                o = addr + d
+                buf[o : o + hl] = plain
+                buf[o + hl : o + need] = frame
+            if mark is not None:
+                for addr, need in zip(addrs, needs, strict=True):
+                    mark(addr, need)
+            ring.complete_run(ids, addrs, needs, n, publish=not defer)
+            return n, sum(flens)
         k = 0
         nbytes = 0
-        for bid, addr, ln in ents:
+        for addr, ln, need in zip(addrs, lens, needs, strict=True):
             if hdrs is not None and hdrs[k] is not None:
                 break  # offload fields: the general path adapts them
-            frame = frames[k]
-            n = len(frame)
-            need = hl + n
             if ln < need:
                 break  # a short buffer: the engine walks it
             if not (g0 <= addr and addr + need <= g1):
@@ -1066,15 +1109,13 @@ class VirtioNetDevice(Device):
                 g0, g1, buf, mo = r
             o = mo + addr - g0
             buf[o : o + hl] = plain
-            buf[o + hl : o + need] = frame  # the one copy of the frame
+            buf[o + hl : o + need] = frames[k]  # the one copy of the frame
             if mark is not None:
                 mark(addr, need)
-            used.append(bid)
-            used.append(need)
+            nbytes += need - hl
             k += 1
-            nbytes += n
         if k:
-            ring.complete_in_place(used, k, publish=not defer)
+            ring.complete_run(ids, addrs, needs, k, publish=not defer)
         return k, nbytes
 
     def _gather_chains(self, ring: Any, carry: list[Chain], pos: int, need: int) -> int:

@@ -22,6 +22,7 @@ __all__ = ["DEFAULT_AGING", "DEFAULT_MAX_MACS", "Fabric", "Member"]
 
 _MACS: Final = struct.Struct("6s6s")  # destination, source (IEEE 802.3 3.1.1)
 _unpack_macs = _MACS.unpack_from
+_key_of = struct.Struct("12s").unpack_from  # (destination + source,)
 
 DEFAULT_AGING: Final = 300.0
 """Seconds an address stays learned without traffic (the IEEE 802.1D default)."""
@@ -104,18 +105,44 @@ class Fabric:
         touched = self._touched
         touched.clear()
         members = self.members
-        last_key = b""
-        # The decision for last_key: a member, or None to flood (src itself: filter).
-        last_out: Any = None
+        n = len(frames)
+        if not n:
+            return touched
+        # Destination + source address of every frame (IEEE 802.3 3.1.1), one unpack each.
+        keys = list(map(_key_of, frames))
+        first = keys[0]
         flood_n = 0
         filtered = 0
+        if keys.count(first) == n and hdrs is None:
+            # One (destination, source) pair for the whole burst (the usual case): one
+            # decision, and the burst is staged whole.
+            out = decide(src, first[0], now)
+            if out is src:
+                filtered = n
+            elif out is not None:
+                if not out.out:
+                    touched.append(out)
+                out.out.extend(frames)
+            else:
+                flood_n = n
+                for p in members:
+                    if p is not src:
+                        if not p.out:
+                            touched.append(p)
+                        p.out.extend(frames)
+            self.flooded += flood_n
+            self.filtered += filtered
+            return touched
+        last_key: tuple[bytes] | None = None
+        # The decision for last_key: a member, or None to flood (src itself: filter).
+        last_out: Any = None
         for i, frame in enumerate(frames):
-            key = frame[:12].tobytes()  # destination + source address (IEEE 802.3 3.1.1)
+            key = keys[i]
             if key != last_key:
                 # A new (destination, source) pair: learn and decide; repeats in the burst
                 # (the usual case) reuse the decision.
                 last_key = key
-                last_out = decide(src, key, now)
+                last_out = decide(src, key[0], now)
             out = last_out
             if out is src:
                 filtered += 1

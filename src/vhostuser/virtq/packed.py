@@ -78,6 +78,9 @@ _PREST: Final = struct.Struct("<QIH")
 _PREST_UNPACK: Final = _PREST.unpack_from
 _PREST_PACK: Final = _PREST.pack_into
 
+_NO_RUN: Final[tuple[list[int], list[int], list[int]]] = ([], [], [])
+
+
 T = TypeVar("T")
 
 
@@ -175,6 +178,7 @@ class PackedDeviceRing:
         "_desc",
         "_desc_gpa",
         "_desc_h",
+        "_desc_q",
         "_desc_w",
         "_dev_w",
         "_device_gpa",
@@ -227,6 +231,7 @@ class PackedDeviceRing:
         self._desc = desc
         self._desc_h = desc.cast("H")
         self._desc_w = desc.cast("I")
+        self._desc_q = desc.cast("Q")
         self._drv_w = drv.cast("I")
         self._dev_w = dev.cast("I")
         self._desc_gpa = desc_gpa
@@ -353,7 +358,8 @@ class PackedDeviceRing:
     def close(self) -> None:
         """Drop every view into guest memory (before the shell unmaps it). Idempotent."""
         self._ids = [None] * self._size
-        for mv in (self._desc_h, self._desc_w, self._drv_w, self._dev_w, self._desc):
+        for mv in (self._desc_h, self._desc_w, self._desc_q, self._drv_w, self._dev_w,
+                   self._desc):
             mv.release()
         self.mark_broken(f"{self._name}: ring closed")
 
@@ -640,6 +646,149 @@ class PackedDeviceRing:
         if not out and desc_h[(st[0] << 3) + 7] & _AU == _avail_pattern(st[5]):
             return None  # available, but not for this path
         return out
+
+    def peek_run(self, limit: int, flags: int
+                 ) -> tuple[list[int], list[int], list[int]] | None:
+        """:meth:`peek_simple` for a whole burst: the same buffers, as three parallel lists
+        ``(ids, addrs, lens)``. The flags of the burst's slots are read first (one strided
+        load per lap of the ring), then each other field of the available descriptors
+        with one strided load per lap (load->load order, barrier.py): each field is read
+        once.
+        ``([], [], [])``: none available; None: the caller must :meth:`pop` the next buffer.
+        """
+        if self._broken is not None:
+            return _NO_RUN
+        st = self._st
+        if st[2]:  # in flight
+            return None
+        desc_h = self._desc_h
+        desc_w = self._desc_w
+        desc_q = self._desc_q
+        size = self._size
+        slot = st[0]
+        wrap = st[5]
+        ids: list[int] = []
+        addrs: list[int] = []
+        lens: list[int] = []
+        left = limit
+        while left > 0:
+            end = slot + left
+            if end > size:
+                end = size
+            want = _avail_pattern(wrap) | flags
+            fl = desc_h[(slot << 3) + 7 : (end << 3) : 8].tolist()
+            m = len(fl)
+            if fl.count(want) != m:
+                m = 0
+                for f in fl:
+                    if f != want:
+                        break
+                    m += 1
+            if m:
+                e = slot + m
+                ids += desc_h[(slot << 3) + 6 : e << 3 : 8].tolist()
+                addrs += desc_q[slot << 1 : e << 1 : 2].tolist()
+                lens += desc_w[(slot << 2) + 2 : e << 2 : 4].tolist()
+            if m < end - slot:
+                break
+            left -= m
+            slot = 0
+            wrap ^= 1
+        n = len(ids)
+        if n and (max(ids) >= size or len(set(ids)) != n):
+            # An id outside the queue or repeated: the buffers before it only.
+            seen: set[int] = set()
+            n = 0
+            for bid in ids:
+                if bid >= size or bid in seen:
+                    break
+                seen.add(bid)
+                n += 1
+            del ids[n:], addrs[n:], lens[n:]
+        if not n:
+            if desc_h[(st[0] << 3) + 7] & _AU == _avail_pattern(st[5]):
+                return None  # available, but not for this path
+            return _NO_RUN
+        return ids, addrs, lens
+
+    def complete_run(self, ids: Sequence[int], addrs: Sequence[int], lens: Sequence[int] | None,
+                     taken: int, *, publish: bool = True) -> None:
+        """:meth:`complete_in_place` for the first ``taken`` buffers of :meth:`peek_run`:
+        ``ids[k]`` used with ``lens[k]`` bytes written (0 for all when ``lens`` is None).
+        ``addrs`` is not needed here (a split ring's :meth:`complete_run` has the same
+        arguments).
+
+        Each field of the used descriptors is stored with one strided store per lap of
+        the ring: for all but the burst's first descriptor lengths, then ids, then flags;
+        then the first one's length and id, and its flags last (or held, as :meth:`push`
+        does), so the driver, which reads in ring order, sees none of them before all are
+        written (virtio 1.2 2.8.6; x86-64 store->store order, barrier.py).
+        """
+        if not taken or self._broken is not None:
+            return
+        size = self._size
+        desc_h = self._desc_h
+        desc_w = self._desc_w
+        st = self._st
+        idx = st[1]
+        wrap = st[6]
+        bits = _AU if wrap else 0
+        w = DESC_F_WRITE
+        if lens is None:
+            lens = [0] * taken
+            fl: list[int] | None = None
+        elif min(lens[:taken]) > 0:
+            fl = None
+            bits |= w
+        else:
+            fl = [w if x else 0 for x in lens[:taken]]
+        mark = self._mem.mark_dirty
+        gpa = self._desc_gpa
+        # Descriptors 1.. of the burst, a lap at a time (the used wrap flips at the end).
+        first_run = size - idx if idx + taken > size else taken
+        k = 1
+        while k < taken:
+            lap_bits = bits if k < first_run else bits ^ _AU
+            end = first_run if k < first_run else taken
+            slot = idx + k
+            if slot >= size:
+                slot -= size
+            e = slot + end - k
+            desc_w[(slot << 2) + 2 : e << 2 : 4] = array("I", lens[k:end])
+            desc_h[(slot << 3) + 6 : e << 3 : 8] = array("H", ids[k:end])
+            if fl is None:
+                desc_h[(slot << 3) + 7 : e << 3 : 8] = array("H", [lap_bits]) * (end - k)
+            else:
+                desc_h[(slot << 3) + 7 : e << 3 : 8] = array(
+                    "H", [lap_bits | f for f in fl[k:end]])
+            mark(gpa + (slot << 4) + 8, ((e - slot) << 4) - 8)  # lens, ids, flags
+            k = end
+        # The first: length and id, then the flags (stored last, or held).
+        h = idx << 3
+        first_len = lens[0]
+        desc_w[(idx << 2) + 2] = first_len
+        desc_h[h + 6] = ids[0]
+        first_flags = (bits & _AU) | (w if first_len else 0)
+        mark(gpa + (idx << 4) + 8, 8)
+        if publish or st[3] >= 0:
+            desc_h[h + 7] = first_flags
+        else:
+            st[3] = h + 7
+            st[8] = first_flags
+        if publish and st[3] >= 0:
+            desc_h[st[3]] = st[8]
+            st[3] = -1
+        idx += taken
+        if idx >= size:
+            idx -= size
+            wrap ^= 1
+        st[1] = idx
+        st[6] = wrap
+        st[9] += taken
+        st[4] = int(st[3] < 0)
+        # An idle ring: the avail position moves with the used one.
+        st[0] = st[1]
+        st[5] = st[6]
 
     def complete_in_place(self, used: Sequence[int], taken: int, *, publish: bool = True) -> None:
         """The first ``taken`` buffers of :meth:`peek_simple` were consumed in place:

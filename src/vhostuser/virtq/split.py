@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Final, Generic, NoReturn, TypeVar
 
 from ..errors import GuestMemoryError, RingError
@@ -91,6 +92,21 @@ def split_layout(size: int, base_gpa: int = 0) -> tuple[int, int, int, int]:
 
 
 _USED_STRUCTS: dict[int, struct.Struct] = {}
+_NO_RUN: Final[tuple[list[int], list[int], list[int]]] = ([], [], [])
+
+
+_SEQS: dict[int, tuple[list[int], array[int], array[int]]] = {}
+
+
+def _seq(size: int) -> tuple[list[int], array[int], array[int]]:
+    """``0..size-1`` twice, as a list and as 32-bit items (the heads of any run of
+    consecutive heads, wrapping at the table's end, are one slice of them), and ``size``
+    32-bit zeros; shared by the rings of one size."""
+    got = _SEQS.get(size)
+    if got is None:
+        got = _SEQS[size] = ([*range(size), *range(size)], array("I", [*range(size)] * 2),
+                             array("I", bytes(4 * size)))
+    return got
 
 
 def _used_struct(n: int) -> struct.Struct:
@@ -137,11 +153,17 @@ class SplitDeviceRing:
         "_broken",
         "_chains",
         "_desc",
+        "_desc_hw",
+        "_desc_q",
+        "_desc_w",
         "_event_idx",
         "_indirect",
         "_mask",
         "_mem",
         "_name",
+        "_run",
+        "_seq",
+        "_seq_i",
         "_signalled_used",
         "_signalled_valid",
         "_size",
@@ -152,6 +174,7 @@ class SplitDeviceRing:
         "_used_log",
         "_used_w",
         "_view",
+        "_zeros",
     )
 
     def __init__(
@@ -183,6 +206,13 @@ class SplitDeviceRing:
         self._event_idx = event_idx
         self._indirect = indirect
         self._desc = desc
+        # The descriptor table's fields as items (addr, len, flags: 2h, 4h+2, 8h+6), for
+        # the in-place fast path's strided reads.
+        self._desc_q = desc.cast("Q")
+        self._desc_w = desc.cast("I")
+        self._desc_hw = desc.cast("H")
+        self._seq, self._seq_i, self._zeros = _seq(size)
+        self._run: list[int] | None = None  # the heads of the last peek_run, if consecutive
         self._avail_h = avail.cast("H")
         self._used_h = used.cast("H")
         self._used_w = used[: 4 + 8 * size].cast("I")
@@ -296,7 +326,8 @@ class SplitDeviceRing:
     def close(self) -> None:
         """Drop every view into guest memory (before the shell unmaps it). Idempotent."""
         self._chains = [None] * self._size
-        for mv in (self._avail_h, self._used_h, self._used_w, self._desc):
+        for mv in (self._avail_h, self._used_h, self._used_w, self._desc_q, self._desc_w,
+                   self._desc_hw, self._desc):
             mv.release()
         self.mark_broken(f"{self._name}: ring closed")
 
@@ -538,6 +569,18 @@ class SplitDeviceRing:
         the queue size ahead, a head outside the queue, repeated, or already in flight):
         the caller must then :meth:`pop`, which reports the fault.
         """
+        heads = self._avail_heads(limit)
+        if not heads:
+            return heads
+        if max(heads) >= self._size or len(set(heads)) != len(heads):
+            return None
+        if self._st[_IF] and self._any_in_flight(heads):
+            return None
+        return heads
+
+    def _avail_heads(self, limit: int) -> list[int] | None:
+        """Up to ``limit`` avail entries from ``next_avail`` on, not yet checked; None when
+        ``avail.idx`` is more than the queue size ahead."""
         avail_h = self._avail_h
         nxt = self._st[_NA]
         # One aligned 16-bit load of avail.idx, before the entries it covers (load->load).
@@ -553,13 +596,11 @@ class SplitDeviceRing:
             heads: list[int] = avail_h[2 + s : 2 + s + n].tolist()
         else:
             heads = avail_h[2 + s : 2 + size].tolist() + avail_h[2 : 2 + s + n - size].tolist()
-        if max(heads) >= size or len(set(heads)) != n:
-            return None
-        if self._st[_IF]:
-            chains = self._chains
-            if any(chains[h] is not None for h in heads):
-                return None
         return heads
+
+    def _any_in_flight(self, heads: list[int]) -> bool:
+        chains = self._chains
+        return any(chains[h] is not None for h in heads)
 
     def peek_simple(self, limit: int, flags: int) -> list[tuple[int, int, int]] | None:
         """Up to ``limit`` available chains of ONE descriptor whose flags are exactly
@@ -582,6 +623,105 @@ class SplitDeviceRing:
             out.append((h, addr, ln))
         return out or None
 
+    def peek_run(self, limit: int, flags: int
+                 ) -> tuple[list[int], list[int], list[int]] | None:
+        """:meth:`peek_simple` for a whole burst: the same chains, as three parallel lists
+        ``(heads, addrs, lens)``. Heads the driver made available in order (the usual
+        case: the descriptor table is handed out in order by QEMU's, Linux's and DPDK's
+        drivers) are read with one unpack per run of consecutive heads; each descriptor is
+        still read once, after the avail entries naming it (load->load order, barrier.py).
+        ``([], [], [])``: none available; None: the caller must :meth:`pop` the next chain.
+        """
+        heads = self._avail_heads(limit)
+        if heads is None:
+            return None
+        n = len(heads)
+        if not n:
+            return _NO_RUN
+        h0 = heads[0]
+        dq = self._desc_q
+        dw = self._desc_w
+        dh = self._desc_hw
+        # Runs of consecutive heads: [h0, h0+1, ...], wrapping at most once at the table's
+        # end: each field read with one strided load per run.
+        size = self._size
+        k = size - h0
+        if k > n:
+            k = n
+        if h0 < size and heads == self._seq[h0 : h0 + n]:
+            # Consecutive heads lie in the queue and repeat none.
+            if self._st[_IF] and self._any_in_flight(heads):
+                return None
+            self._run = heads  # complete_run may store their ids from _seq_i
+            e = h0 + k
+            addrs: list[int] = dq[h0 << 1 : e << 1 : 2].tolist()
+            lens: list[int] = dw[(h0 << 2) + 2 : e << 2 : 4].tolist()
+            fl: list[int] = dh[(h0 << 3) + 6 : e << 3 : 8].tolist()
+            if k < n:
+                e = n - k
+                addrs += dq[0 : e << 1 : 2].tolist()
+                lens += dw[2 : e << 2 : 4].tolist()
+                fl += dh[6 : e << 3 : 8].tolist()
+        else:
+            # Any order (a LIFO free list, as Linux keeps): checked as peek_heads does,
+            # then read from the span the heads lie in when it is small, else one at a time.
+            self._run = None
+            if max(heads) >= size or len(set(heads)) != n:
+                return None
+            if self._st[_IF] and self._any_in_flight(heads):
+                return None
+            lo = min(heads)
+            hi = max(heads) + 1
+            if n > 1 and hi - lo <= 2 * n + 32:
+                pick = itemgetter(*[h - lo for h in heads])
+                addrs = list(pick(dq[lo << 1 : hi << 1 : 2].tolist()))
+                lens = list(pick(dw[(lo << 2) + 2 : hi << 2 : 4].tolist()))
+                fl = list(pick(dh[(lo << 3) + 6 : hi << 3 : 8].tolist()))
+            else:
+                addrs = [dq[h << 1] for h in heads]
+                lens = [dw[(h << 2) + 2] for h in heads]
+                fl = [dh[(h << 3) + 6] for h in heads]
+        if fl.count(flags) != n:
+            m = 0
+            for f in fl:
+                if f != flags:
+                    break
+                m += 1
+            if not m:
+                return None
+            return heads[:m], addrs[:m], lens[:m]
+        return heads, addrs, lens
+
+    def complete_run(self, heads: Sequence[int], addrs: Sequence[int],
+                     lens: Sequence[int] | None, taken: int, *, publish: bool = True) -> None:
+        """:meth:`complete_in_place` for the first ``taken`` chains of :meth:`peek_run`:
+        ``heads[k]`` used with ``lens[k]`` bytes written (0 for all when ``lens`` is None).
+        ``addrs`` is not needed here (a packed ring's :meth:`complete_run` takes it).
+        """
+        if not taken:
+            return
+        size = self._size
+        start = self._st[_UI]
+        s = start & (size - 1)
+        used_w = self._used_w
+        first = size - s if s + taken > size else taken
+        # virtio 1.2 2.7.8: used elements (id, len), one strided store per field and lap,
+        # all before used.idx (complete_in_place's rules).
+        e = s + first
+        if heads is self._run:  # consecutive (peek_run): the ids are a slice of _seq_i
+            h0 = heads[0]
+            ids = self._seq_i[h0 : h0 + taken]
+        else:
+            ids = array("I", heads[:taken])
+        lw = array("I", lens[:taken]) if lens is not None else self._zeros[:taken]
+        used_w[1 + 2 * s : 1 + 2 * e : 2] = ids[:first]
+        used_w[2 + 2 * s : 2 + 2 * e : 2] = lw[:first]
+        if first < taken:
+            rest = taken - first
+            used_w[1 : 1 + 2 * rest : 2] = ids[first:]
+            used_w[2 : 2 + 2 * rest : 2] = lw[first:]
+        self._advance_used(start, s, first, taken, publish)
+
     def complete_in_place(self, used: Sequence[int], taken: int, *, publish: bool = True) -> None:
         """The first ``taken`` heads of :meth:`peek_heads` were consumed in place:
         write ``used`` (head, len, head, len ...) as their used elements, in one or two
@@ -601,6 +741,12 @@ class SplitDeviceRing:
         _used_struct(first).pack_into(used_w, 4 + 8 * s, *used[: 2 * first])
         if first < taken:
             _used_struct(taken - first).pack_into(used_w, 4, *used[2 * first : 2 * taken])
+        self._advance_used(start, s, first, taken, publish)
+
+    def _advance_used(self, start: int, s: int, first: int, taken: int, publish: bool) -> None:
+        """After ``taken`` used elements were stored from ``start`` (slot ``s``, ``first``
+        of them before the ring's end): move the indices, report the ring writes, publish
+        ``used.idx`` (or hold it)."""
         u = (start + taken) & 0xFFFF
         self._st[_UI] = u
         self._st[_NA] = (self._st[_NA] + taken) & 0xFFFF
