@@ -324,3 +324,42 @@ def test_inband_error_of_a_broken_ring(no_leaks: Any, workdir: Path) -> None:
         s = session_of(srv)
         assert srv.call(lambda: s.conn.vrings[0].broken) is not None
         assert srv.errors == []
+
+
+def test_inband_calls_coalesce_and_stop_with_the_ring(no_leaks: Any, workdir: Path) -> None:
+    """While the ack window is full, many calls of one ring wait as one; a ring that stops
+    (GET_VRING_BASE) takes its waiting call with it, and a stopped ring sends none
+    (vhost-user.rst "Suspended device state")."""
+    from vhostuser.io.backend import CHANNEL_UNACKED
+    from vhostuser.io.guestram import GuestRam
+    from vhostuser.protocol.enums import VirtioFeature as VF
+
+    sock = str(workdir / "null.sock")
+    with ServerThread(sock, NullDevice, inband_notifications=True) as srv, \
+            GuestRam.memfd(MiB) as ram, FrontendClient.connect(sock) as fe:
+        fe.negotiate(inband=True, features=int(VF.VERSION_1 | VF.PROTOCOL_FEATURES))
+        fe.set_memory(ram)
+        fe.setup_vring(0, 64, desc=0x1000, avail=0x1400, used=0x2000)
+        fe.kick(0)
+        fe.get_u64(R.GET_FEATURES)  # the kick was handled: ring 0 runs
+        s = session_of(srv)
+
+        def window_full_then_notify() -> tuple[int, int, int]:
+            s._chan_unacked = CHANNEL_UNACKED  # as if 32 calls were still unacked
+            for _ in range(50):
+                s.notify(0)
+            return s.inband_calls, len(s._chan_queue), s.channel_drops
+
+        assert srv.call(window_full_then_notify) == (0, 1, 0)  # 50 calls wait as one
+        assert fe.stop_vring(0) == 0
+        assert srv.call(lambda: (s.inband_calls, len(s._chan_queue), s.channel_drops)) \
+            == (0, 0, 1)
+
+        def notify_stopped() -> tuple[int, int]:
+            s._chan_unacked = 0
+            s.notify(0)
+            return s.inband_calls, len(s._chan_queue)
+
+        assert srv.call(notify_stopped) == (0, 0)
+        assert not any(isinstance(e, ev.VringCalled) for e in fe.channel_events)
+        assert srv.errors == []
