@@ -14,7 +14,7 @@ import pytest
 from vhostuser.connection import events as ev
 from vhostuser.devices.blk import BlkDevice
 from vhostuser.devices.net import EchoSink, VirtioNetDevice
-from vhostuser.errors import LocalProtocolError
+from vhostuser.errors import LocalProtocolError, PeerClosedError
 from vhostuser.frontends.blk import BlkOp, VirtioBlkFrontend
 from vhostuser.frontends.net import VirtioNetFrontend
 from vhostuser.io.blkfile import BlkFile
@@ -25,7 +25,15 @@ from vhostuser.protocol.enums import ProtocolFeature as PF
 from vhostuser.switch import SwitchThread
 from vhostuser.testing.migration import audit_blk_reads, audit_net_echo
 
-from .test_net_switch import MAC_A, MAC_B, frames_seq, port_info, receive_n, sock_dir
+from .test_net_switch import (
+    MAC_A,
+    MAC_B,
+    frames_seq,
+    port_info,
+    receive_n,
+    sock_dir,
+    wait_until,
+)
 
 __all__ = ["sock_dir"]  # the fixture
 
@@ -148,7 +156,6 @@ def test_net_inband_echo_then_migrate(no_leaks: Any, sock_dir: Path) -> None:
         assert nic.protocol_features & PF.INBAND_NOTIFICATIONS and nic.client.inband
         first = frames_seq(50, 300, MAC_A, MAC_B)
         assert nic.send_all(first) == 50 and receive_n(nic, 50) == first
-        assert nic.client.vring_calls > 0
         with nic.start_logging() as log:
             audit, back = audit_net_echo(nic, log, frames_seq(32, 900, MAC_A, MAC_B, 0x31))
             assert len(back) == 32 and not audit.missing, audit.describe()
@@ -156,7 +163,7 @@ def test_net_inband_echo_then_migrate(no_leaks: Any, sock_dir: Path) -> None:
         assert nic.client.inband and nic.client.vring_calls == 0
         more = frames_seq(100, 400, MAC_A, MAC_B, 0x32)
         assert nic.send_all(more) == 100 and receive_n(nic, 100) == more
-        assert nic.client.vring_calls > 0
+        nic.wait(0.3)  # runs the reactor: calls waiting on the channel are taken
         sessions = srv.call(lambda: list(srv.sessions_seen))
         kicks = srv.call(lambda: [sum(isinstance(x, ev.VringKicked) for x in s.events)
                                   for s in sessions])
@@ -164,6 +171,12 @@ def test_net_inband_echo_then_migrate(no_leaks: Any, sock_dir: Path) -> None:
         fds = srv.call(lambda: [[v.call for v in s.conn.vrings[:2]] for s in sessions])
         assert len(sessions) == 2 and all(k > 0 for k in kicks) and all(c > 0 for c in calls)
         assert fds == [[None, None], [None, None]]
+        # Every call the second session sent reaches the client's ring eventfds.
+        def all_taken() -> bool:
+            nic.wait(0.05)
+            return nic.client.vring_calls == srv.call(lambda: sessions[1].inband_calls)
+
+        wait_until(all_taken, 10, "the client to take every in-band call")
         assert srv.errors == []
 
 
@@ -190,3 +203,25 @@ def test_blk_migration_moves_the_back_end_state(no_leaks: Any, sock_dir: Path) -
                                     if isinstance(e, ev.DeviceStateChecked)])
         assert checked and all(c.error is None for c in checked), checked
         assert src.errors == [] and dst.errors == []
+
+
+def test_inband_kick_to_a_back_end_gone_is_an_outage(no_leaks: Any, sock_dir: Path) -> None:
+    """In-band, a kick is a message: when the back-end is gone, sending is where the
+    front-end notices, as an outage (not an exception out of send)."""
+    e = str(sock_dir / "e.sock")
+    srv = ServerThread(e, lambda: VirtioNetDevice(EchoSink()), inband_notifications=True)
+    srv.start()
+    try:
+        with VirtioNetFrontend.connect(e, inband=True, reconnect=False) as nic:
+            fr = frames_seq(8, 100, MAC_A, MAC_B)
+            assert nic.send_all(fr) == 8 and receive_n(nic, 8) == fr
+            srv.stop()
+            for _ in range(50):  # the first sends may still fit the socket buffer
+                nic.send(fr[:1])
+                if not nic.connected:
+                    break
+            assert not nic.connected and nic.last_disconnect_reason
+            with pytest.raises(PeerClosedError):
+                nic.wait(0.1)
+    finally:
+        srv.stop()

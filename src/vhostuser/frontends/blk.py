@@ -659,6 +659,16 @@ class VirtioBlkFrontend:
             self._down_since = time.monotonic()
         self._unwatch()
 
+    def _kick(self, index: int) -> None:
+        """Kick ring ``index``; in-band (a message) a back-end gone is noticed here and
+        handled as one that closed the connection (see :meth:`reconnect`)."""
+        assert self._session is not None
+        try:
+            self._session.fe.kick(index)
+        except (VhostUserError, OSError) as e:
+            log.info("%s: kicking ring %d failed: %s", self.path, index, e)
+            self._on_control_readable()
+
     def _drop_session(self) -> None:
         self._unwatch()
         if self._session is not None:
@@ -794,7 +804,7 @@ class VirtioBlkFrontend:
             if q.add(op):
                 self._rr = (self._rr + k + 1) % n
                 if q.publish() and self._session is not None and not self._disconnected:
-                    self._session.fe.kick(q.index)
+                    self._kick(q.index)
                 return op
         raise LocalProtocolError(
             f"all {self.depth * n} request slots are in flight; wait for completions")
@@ -828,7 +838,7 @@ class VirtioBlkFrontend:
         for i in sorted(touched):
             if self.queues[i].publish() and self._session is not None \
                     and not self._disconnected:
-                self._session.fe.kick(i)
+                self._kick(i)
 
     def poll(self) -> list[BlkOp]:
         """Completed requests, without waiting.

@@ -897,7 +897,12 @@ class VirtioNetFrontend:
     def _kick(self, index: int) -> None:
         """Notify the back-end (none while it is away: the reconnect kicks every queue)."""
         if self._down_since is None:
-            self.client.kick(index)
+            try:
+                self.client.kick(index)
+            except (VhostUserError, OSError) as e:
+                # In-band, a kick is a message: a back-end gone is noticed here.
+                self._went_away(f"kicking ring {index} failed: {e}")
+                return
             self.stats.kicks += 1
 
     def _reap_tx(self, q: _Queue) -> None:
