@@ -80,6 +80,7 @@ def probe_client(c: FrontendClient, path: str, *, device: str = "auto") -> dict[
         "config": None,
         "dialect": c.dialect.value,
         "echoes": c.echoes,
+        "migration": _migration(n.backend_features, n.backend_protocol_features),
     }
     if c.conn.has(ProtocolFeature.CONFIG) and dev is not None:
         size = blk_config_size(n.backend_features) if dev is DeviceType.BLK else 12
@@ -94,6 +95,18 @@ def probe_client(c: FrontendClient, path: str, *, device: str = "auto") -> dict[
             cfg.update({k: getattr(nc, k) for k in nc.__dataclass_fields__})
         result["config"] = cfg
     return result
+
+
+def _migration(features: int, protocol_features: int) -> dict[str, bool]:
+    """What a front-end migrating a guest can use: a dirty log (VHOST_F_LOG_ALL offered
+    and LOG_SHMFD, without which QEMU refuses to migrate), the back-end's own state
+    (DEVICE_STATE), in-band notifications."""
+    pf = protocol_features if features & VirtioFeature.PROTOCOL_FEATURES else 0
+    return {
+        "dirty_log": bool(features & VirtioFeature.LOG_ALL and pf & ProtocolFeature.LOG_SHMFD),
+        "device_state": bool(pf & ProtocolFeature.DEVICE_STATE),
+        "inband_notifications": bool(pf & ProtocolFeature.INBAND_NOTIFICATIONS),
+    }
 
 
 def _print_text(r: dict[str, Any]) -> None:
@@ -118,6 +131,14 @@ def _print_text(r: dict[str, Any]) -> None:
     print(f"queues:             {qn if qn is not None else 'not reported (no MQ)'}")
     ms = r["max_mem_slots"]
     print(f"max memory slots:   {ms if ms is not None else 'not reported (8, SET_MEM_TABLE)'}")
+    mig = r["migration"]
+    if not dialect.is_draft:
+        log = ("dirty log (LOG_ALL, LOG_SHMFD)" if mig["dirty_log"]
+               else "no dirty log (needs LOG_ALL and LOG_SHMFD)")
+        extra = [name for key, name in (("device_state", "DEVICE_STATE"),
+                                         ("inband_notifications", "INBAND_NOTIFICATIONS"))
+                 if mig[key]]
+        print(f"migration:          {', '.join([log, *extra])}")
     cfg = r["config"]
     if cfg is None:
         print("config space:       not available (no CONFIG protocol feature or unknown device)")
