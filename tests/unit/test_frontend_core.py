@@ -595,3 +595,5 @@ def test_channel_refuses_requests_of_features_not_negotiated() -> None:
     assert ch.receive_data(raw(B.VRING_CALL, struct.pack("<II", 2, 0), 0x9)) == [
         ev.VringCalled(2)]
     assert ch.data_to_send() == [raw(B.VRING_CALL, u64(0), 0x5)]
+    # Other gates are QEMU's business as usual: a config change without CONFIG is taken.
+    assert ch.receive_data(raw(B.CONFIG_CHANGE_MSG, b"", 0x1)) == [ev.ConfigChanged()]
