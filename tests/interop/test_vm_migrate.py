@@ -19,6 +19,13 @@ pages. With logging switched off in the back-end it fails (a few pages differ, r
 run), with logging on they are identical. Per-write marking is proven exhaustively by the
 unit and property tests (tests/unit/test_migration_log.py, the engines' differential
 tests).
+
+Migration on one host as libvirt does it puts the destination QEMU on the SAME socket path
+as the source, while the source runs: the switch port keeps it as a standby and hands the
+port over at the switch-over (the same-socket test; the rules are tested without QEMU in
+tests/kernel/test_port_handover.py), and a disk's destination is the blk back-end's second
+session on the same image (the mid-write test, with the back-end in this process and as
+the ``vhost-user blk`` command).
 """
 
 from __future__ import annotations
