@@ -255,3 +255,32 @@ def test_a_third_front_end_is_refused(no_leaks: Any, sock_dir: Path,
         "a: refusing a third front-end on " + a + " (a.sock#2): a.sock#0 is active and "
         "a.sock#1 stands by (a migration's destination or a finished migration's source); "
         "one port keeps at most one standby, so quit one of them first"], caplog.text
+
+
+def test_an_idle_leftover_destination_does_not_block_the_port(
+        no_leaks: Any, sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A migration abandoned after its source quit leaves the destination connected and
+    never started (a QEMU waiting on -incoming for good). A new guest on the socket stands
+    by beside it and takes the port as soon as it starts its rings: an active front-end
+    that runs nothing cannot keep the port from one that does."""
+    caplog.set_level(logging.INFO, logger="vhostuser.switch.ports")
+    a, b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
+    with SwitchThread(_ports(a, b)) as st, VirtioNetFrontend.connect(b) as nb:
+        with VirtioNetFrontend.connect(a):
+            leftover = _destination(a)
+            _standby(st)
+        with leftover:
+            _handovers(st, 1)  # the source went away: the leftover is the port's now
+            with VirtioNetFrontend.connect(a) as guest:
+                info = _handovers(st, 2)
+                assert info["session"] == "a.sock#2" and info["link"], info
+                assert info["standby"]["session"] == "a.sock#1", info
+                fr = frames_seq(15, 100, MAC_B, MAC_A, magic=0x51)
+                nb.send_all(fr)
+                assert receive_n(guest, 15) == fr
+                out = frames_seq(4, 100, MAC_A, MAC_B, magic=0x52)
+                guest.send_all(out)
+                assert receive_n(nb, 4) == out
+        assert not st.errors, st.errors
+    assert "a: handover #2: a.sock#2 takes the port from a.sock#1: it started its receive " \
+        "queue; the active front-end's are stopped" in caplog.text
