@@ -173,9 +173,11 @@ def test_standby_takes_over_when_the_active_front_end_goes_away(
         in caplog.text
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["event", "busy"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_running_standby_cannot_take_the_port_from_a_running_front_end(
-        no_leaks: Any, sock_dir: Path, engine: str, caplog: pytest.LogCaptureFixture) -> None:
+        no_leaks: Any, sock_dir: Path, engine: str, busy: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A second front-end that starts its rings while the first one's run (no correct
     migration does this: a second guest on the socket, or a hostile front-end) stays the
     standby, with a warning: frames for the port keep going to the first one only, and
@@ -184,7 +186,7 @@ def test_a_running_standby_cannot_take_the_port_from_a_running_front_end(
     and gets nothing more."""
     caplog.set_level(logging.INFO, logger="vhostuser.switch.ports")
     a, b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
-    with SwitchThread(_ports(a, b), engine=engine) as st, \
+    with SwitchThread(_ports(a, b), engine=engine, busy_poll=busy) as st, \
             VirtioNetFrontend.connect(b) as nb, VirtioNetFrontend.connect(a) as first, \
             _destination(a) as second:
         _standby(st)
