@@ -321,6 +321,9 @@ class VhostUserPort(Port):
         if not self._running(standby):
             self._standby_warned = False
             return
+        # vhost-user.rst "Migration": the source stops its rings (GET_VRING_BASE) before
+        # the destination starts its own; "running" is a receive ring started and, with
+        # VHOST_USER_F_PROTOCOL_FEATURES, enabled (vhost-user.rst "Ring states").
         if not self._running(active):
             if s is standby:
                 self._handover("it started its receive queue; the active front-end's are "
