@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from vhostuser.connection import events as ev
 from vhostuser.errors import LocalProtocolError, RemoteProtocolError
 from vhostuser.io.dirtylog import FrontendDirtyLog
 from vhostuser.io.frontend import (
@@ -305,6 +306,9 @@ def test_a_call_while_a_reply_is_awaited_is_acked_meanwhile(no_leaks: Any) -> No
         fe.set_memory(ram)
         ring(fe, 0)
         assert fe.stop_vring(0) == 3 and fe.vring_calls == 1
+        # Taken while the reply was awaited, handed out by the next poll.
+        assert fe.poll_backend_channel() == [ev.VringCalled(0)]
+        assert fe.poll_backend_channel() == []
     be.close()
 
 

@@ -133,6 +133,7 @@ class FrontendClient:
         self.backend_channel: BackendChannel[OwnedFd] | None = None
         self._channel_sock: socket.socket | None = None
         self.channel_events: list[ev.Event] = []
+        self._channel_backlog: list[ev.Event] = []
         self.negotiated: Negotiated | None = None
         self.mem_regions: list[P.MemoryRegion] = []
         self.sent: list[FrontendRequest] = []
@@ -252,7 +253,7 @@ class FrontendClient:
             if not r:
                 continue
             if self._channel_sock is not None and self._channel_sock in r:
-                self.poll_backend_channel()
+                self._channel_backlog.extend(self._read_channel())
                 if self.sock not in r:
                     continue
             try:
@@ -396,9 +397,16 @@ class FrontendClient:
         return None if self._channel_sock is None else self._channel_sock.fileno()
 
     def poll_backend_channel(self) -> list[ev.Event]:
-        """Read and answer any back-end requests waiting on the channel (non-blocking)."""
+        """Read and answer any back-end requests waiting on the channel (non-blocking);
+        return them, with those taken while a reply was awaited (see :meth:`send`)."""
+        out, self._channel_backlog = self._channel_backlog, []
         if self._channel_sock is None or self.backend_channel is None:
-            return []
+            return out
+        out.extend(self._read_channel())
+        return out
+
+    def _read_channel(self) -> list[ev.Event]:
+        assert self._channel_sock is not None and self.backend_channel is not None
         out: list[ev.Event] = []
         while True:
             try:
