@@ -42,6 +42,7 @@ from .chain import (
     map_area,
     vring_need_event,
 )
+from .split import _seq
 from .state import StateField
 
 __all__ = [
@@ -188,12 +189,17 @@ class PackedDeviceRing:
         "_indirect",
         "_mem",
         "_name",
+        "_run",
+        "_seq",
+        "_seq_b",
+        "_seq_h",
         "_signalled_valid",
         "_size",
         "_slot_of",
         "_st",
         "_view",
         "_walked",
+        "_zeros",
     )
 
     def __init__(
@@ -232,6 +238,10 @@ class PackedDeviceRing:
         self._desc_h = desc.cast("H")
         self._desc_w = desc.cast("I")
         self._desc_q = desc.cast("Q")
+        self._seq, _, self._zeros, self._seq_b = _seq(size)
+        self._seq_h = array("H")
+        self._seq_h.frombytes(self._seq_b)
+        self._run: list[int] | None = None  # the ids of the last peek_run, if consecutive
         self._drv_w = drv.cast("I")
         self._dev_w = dev.cast("I")
         self._desc_gpa = desc_gpa
@@ -667,7 +677,7 @@ class PackedDeviceRing:
         size = self._size
         slot = st[0]
         wrap = st[5]
-        ids: list[int] = []
+        raw = b""
         addrs: list[int] = []
         lens: list[int] = []
         left = limit
@@ -686,7 +696,7 @@ class PackedDeviceRing:
                     m += 1
             if m:
                 e = slot + m
-                ids += desc_h[(slot << 3) + 6 : e << 3 : 8].tolist()
+                raw += desc_h[(slot << 3) + 6 : e << 3 : 8].tobytes()
                 addrs += desc_q[slot << 1 : e << 1 : 2].tolist()
                 lens += desc_w[(slot << 2) + 2 : e << 2 : 4].tolist()
             if m < end - slot:
@@ -694,7 +704,15 @@ class PackedDeviceRing:
             left -= m
             slot = 0
             wrap ^= 1
-        n = len(ids)
+        n = len(addrs)
+        self._run = None
+        i0 = raw[0] | raw[1] << 8 if n else 0
+        if n and i0 < size and raw == self._seq_b[2 * i0 : 2 * (i0 + n)]:
+            # Consecutive ids (as DPDK and QEMU hand them out) lie in the queue and repeat
+            # none; complete_run may store them from _seq_h.
+            ids = self._run = self._seq[i0 : i0 + n]
+            return ids, addrs, lens
+        ids = array("H", raw).tolist()
         if n and (max(ids) >= size or len(set(ids)) != n):
             # An id outside the queue or repeated: the buffers before it only.
             seen: set[int] = set()
@@ -734,8 +752,9 @@ class PackedDeviceRing:
         wrap = st[6]
         bits = _AU if wrap else 0
         w = DESC_F_WRITE
+        zero = lens is None
         if lens is None:
-            lens = [0] * taken
+            lens = self._zeros
             fl: list[int] | None = None
         elif min(lens[:taken]) > 0:
             fl = None
@@ -744,6 +763,8 @@ class PackedDeviceRing:
             fl = [w if x else 0 for x in lens[:taken]]
         mark = self._mem.mark_dirty
         gpa = self._desc_gpa
+        run = ids is self._run  # consecutive ids from peek_run: slices of _seq_h
+        i0 = ids[0]
         # Descriptors 1.. of the burst, a lap at a time (the used wrap flips at the end).
         first_run = size - idx if idx + taken > size else taken
         k = 1
@@ -754,8 +775,10 @@ class PackedDeviceRing:
             if slot >= size:
                 slot -= size
             e = slot + end - k
-            desc_w[(slot << 2) + 2 : e << 2 : 4] = array("I", lens[k:end])
-            desc_h[(slot << 3) + 6 : e << 3 : 8] = array("H", ids[k:end])
+            desc_w[(slot << 2) + 2 : e << 2 : 4] = (
+                self._zeros[k:end] if zero else array("I", lens[k:end]))
+            desc_h[(slot << 3) + 6 : e << 3 : 8] = (
+                self._seq_h[i0 + k : i0 + end] if run else array("H", ids[k:end]))
             if fl is None:
                 desc_h[(slot << 3) + 7 : e << 3 : 8] = array("H", [lap_bits]) * (end - k)
             else:

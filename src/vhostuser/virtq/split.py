@@ -95,17 +95,19 @@ _USED_STRUCTS: dict[int, struct.Struct] = {}
 _NO_RUN: Final[tuple[list[int], list[int], list[int]]] = ([], [], [])
 
 
-_SEQS: dict[int, tuple[list[int], array[int], array[int]]] = {}
+_SEQS: dict[int, tuple[list[int], array[int], array[int], bytes]] = {}
 
 
-def _seq(size: int) -> tuple[list[int], array[int], array[int]]:
-    """``0..size-1`` twice, as a list and as 32-bit items (the heads of any run of
-    consecutive heads, wrapping at the table's end, are one slice of them), and ``size``
-    32-bit zeros; shared by the rings of one size."""
+def _seq(size: int) -> tuple[list[int], array[int], array[int], bytes]:
+    """``0..size-1`` twice, as a list, as 32-bit items and as the bytes of 16-bit items
+    (in the rings' byte order): the heads of any run of consecutive heads, wrapping at the
+    table's end, are one slice of them; and ``size`` 32-bit zeros. Shared by the rings of
+    one size (packed.py's too: buffer ids are handed out alike)."""
     got = _SEQS.get(size)
     if got is None:
-        got = _SEQS[size] = ([*range(size), *range(size)], array("I", [*range(size)] * 2),
-                             array("I", bytes(4 * size)))
+        twice = [*range(size), *range(size)]
+        got = _SEQS[size] = (twice, array("I", twice), array("I", bytes(4 * size)),
+                             array("H", twice).tobytes())
     return got
 
 
@@ -163,6 +165,7 @@ class SplitDeviceRing:
         "_name",
         "_run",
         "_seq",
+        "_seq_b",
         "_seq_i",
         "_signalled_used",
         "_signalled_valid",
@@ -211,7 +214,7 @@ class SplitDeviceRing:
         self._desc_q = desc.cast("Q")
         self._desc_w = desc.cast("I")
         self._desc_hw = desc.cast("H")
-        self._seq, self._seq_i, self._zeros = _seq(size)
+        self._seq, self._seq_i, self._zeros, self._seq_b = _seq(size)
         self._run: list[int] | None = None  # the heads of the last peek_run, if consecutive
         self._avail_h = avail.cast("H")
         self._used_h = used.cast("H")
@@ -598,6 +601,23 @@ class SplitDeviceRing:
             heads = avail_h[2 + s : 2 + size].tolist() + avail_h[2 : 2 + s + n - size].tolist()
         return heads
 
+    def _avail_raw(self, limit: int) -> bytes | None:
+        """:meth:`_avail_heads` as the entries' bytes (16 bits each)."""
+        avail_h = self._avail_h
+        nxt = self._st[_NA]
+        # One aligned 16-bit load of avail.idx, before the entries it covers (load->load).
+        pending = (avail_h[1] - nxt) & 0xFFFF
+        size = self._size
+        if pending > size:
+            return None
+        n = pending if pending < limit else limit
+        if not n:
+            return b""
+        s = nxt & (size - 1)
+        if s + n <= size:
+            return avail_h[2 + s : 2 + s + n].tobytes()
+        return avail_h[2 + s : 2 + size].tobytes() + avail_h[2 : 2 + s + n - size].tobytes()
+
     def _any_in_flight(self, heads: list[int]) -> bool:
         chains = self._chains
         return any(chains[h] is not None for h in heads)
@@ -632,13 +652,13 @@ class SplitDeviceRing:
         still read once, after the avail entries naming it (load->load order, barrier.py).
         ``([], [], [])``: none available; None: the caller must :meth:`pop` the next chain.
         """
-        heads = self._avail_heads(limit)
-        if heads is None:
+        raw = self._avail_raw(limit)
+        if raw is None:
             return None
-        n = len(heads)
+        n = len(raw) >> 1
         if not n:
             return _NO_RUN
-        h0 = heads[0]
+        h0 = raw[0] | raw[1] << 8
         dq = self._desc_q
         dw = self._desc_w
         dh = self._desc_hw
@@ -648,8 +668,9 @@ class SplitDeviceRing:
         k = size - h0
         if k > n:
             k = n
-        if h0 < size and heads == self._seq[h0 : h0 + n]:
+        if h0 < size and raw == self._seq_b[2 * h0 : 2 * (h0 + n)]:
             # Consecutive heads lie in the queue and repeat none.
+            heads = self._seq[h0 : h0 + n]
             if self._st[_IF] and self._any_in_flight(heads):
                 return None
             self._run = heads  # complete_run may store their ids from _seq_i
@@ -666,6 +687,7 @@ class SplitDeviceRing:
             # Any order (a LIFO free list, as Linux keeps): checked as peek_heads does,
             # then read from the span the heads lie in when it is small, else one at a time.
             self._run = None
+            heads = array("H", raw).tolist()
             if max(heads) >= size or len(set(heads)) != n:
                 return None
             if self._st[_IF] and self._any_in_flight(heads):
