@@ -13,7 +13,8 @@ and limits the rate; both directions of the loop are reported separately (a dire
 0 has stalled). The sender is testpmd txonly on a virtio-user port, the receiver
 testpmd rxonly on another; frames are flooded by our switch (the destination is never
 learned) and forwarded port to port by testpmd. With ``--profile`` the switch runs once
-more under cProfile and the functions where the time goes are printed.
+more under cProfile (in the loop, unless ``--no-loop``) and the functions where the time
+goes are printed.
 
 Placement on a 2-CPU machine: the switch under test gets one CPU to itself; sender and
 receiver share the other. Each testpmd pins its two lcores to one CPU (``--lcores``).
@@ -237,8 +238,8 @@ def run_once(kind: str, size: int, args: argparse.Namespace, cpus: tuple[int, in
             "tx_pps": (s1 - s0) / dt, **extra}
 
 
-def run_loop(kind: str, size: int, args: argparse.Namespace, cpus: tuple[int, int]
-             ) -> dict[str, Any]:
+def run_loop(kind: str, size: int, args: argparse.Namespace, cpus: tuple[int, int],
+             profile: Path | None = None) -> dict[str, Any]:
     """Saturation: one testpmd (io, ``--tx-first``) with two virtio-user ports loops a
     fixed population of frames through the switch; its RX rate is the switch's rate. No
     sender/receiver pair shares a CPU here, so the switch is the bottleneck."""
@@ -248,7 +249,7 @@ def run_loop(kind: str, size: int, args: argparse.Namespace, cpus: tuple[int, in
     with tempfile.TemporaryDirectory(prefix="vhu-bench-") as tmp:
         d = Path(tmp)
         a, b = str(d / "in.sock"), str(d / "out.sock")
-        with switch_under_test(kind, d, a, b, sw_cpu, args):
+        with switch_under_test(kind, d, a, b, sw_cpu, args, profile):
             loop = testpmd("loop", d, peer_cpu,
                            [f"net_virtio_user0,path={a},queue_size={qs}{pk}",
                             f"net_virtio_user1,path={b},queue_size={qs}{pk}"],
@@ -278,9 +279,11 @@ def print_profile(path: Path, top: int) -> None:
         where = f"{Path(file).name}:{line}" if line else file
         print(f"  {tt:8.2f} {100 * tt / total:5.1f}% {nc:>10}  {fn} ({where})")
     groups = {
-        "transmit side (pop, parse, complete)": ("_tx_fast", "_take_frame", "_avail_heads",
-                                                 "_complete", "handle_burst", "_flush_frames",
-                                                 "_region"),
+        "transmit side (parse, stage)": ("_tx_fast", "_tx_each", "_take_frame",
+                                         "handle_burst", "_flush_frames", "_region"),
+        "ring reads and used writes (both sides)": ("peek_run", "complete_run", "_avail_raw",
+                                                    "_avail_heads", "_advance_used",
+                                                    "complete_in_place"),
         "switching (learn, look up, stage)": ("forward",),
         "receive side (copy into buffers)": ("_rx_fast", "_deliver_pair", "deliver", "send",
                                              "_rx_ring"),
@@ -390,9 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="vhu-prof-") as tmp:
             prof = Path(tmp) / "switch.prof"
-            r = run_once(kinds[-1], sizes[0], args, (sw_cpu, peer_cpu), profile=prof)
-            print(f"\nprofile ({sizes[0]}-byte frames, {r['rx_pps'] / 1e6:.3f} Mpps under "
-                  "cProfile, which slows Python calls several-fold):")
+            # The loop when it is measured (the switch is the bottleneck there), else the
+            # txonly -> rxonly topology.
+            run = run_loop if args.loop else run_once
+            r = run(kinds[-1], sizes[0], args, (sw_cpu, peer_cpu), profile=prof)
+            where = "loop" if args.loop else "txonly -> rxonly"
+            print(f"\nprofile ({where}, {sizes[0]}-byte frames, {r['rx_pps'] / 1e6:.3f} Mpps "
+                  "under cProfile, which slows Python calls several-fold):")
             print_profile(prof, args.top)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
