@@ -506,12 +506,16 @@ def test_frontend_accept_times_out_cleanly(no_leaks: Any, sock_dir: Path) -> Non
         VirtioNetFrontend.accept(str(sock_dir / "nobody.sock"), accept_timeout=0.2)
 
 
-def test_vhost_user_port_rejects_a_second_front_end(no_leaks: Any, sock_dir: Path) -> None:
+def test_vhost_user_port_rejects_a_third_front_end(no_leaks: Any, sock_dir: Path) -> None:
+    """A port keeps an active front-end and one standby (a migration's destination on the
+    same socket); a third connection is refused and counted (the handover rules are tested
+    in tests/kernel/test_port_handover.py)."""
     a = str(sock_dir / "a.sock")
     with SwitchThread(lambda sw: sw.add_vhost_user_port(a, name="a")) as st, \
-            VirtioNetFrontend.connect(a):
+            VirtioNetFrontend.connect(a), VirtioNetFrontend.connect(a, timeout=2):
         port = st.call(lambda: st.switch.port("a"))  # type: ignore[union-attr]
         assert isinstance(port, VhostUserPort)
         with pytest.raises(Exception):  # noqa: B017 - refused: EOF during negotiation
             VirtioNetFrontend.connect(a, timeout=2)
-        assert port_info(st, "a")["sessions"] == 1
+        info = port_info(st, "a")
+        assert info["sessions"] == 2 and info["refused"] == 1
